@@ -1,0 +1,251 @@
+"""The registry's own certificate authority, built on ``cryptography``.
+
+One ``CA`` is created in a folder on first start and loaded from it after:
+``ca.pem`` (the self-signed certificate) and ``ca.key`` (its key, readable
+by the owner alone). It checks CSRs for the registry and signs client
+certificates under one fixed profile (SPEC section 5); callers never pass
+extensions through. It also signs the HTTPS server's own certificate.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from registry import CsrInfo, IssuedCertificate
+
+# Client clocks run a little behind or ahead: a certificate is valid from a
+# few minutes before it was signed.
+CLOCK_SKEW = timedelta(minutes=5)
+CA_VALIDITY = timedelta(days=3650)
+SERVER_VALIDITY = timedelta(days=365)
+SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """The HTTPS server's certificate and key, as PEM."""
+
+    certificate_pem: str
+    key_pem: str
+
+
+class CA:
+    """A certificate authority: a key and its self-signed certificate."""
+
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        certificate: x509.Certificate,
+        *,
+        cert_days: int = 365,
+    ) -> None:
+        self.key = key
+        self.certificate = certificate
+        self.certificate_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
+        self.validity = timedelta(days=cert_days)
+
+    @classmethod
+    def create(cls, now: datetime, *, cert_days: int = 365, name: str = "Client Registry CA") -> CA:
+        """A new CA with an EC P-256 key and a ten-year self-signed certificate."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        certificate = (
+            _builder(subject, subject, key.public_key(), now, CA_VALIDITY)
+            # RFC 5280 section 4.2.1.9: a CA that signs only end-entity
+            # certificates: path length 0.
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, certificate, cert_days=cert_days)
+
+    @classmethod
+    def load_or_create(cls, folder: Path | str, now: datetime, *, cert_days: int = 365) -> CA:
+        """The CA kept in ``folder`` (``ca.pem``, ``ca.key``), created there if absent."""
+        folder = Path(folder)
+        key_path, cert_path = folder / "ca.key", folder / "ca.pem"
+        if key_path.exists():
+            check_private(key_path)
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{key_path} is not an EC key")
+            certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            return cls(key, certificate, cert_days=cert_days)
+        # The key is written last: a CA is there only when its key is.
+        ca = cls.create(now, cert_days=cert_days)
+        cert_path.write_text(ca.certificate_pem)
+        write_private(key_path, _key_pem(ca.key))
+        return ca
+
+    def inspect_csr(self, pem: str) -> CsrInfo:
+        """Parse a PEM PKCS#10 request and verify its signature; ``ValueError`` if it fails."""
+        try:
+            csr = x509.load_pem_x509_csr(pem.encode())
+        except ValueError:
+            raise ValueError("is not a PEM PKCS#10 certificate signing request") from None
+        try:
+            key = csr.public_key()
+        except (UnsupportedAlgorithm, ValueError):
+            return CsrInfo(_common_name(csr), "unsupported", 0, None, "")
+        # RFC 2986 section 3: the signature proves possession of the key.
+        if not csr.is_signature_valid:
+            raise ValueError("has a signature that does not verify: it must be signed by its own key")
+        spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        algorithm, size, curve = _describe(key)
+        return CsrInfo(_common_name(csr), algorithm, size, curve, _sha256(spki))
+
+    def issue_client_certificate(self, csr_pem: str, username: str, now: datetime) -> IssuedCertificate:
+        """Sign a client certificate for ``username`` with the CSR's public key and nothing else of it."""
+        key = x509.load_pem_x509_csr(csr_pem.encode()).public_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)])
+        certificate = (
+            _builder(subject, self.certificate.subject, key, now, self.validity)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_end_entity_usage(key), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(self._authority_key_identifier(), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        return IssuedCertificate(
+            pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            serial=certificate.serial_number,
+            not_after=certificate.not_valid_after_utc,
+            sha256=_sha256(der),
+        )
+
+    def issue_server_certificate(self, now: datetime, names: Iterable[str] = ()) -> ServerCredentials:
+        """A TLS server certificate for localhost, 127.0.0.1, ::1 and ``names``."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        all_names = list(dict.fromkeys([*SERVER_NAMES, *names]))
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, all_names[0])])
+        certificate = (
+            _builder(subject, self.certificate.subject, key.public_key(), now, SERVER_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_end_entity_usage(key.public_key()), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in all_names]), critical=False)
+            .add_extension(self._authority_key_identifier(), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        return ServerCredentials(certificate.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
+
+    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: object, now: datetime, validity: timedelta
+) -> x509.CertificateBuilder:
+    """What every certificate shares: names, key, random serial, validity, SKI."""
+    now = now.astimezone(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)  # type: ignore[arg-type]
+        # RFC 5280 section 4.1.2.2: positive, at most 20 octets; random, so
+        # that serials cannot be predicted.
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + validity)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)  # type: ignore[arg-type]
+    )
+
+
+def _end_entity_usage(key: object) -> x509.KeyUsage:
+    # RFC 5280 section 4.2.1.3: TLS with an RSA key may encipher the
+    # pre-master secret (keyEncipherment); every key signs.
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=isinstance(key, rsa.RSAPublicKey),
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _describe(key: object) -> tuple[str, int, str | None]:
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA", key.key_size, None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "EC", key.curve.key_size, key.curve.name
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519", 256, None
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448", 456, None
+    return type(key).__name__.removesuffix("PublicKey").lstrip("_"), 0, None
+
+
+def _common_name(csr: x509.CertificateSigningRequest) -> str | None:
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        return None
+    return names[0].value
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _sha256(data: bytes) -> str:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize().hex()
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret file that only its owner may read (mode 0600), whole or not at all."""
+    partial = path.with_name(path.name + ".partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret file that others than its owner may read or write."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"{path} has mode {mode:o}: others may read it; run chmod 600 {path}")

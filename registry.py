@@ -1,0 +1,1125 @@
+"""The client registry: a sans-IO core for client self-registration.
+
+Theory of operation
+===================
+
+A client (an agent, a sensor) asks to be registered by sending a request:
+a username, exactly one credential (a password, or a PKCS#10 certificate
+signing request whose Common Name is the username) and the roles and
+permissions it would like. It then polls by sending the very same request
+again until an administrator has decided.
+
+States
+------
+A stored request is in one of three states::
+
+    PENDING --approve--> APPROVED      (a user now exists; a CSR was signed)
+    PENDING --deny-----> DENIED        (the client is told why, with 403)
+    PENDING, DENIED --forget--> gone   (the username may ask again)
+    APPROVED --remove user--> gone     (the username may ask again)
+
+The table ``TRANSITIONS`` holds these moves; any other move is a single
+failed lookup that raises ``Conflict`` naming the event and the state.
+
+The registry itself is either locked or unlocked. It starts locked;
+``unlock`` opens it until now + a duration, after which it is locked again
+with no action from anyone; ``lock`` closes it at once. The lock keeps out
+only *new* requests: polls and the administrator's decisions go on.
+
+The order of the checks (SPEC section 2)
+----------------------------------------
+``register`` decides by the first rule that applies:
+
+1. 400 ``MalformedRequest``: the payload breaks the shape of SPEC section 1,
+   or its CSR does not parse, does not verify, or names another CN.
+2. 422 ``PolicyViolation``: username, password, role or CSR key policy.
+3. The stored request for the username, if any: 201 again for a client of
+   an approved request that repeats it, 202 for a poll of a pending one,
+   403 for a denied one; 409 when the request differs from the stored one.
+4. 423 ``Locked`` when the registry is locked; 503 when the pending queue
+   is full; 429 when the client address asks too often (when limited).
+5. Otherwise the request is stored as pending: 202.
+
+A request *matches* a stored one when the credential (the same password,
+or a CSR with the same public key) and the requested rights are equal.
+
+Invariants
+----------
+- A rejected command changes nothing.
+- At most one request, and at most one user, per username; a user always
+  has its approved request beside it.
+- No password is stored: users and requests hold a salted scrypt hash. A
+  poll must not pay for a key derivation, so a password that verified once
+  is remembered as an HMAC under a key that lives only in this process.
+- Time comes only from the injected clock; every state change is one
+  SQLite transaction, so a kill at any moment loses nothing answered.
+
+The core touches no socket. Certificates are the business of an injected
+``CertificateAuthority`` (``ca.py`` provides one); without it the registry
+serves password registrations only.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import enum
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from typing import Any, Protocol
+
+Clock = Callable[[], datetime]
+
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+USERNAME_LENGTH = range(3, 65)
+PASSWORD_LENGTH = range(5, 1025)
+CONTEXT_LENGTH = 1024
+REASON_LENGTH = 1024
+OPERATIONS = ("read", "write", "readWrite")
+CONTEXTS = ("mqtt", "http")
+REQUEST_FIELDS = frozenset({"username", "password", "csr", "roles", "permissions", "context"})
+PERMISSION_FIELDS = frozenset({"resource", "operation", "context"})
+# SPEC section 2.3: the keys a CSR may carry (the curve names are those of
+# cryptography's ``EllipticCurve.name``).
+ACCEPTED_CURVES = frozenset({"secp256r1", "secp384r1"})
+MIN_RSA_BITS = 2048
+
+
+# --- Errors ---------------------------------------------------------------
+
+
+class RegistryError(Exception):
+    """A refused command: it knows its HTTP status and its error code."""
+
+    status: HTTPStatus = HTTPStatus.BAD_REQUEST
+    code: str = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Iterable[str] = (),
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.code
+        self.details = list(details)
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body of SPEC section 2."""
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        body.update(self.extra)
+        return body
+
+
+class MalformedRequest(RegistryError):
+    status, code = HTTPStatus.BAD_REQUEST, "malformed_request"
+
+
+class Unauthorized(RegistryError):
+    status, code = HTTPStatus.UNAUTHORIZED, "unauthorized"
+
+
+class Denied(RegistryError):
+    status, code = HTTPStatus.FORBIDDEN, "denied"
+
+
+class NotFound(RegistryError):
+    status, code = HTTPStatus.NOT_FOUND, "not_found"
+
+
+class Conflict(RegistryError):
+    status, code = HTTPStatus.CONFLICT, "conflict"
+
+
+class PolicyViolation(RegistryError):
+    status, code = HTTPStatus.UNPROCESSABLE_ENTITY, "policy_violation"
+
+
+class Locked(RegistryError):
+    status, code = HTTPStatus.LOCKED, "locked"
+
+
+class TooManyRequests(RegistryError):
+    status, code = HTTPStatus.TOO_MANY_REQUESTS, "too_many_requests"
+
+
+class Full(RegistryError):
+    status, code = HTTPStatus.SERVICE_UNAVAILABLE, "registry_full"
+
+
+# --- Values ---------------------------------------------------------------
+
+
+class State(enum.Enum):
+    """Where a stored request stands."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+
+
+class Event(enum.Enum):
+    """What the administrator (or time) does to a stored request."""
+
+    APPROVE = "approve"
+    DENY = "deny"
+    FORGET = "forget"
+    REMOVE_USER = "remove the user of"
+
+
+GONE = None
+TRANSITIONS: dict[tuple[State, Event], State | None] = {
+    (State.PENDING, Event.APPROVE): State.APPROVED,
+    (State.PENDING, Event.DENY): State.DENIED,
+    (State.PENDING, Event.FORGET): GONE,
+    (State.DENIED, Event.FORGET): GONE,
+    (State.APPROVED, Event.REMOVE_USER): GONE,
+}
+
+
+def transition(state: State, event: Event) -> State | None:
+    """The state after ``event``; ``Conflict`` when the move is illegal."""
+    try:
+        return TRANSITIONS[state, event]
+    except KeyError:
+        hint = " (remove its user instead)" if state is State.APPROVED else ""
+        raise Conflict(
+            f"cannot {event.value} a request that is {state.value}{hint}",
+            code="not_pending",
+            state=state.value,
+        ) from None
+
+
+@dataclass(frozen=True, order=True)
+class Permission:
+    """One permission of SPEC section 1: a resource, an operation, a context."""
+
+    context: str
+    resource: str
+    operation: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"resource": self.resource, "operation": self.operation, "context": self.context}
+
+
+@dataclass(frozen=True)
+class Rights:
+    """Roles and permissions, as requested or as granted; order is immaterial."""
+
+    roles: tuple[str, ...] = ()
+    permissions: tuple[Permission, ...] = ()
+
+    @classmethod
+    def of(cls, roles: Iterable[str], permissions: Iterable[Permission]) -> Rights:
+        return cls(tuple(sorted(set(roles))), tuple(sorted(set(permissions))))
+
+    def to_json(self) -> dict[str, list[Any]]:
+        return {
+            "roles": list(self.roles),
+            "permissions": [p.to_json() for p in self.permissions],
+        }
+
+    def dumps(self) -> str:
+        """A canonical text: equal rights give equal texts."""
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str) -> Rights:
+        data = json.loads(text)
+        return cls(tuple(data["roles"]), tuple(Permission(**p) for p in data["permissions"]))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A well-formed request of SPEC section 1."""
+
+    username: str
+    password: str | None
+    csr: str | None
+    rights: Rights
+    context: str | None
+
+    @property
+    def method(self) -> str:
+        return "password" if self.password is not None else "csr"
+
+
+@dataclass(frozen=True)
+class CsrInfo:
+    """What the registry needs to know of a parsed, verified CSR."""
+
+    common_name: str | None
+    key_algorithm: str  # "RSA", "EC", "Ed25519", or another name
+    key_size: int
+    curve: str | None
+    public_key_sha256: str  # hex digest of the SubjectPublicKeyInfo DER
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A client certificate as the CA issued it."""
+
+    pem: str
+    serial: int
+    not_after: datetime
+    sha256: str  # hex digest of the certificate DER
+
+
+class CertificateAuthority(Protocol):
+    """What the registry asks of a CA; ``ca.CA`` is one."""
+
+    certificate_pem: str
+
+    def inspect_csr(self, pem: str) -> CsrInfo:
+        """Parse and verify a CSR; ``ValueError`` when it is malformed."""
+
+    def issue_client_certificate(self, csr_pem: str, username: str, now: datetime) -> IssuedCertificate:
+        """Sign a client certificate for ``username`` with the CSR's key."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A successful answer to ``register``: 201 or 202."""
+
+    status: HTTPStatus
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A registered client that proved who it is."""
+
+    username: str
+    rights: Rights
+    method: str  # how it authenticated: "password" or "certificate"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"username": self.username, **self.rights.to_json(), "method": self.method}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the registry, with the defaults of SPEC."""
+
+    unlock_duration: timedelta = timedelta(minutes=5)
+    max_unlock_duration: timedelta = timedelta(days=1)
+    retention: timedelta = timedelta(hours=24)
+    retry_after_pending: int = 5
+    retry_after_locked: int = 30
+    max_pending: int = 100_000
+    # New requests per client address per minute; 0 is no limit, since a
+    # whole plant often sits behind one address.
+    rate_limit: int = 0
+    # Failed password authentications per username before a pause.
+    max_auth_failures: int = 5
+    auth_failure_window: timedelta = timedelta(minutes=1)
+    # scrypt's cost n (RFC 7914 section 2): 2**14 is the interactive-login
+    # choice of the RFC's authors; tests lower it to stay fast.
+    scrypt_n: int = 2**14
+
+
+# --- Passwords ------------------------------------------------------------
+
+
+def hash_password(password: str, n: int = 2**14) -> str:
+    """A salted scrypt hash, with its parameters, as one text."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=8, p=1, maxmem=2**26, dklen=32)
+    return f"scrypt${n}$8$1${_b64(salt)}${_b64(digest)}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    """Whether ``password`` is the one behind the ``stored`` hash."""
+    _, n, r, p, salt, digest = stored.split("$")
+    expected = base64.b64decode(digest)
+    actual = hashlib.scrypt(
+        password.encode(),
+        salt=base64.b64decode(salt),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        maxmem=2**26,
+        dklen=len(expected),
+    )
+    return hmac.compare_digest(actual, expected)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class PasswordVerifier:
+    """Verifies passwords against scrypt hashes, paying for each hash once.
+
+    A password that verified against a hash is remembered as its HMAC under
+    a key that lives only in this process: the next check of the same hash
+    is one HMAC. A wrong password never enters, and a remembered hash tells
+    a different password apart without scrypt, since the HMAC differs.
+    """
+
+    def __init__(self, capacity: int = 250_000) -> None:
+        self._key = secrets.token_bytes(32)
+        self._known: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._capacity = capacity
+
+    def check(self, password: str, stored: str) -> bool:
+        tag = hmac.digest(self._key, password.encode(), "sha256")
+        known = self._known.get(stored)
+        if known is not None:
+            return hmac.compare_digest(known, tag)
+        if not check_password(password, stored):
+            return False
+        self.remember(stored, tag)
+        return True
+
+    def remember_password(self, password: str, stored: str) -> None:
+        """Record a password that is known to match ``stored`` (just hashed)."""
+        self.remember(stored, hmac.digest(self._key, password.encode(), "sha256"))
+
+    def remember(self, stored: str, tag: bytes) -> None:
+        self._known[stored] = tag
+        while len(self._known) > self._capacity:
+            self._known.popitem(last=False)
+
+
+# --- Parsing and policy ---------------------------------------------------
+
+
+def parse_registration(payload: object) -> Registration:
+    """Check the shape of a request (SPEC section 1); ``MalformedRequest``."""
+    problems: list[str] = []
+    if not isinstance(payload, dict):
+        raise MalformedRequest("the body must be a JSON object")
+    for unknown in sorted(set(payload) - REQUEST_FIELDS):
+        problems.append(f"unknown field {unknown!r}")
+    username = _text(payload, "username", problems, required=True)
+    password = _text(payload, "password", problems)
+    csr = _text(payload, "csr", problems)
+    if "password" in payload and "csr" in payload:
+        problems.append("send exactly one of 'password' and 'csr', not both")
+    elif "password" not in payload and "csr" not in payload:
+        problems.append("send exactly one of 'password' and 'csr'")
+    context = _text(payload, "context", problems)
+    if context is not None and len(context) > CONTEXT_LENGTH:
+        problems.append(f"'context' has more than {CONTEXT_LENGTH} characters")
+    rights = parse_rights(payload, problems)
+    if problems:
+        raise _malformed(problems)
+    assert username is not None
+    return Registration(username, password, csr, rights, context)
+
+
+def parse_rights(body: Mapping[str, Any], problems: list[str]) -> Rights:
+    """Read ``roles`` and ``permissions`` from a body, noting each problem."""
+    roles = body.get("roles", [])
+    if not isinstance(roles, list) or not all(_is_text(r) for r in roles):
+        problems.append("'roles' must be a list of strings")
+        roles = []
+    permissions = body.get("permissions", [])
+    if not isinstance(permissions, list):
+        problems.append("'permissions' must be a list of objects")
+        permissions = []
+    parsed = [_permission(i, p, problems) for i, p in enumerate(permissions)]
+    return Rights.of(roles, (p for p in parsed if p is not None))
+
+
+def _permission(index: int, value: object, problems: list[str]) -> Permission | None:
+    where = f"permissions[{index}]"
+    if not isinstance(value, dict):
+        problems.append(f"{where} must be an object")
+        return None
+    before = len(problems)
+    if set(value) != PERMISSION_FIELDS:
+        problems.append(f"{where} must have exactly the fields 'resource', 'operation' and 'context'")
+        return None
+    resource, operation, context = value["resource"], value["operation"], value["context"]
+    if operation not in OPERATIONS:
+        problems.append(f"{where}.operation must be one of {', '.join(OPERATIONS)}")
+    if context not in CONTEXTS:
+        problems.append(f"{where}.context must be one of {', '.join(CONTEXTS)}")
+    if not _is_text(resource) or not resource:
+        problems.append(f"{where}.resource must be a non-empty string")
+    elif context == "http" and not resource.startswith("/"):
+        problems.append(f"{where}.resource must start with '/' for the http context")
+    elif context == "mqtt" and not _is_topic_filter(resource):
+        problems.append(f"{where}.resource is not an MQTT topic filter: '+' and '#' take a whole level, '#' the last")
+    return Permission(context, resource, operation) if len(problems) == before else None
+
+
+def _is_topic_filter(resource: str) -> bool:
+    # MQTT 3.1.1 section 4.7.1: '#' stands alone as the last level, '+'
+    # stands alone in its level.
+    levels = resource.split("/")
+    return all(
+        ("#" not in level or (level == "#" and i == len(levels) - 1)) and ("+" not in level or level == "+")
+        for i, level in enumerate(levels)
+    )
+
+
+def _text(body: Mapping[str, Any], name: str, problems: list[str], *, required: bool = False) -> str | None:
+    if name not in body:
+        if required:
+            problems.append(f"'{name}' is required")
+        return None
+    value = body[name]
+    if not _is_text(value):
+        problems.append(f"'{name}' must be a string")
+        return None
+    return value
+
+
+def _is_text(value: object) -> bool:
+    """A string that can be stored: JSON may carry lone surrogates."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _malformed(problems: list[str]) -> MalformedRequest:
+    if len(problems) == 1:
+        return MalformedRequest(problems[0])
+    return MalformedRequest(f"the request has {len(problems)} problems", details=problems)
+
+
+def policy_problems(registration: Registration, catalog: Mapping[str, str], csr: CsrInfo | None) -> list[str]:
+    """The policy rules of SPEC section 2.3 that a request breaks."""
+    problems = []
+    name = registration.username
+    if len(name) not in USERNAME_LENGTH or not USERNAME.fullmatch(name):
+        problems.append(
+            "'username' must be 3 to 64 characters: letters, digits, '.', '_' and '-', "
+            "starting with a letter or a digit"
+        )
+    if registration.password is not None and len(registration.password) not in PASSWORD_LENGTH:
+        problems.append("'password' must be 5 to 1024 characters")
+    for role in registration.rights.roles:
+        if role not in catalog:
+            problems.append(f"role {role!r} is not in the role catalog")
+    if csr is not None and not key_accepted(csr):
+        problems.append(
+            f"a {describe_key(csr)} key is not accepted: use RSA of 2048 bits or more, EC P-256 or P-384, or Ed25519"
+        )
+    return problems
+
+
+def key_accepted(csr: CsrInfo) -> bool:
+    """SPEC section 2.3: RSA >= 2048 bits, EC P-256 or P-384, Ed25519."""
+    return (
+        (csr.key_algorithm == "RSA" and csr.key_size >= MIN_RSA_BITS)
+        or (csr.key_algorithm == "EC" and csr.curve in ACCEPTED_CURVES)
+        or csr.key_algorithm == "Ed25519"
+    )
+
+
+def describe_key(csr: CsrInfo) -> str:
+    if csr.key_algorithm == "EC":
+        return f"EC {csr.curve}"
+    return f"{csr.key_algorithm} {csr.key_size}-bit" if csr.key_size else csr.key_algorithm
+
+
+def _policy(problems: list[str]) -> PolicyViolation:
+    if len(problems) == 1:
+        return PolicyViolation(problems[0])
+    return PolicyViolation(f"the request breaks {len(problems)} policy rules", details=problems)
+
+
+# --- The registry ---------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS requests (
+    username TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    method TEXT NOT NULL,
+    password_hash TEXT,
+    csr TEXT,
+    key_sha256 TEXT,
+    pairing_id TEXT NOT NULL,
+    requested TEXT NOT NULL,
+    context TEXT,
+    client_address TEXT,
+    created_at REAL NOT NULL,
+    last_poll_at REAL NOT NULL,
+    poll_count INTEGER NOT NULL DEFAULT 0,
+    decided_at REAL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_by_age ON requests (state, created_at);
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY REFERENCES requests (username),
+    method TEXT NOT NULL,
+    password_hash TEXT,
+    granted TEXT NOT NULL,
+    certificate TEXT,
+    certificate_sha256 TEXT UNIQUE,
+    serial TEXT,
+    not_after REAL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    address TEXT,
+    action TEXT NOT NULL,
+    username TEXT,
+    details TEXT
+);
+"""
+
+ADMIN = "administrator"
+
+
+class Registry:
+    """The registry of SPEC sections 1 to 5, over one SQLite database.
+
+    Every public method is safe to call from many threads at once.
+    """
+
+    def __init__(
+        self,
+        database: str = ":memory:",
+        *,
+        clock: Clock,
+        roles: Mapping[str, str] | Iterable[str] = ("minimum",),
+        ca: CertificateAuthority | None = None,
+        settings: Settings = Settings(),
+    ) -> None:
+        self.clock = clock
+        self.roles = dict(roles) if isinstance(roles, Mapping) else dict.fromkeys(roles, "")
+        self.ca = ca
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        # WAL with synchronous NORMAL: a committed transaction survives a
+        # killed process (https://www.sqlite.org/wal.html#durability).
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self._passwords = PasswordVerifier()
+        self._csrs: collections.OrderedDict[bytes, CsrInfo] = collections.OrderedDict()
+        self._new_requests: dict[str, collections.deque[float]] = {}
+        self._auth_failures: dict[str, collections.deque[float]] = {}
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    # --- The client's request (SPEC section 2) ----------------------------
+
+    def register(self, payload: object, client_address: str = "") -> Outcome:
+        """Answer a client's request: 201 or 202, or raise a ``RegistryError``."""
+        registration = parse_registration(payload)
+        csr = self._inspect_csr(registration)
+        problems = policy_problems(registration, self.roles, csr)
+        if problems:
+            raise _policy(problems)
+        now = self.clock().timestamp()
+        with self._lock:
+            outcome = self._answer_stored(registration, csr, client_address, now)
+            if outcome is not None:
+                return outcome
+            self._admit(client_address, now, count=False)
+        # A new request: derive its hash outside the lock, then check again,
+        # since another thread may have stored one for the same username.
+        password_hash = self._hash(registration.password)
+        with self._lock:
+            outcome = self._answer_stored(registration, csr, client_address, now)
+            if outcome is not None:
+                return outcome
+            self._admit(client_address, now, count=True)
+            return self._store_new(registration, csr, password_hash, client_address, now)
+
+    def _inspect_csr(self, registration: Registration) -> CsrInfo | None:
+        if registration.csr is None:
+            return None
+        if self.ca is None:
+            raise PolicyViolation("this registry issues no certificates: register with a password")
+        # The same CSR text verifies the same way: a poll pays for parsing once.
+        digest = hashlib.sha256(registration.csr.encode()).digest()
+        info = self._csrs.get(digest)
+        if info is None:
+            try:
+                info = self.ca.inspect_csr(registration.csr)
+            except ValueError as error:
+                raise MalformedRequest(f"'csr' {error}") from None
+            self._csrs[digest] = info
+            while len(self._csrs) > self.settings.max_pending:
+                self._csrs.popitem(last=False)
+        if not info.common_name:
+            raise MalformedRequest("the CSR's subject has no Common Name: it must be the username")
+        if info.common_name != registration.username:
+            raise MalformedRequest(
+                f"the CSR's Common Name {info.common_name!r} is not the username {registration.username!r}"
+            )
+        return info
+
+    def _answer_stored(
+        self, registration: Registration, csr: CsrInfo | None, address: str, now: float
+    ) -> Outcome | None:
+        """SPEC section 2.4 for a username that has a stored request."""
+        row = self._request_row(registration.username, now)
+        if row is None:
+            return None
+        state = State(row["state"])
+        matches = self._matches(registration, csr, row)
+        name = registration.username
+        if state is State.APPROVED:
+            if not matches:
+                raise Conflict(f"the username {name!r} is taken", code="username_taken")
+            return self._approved_outcome(name)
+        if state is State.DENIED:
+            if not matches:
+                raise Conflict(
+                    f"a different request for {name!r} was denied; it is forgotten after the retention period",
+                    code="duplicate_request",
+                )
+            raise Denied(f"the request for {name!r} was denied", reason=row["reason"] or "")
+        if not matches:
+            raise Conflict(
+                f"a different request for {name!r} is pending: poll with the same request",
+                code="duplicate_request",
+            )
+        self._db.execute(
+            "UPDATE requests SET last_poll_at = ?, poll_count = poll_count + 1, client_address = ? WHERE username = ?",
+            (now, address, name),
+        )
+        return self._pending_outcome(name, row["pairing_id"])
+
+    def _matches(self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row) -> bool:
+        if registration.method != row["method"] or registration.rights.dumps() != row["requested"]:
+            return False
+        if csr is not None:
+            return hmac.compare_digest(csr.public_key_sha256, row["key_sha256"])
+        return self._passwords.check(registration.password or "", row["password_hash"])
+
+    def _admit(self, address: str, now: float, *, count: bool) -> None:
+        """The checks before a new request is stored: 423, 503, 429."""
+        if self._locked(now):
+            raise Locked(
+                "the registry is locked: ask the administrator to unlock it, then send the request again",
+                headers={"Retry-After": str(self.settings.retry_after_locked)},
+            )
+        if self._pending_count(now) >= self.settings.max_pending:
+            raise Full(
+                "the registry holds as many pending requests as it may: try again later",
+                headers={"Retry-After": str(self.settings.retry_after_locked)},
+            )
+        limit = self.settings.rate_limit
+        if limit:
+            window = _window(self._new_requests, address, now - 60)
+            if len(window) >= limit:
+                raise TooManyRequests(
+                    f"more than {limit} new requests a minute from this address",
+                    headers={"Retry-After": str(max(1, int(window[0] + 61 - now)))},
+                )
+            if count:
+                window.append(now)
+
+    def _hash(self, password: str | None) -> str | None:
+        if password is None:
+            return None
+        stored = hash_password(password, self.settings.scrypt_n)
+        self._passwords.remember_password(password, stored)
+        return stored
+
+    def _store_new(
+        self,
+        registration: Registration,
+        csr: CsrInfo | None,
+        password_hash: str | None,
+        address: str,
+        now: float,
+    ) -> Outcome:
+        name = registration.username
+        credential = csr.public_key_sha256 if csr else hashlib.sha256((password_hash or "").encode()).hexdigest()
+        pairing_id = credential[:6]
+        with self._transaction():
+            # An expired request may still be on disk: it is forgotten now.
+            self._db.execute("DELETE FROM requests WHERE username = ?", (name,))
+            self._db.execute(
+                "INSERT INTO requests (username, state, method, password_hash, csr, key_sha256, pairing_id,"
+                " requested, context, client_address, created_at, last_poll_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    registration.method,
+                    password_hash,
+                    registration.csr,
+                    csr.public_key_sha256 if csr else None,
+                    pairing_id,
+                    registration.rights.dumps(),
+                    registration.context,
+                    address,
+                    now,
+                    now,
+                ),
+            )
+            self._audit(now, name, address, "request", name, registration.rights.to_json() | {"pairingId": pairing_id})
+        return self._pending_outcome(name, pairing_id)
+
+    def _pending_outcome(self, name: str, pairing_id: str) -> Outcome:
+        return Outcome(
+            HTTPStatus.ACCEPTED,
+            {"status": "pending", "username": name, "pairingId": pairing_id},
+            {"Retry-After": str(self.settings.retry_after_pending)},
+        )
+
+    def _approved_outcome(self, name: str) -> Outcome:
+        user = self._db.execute("SELECT granted, certificate FROM users WHERE username = ?", (name,)).fetchone()
+        body = {"status": "approved", "username": name, **Rights.loads(user["granted"]).to_json()}
+        if user["certificate"]:
+            body["certificate"] = user["certificate"]
+            if self.ca is not None:
+                body["caCertificate"] = self.ca.certificate_pem
+        return Outcome(HTTPStatus.CREATED, body)
+
+    # --- The lock (SPEC section 3) ----------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The lock state and the number of pending requests."""
+        now = self.clock().timestamp()
+        with self._lock:
+            until = self._unlocked_until()
+            locked = until is None or now >= until
+            return {
+                "locked": locked,
+                "unlockedUntil": None if locked else _iso(until),
+                "pending": self._pending_count(now),
+            }
+
+    def unlock(self, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Open the registry from now for the body's ``duration`` (ms) or the default."""
+        duration = self._duration(body)
+        now = self.clock().timestamp()
+        with self._lock, self._transaction():
+            self._set_unlocked_until(now + duration.total_seconds())
+            self._audit(now, actor, address, "unlock", None, {"durationMs": duration // timedelta(milliseconds=1)})
+        return self.status()
+
+    def lock(self, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Close the registry at once."""
+        now = self.clock().timestamp()
+        with self._lock, self._transaction():
+            self._set_unlocked_until(None)
+            self._audit(now, actor, address, "lock", None, None)
+        return self.status()
+
+    def _duration(self, body: object) -> timedelta:
+        if body is None or body == {}:
+            return self.settings.unlock_duration
+        longest = self.settings.max_unlock_duration // timedelta(milliseconds=1)
+        if not isinstance(body, dict) or set(body) != {"duration"}:
+            raise MalformedRequest("the body may hold only 'duration', in milliseconds")
+        duration = body["duration"]
+        if type(duration) is not int or not 0 < duration <= longest:
+            raise MalformedRequest(f"'duration' must be a whole number of milliseconds from 1 to {longest}")
+        return timedelta(milliseconds=duration)
+
+    def _locked(self, now: float) -> bool:
+        until = self._unlocked_until()
+        return until is None or now >= until
+
+    def _unlocked_until(self) -> float | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'unlocked_until'").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def _set_unlocked_until(self, until: float | None) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('unlocked_until', ?)",
+            (None if until is None else repr(until),),
+        )
+
+    # --- The administrator (SPEC section 4) -------------------------------
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every stored request, oldest first."""
+        now = self.clock().timestamp()
+        with self._lock:
+            self._purge(now)
+            rows = self._db.execute("SELECT * FROM requests ORDER BY created_at, username").fetchall()
+        return [_request_json(row) for row in rows]
+
+    def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Approve a pending request, granting the body's rights or the requested ones."""
+        granted = self._grant(body)
+        moment = self.clock()
+        now = moment.timestamp()
+        with self._lock:
+            row = self._decidable(username, Event.APPROVE, now)
+            rights = granted or Rights.loads(row["requested"])
+            issued = None
+            if row["csr"]:
+                if self.ca is None:
+                    raise PolicyViolation("this registry has no CA to sign the request's CSR")
+                issued = self.ca.issue_client_certificate(row["csr"], username, moment)
+            with self._transaction():
+                self._db.execute(
+                    "UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?", (now, username)
+                )
+                self._db.execute(
+                    "INSERT INTO users (username, method, password_hash, granted, certificate, certificate_sha256,"
+                    " serial, not_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        username,
+                        row["method"],
+                        row["password_hash"],
+                        rights.dumps(),
+                        issued and issued.pem,
+                        issued and issued.sha256,
+                        issued and format(issued.serial, "x"),
+                        issued and issued.not_after.timestamp(),
+                        now,
+                    ),
+                )
+                details = {"requested": json.loads(row["requested"]), "granted": rights.to_json()}
+                if issued:
+                    details["serial"] = format(issued.serial, "x")
+                self._audit(now, actor, address, "approve", username, details)
+            return self._user_json(username)
+
+    def _grant(self, body: object) -> Rights | None:
+        if body is None or body == {}:
+            return None
+        if not isinstance(body, dict):
+            raise MalformedRequest("the body must be a JSON object with 'roles' and 'permissions'")
+        problems = [f"unknown field {name!r}" for name in sorted(set(body) - {"roles", "permissions"})]
+        rights = parse_rights(body, problems)
+        if problems:
+            raise _malformed(problems)
+        unknown = [f"role {role!r} is not in the role catalog" for role in rights.roles if role not in self.roles]
+        if unknown:
+            raise _policy(unknown)
+        return rights
+
+    def deny(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Deny a pending request, with the body's ``reason``."""
+        reason = ""
+        if body is not None and body != {}:
+            if not isinstance(body, dict) or set(body) != {"reason"} or not _is_text(body["reason"]):
+                raise MalformedRequest("the body may hold only 'reason', a string")
+            reason = body["reason"]
+            if len(reason) > REASON_LENGTH:
+                raise MalformedRequest(f"'reason' has more than {REASON_LENGTH} characters")
+        now = self.clock().timestamp()
+        with self._lock:
+            self._decidable(username, Event.DENY, now)
+            with self._transaction():
+                self._db.execute(
+                    "UPDATE requests SET state = 'denied', decided_at = ?, reason = ? WHERE username = ?",
+                    (now, reason, username),
+                )
+                self._audit(now, actor, address, "deny", username, {"reason": reason})
+            return _request_json(self._request_row(username, now))
+
+    def forget(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
+        """Forget a pending or denied request."""
+        now = self.clock().timestamp()
+        with self._lock:
+            self._decidable(username, Event.FORGET, now)
+            with self._transaction():
+                self._db.execute("DELETE FROM requests WHERE username = ?", (username,))
+                self._audit(now, actor, address, "forget", username, None)
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every registered user, by name."""
+        with self._lock:
+            names = [row[0] for row in self._db.execute("SELECT username FROM users ORDER BY username")]
+            return [self._user_json(name) for name in names]
+
+    def remove_user(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
+        """Remove a user and its request: the username may register again."""
+        now = self.clock().timestamp()
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone() is None:
+                raise NotFound(f"there is no user {username!r}")
+            self._decidable(username, Event.REMOVE_USER, now)
+            with self._transaction():
+                self._db.execute("DELETE FROM users WHERE username = ?", (username,))
+                self._db.execute("DELETE FROM requests WHERE username = ?", (username,))
+                self._audit(now, actor, address, "remove user", username, None)
+
+    def audit(self, limit: int = 100, before: int | None = None) -> dict[str, Any]:
+        """The audit trail, newest first; ``next`` pages on."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM audit WHERE id < ? ORDER BY id DESC LIMIT ?",
+                (before if before is not None else 2**63 - 1, limit),
+            ).fetchall()
+        entries = [
+            {
+                "id": row["id"],
+                "at": _iso(row["at"]),
+                "actor": row["actor"],
+                "address": row["address"],
+                "action": row["action"],
+                "username": row["username"],
+                "details": json.loads(row["details"]) if row["details"] else None,
+            }
+            for row in rows
+        ]
+        return {"entries": entries, "next": entries[-1]["id"] if len(entries) == limit else None}
+
+    def _decidable(self, username: str, event: Event, now: float) -> sqlite3.Row:
+        """The stored request for ``username``, if ``event`` may happen to it."""
+        row = self._request_row(username, now)
+        if row is None:
+            raise NotFound(f"there is no request for {username!r}")
+        transition(State(row["state"]), event)
+        return row
+
+    # --- After registration (SPEC section 5) ------------------------------
+
+    def authenticate_password(self, username: str, password: str) -> Identity:
+        """The user behind a username and password; ``Unauthorized`` otherwise."""
+        now = self.clock().timestamp()
+        window = self.settings.auth_failure_window.total_seconds()
+        with self._lock:
+            failures = _window(self._auth_failures, username, now - window)
+            if len(failures) >= self.settings.max_auth_failures:
+                raise TooManyRequests(
+                    "too many failed sign-ins for this username: wait a minute",
+                    headers={"Retry-After": str(max(1, int(failures[0] + window - now) + 1))},
+                )
+            user = self._db.execute(
+                "SELECT granted, password_hash FROM users WHERE username = ?", (username,)
+            ).fetchone()
+            if user is None or not user["password_hash"] or not self._passwords.check(password, user["password_hash"]):
+                failures.append(now)
+                raise Unauthorized("unknown username or wrong password")
+        return Identity(username, Rights.loads(user["granted"]), "password")
+
+    def authenticate_certificate(self, certificate_der: bytes) -> Identity:
+        """The user a certificate was issued to; ``Unauthorized`` otherwise."""
+        digest = hashlib.sha256(certificate_der).hexdigest()
+        with self._lock:
+            user = self._db.execute(
+                "SELECT username, granted FROM users WHERE certificate_sha256 = ?", (digest,)
+            ).fetchone()
+        if user is None:
+            raise Unauthorized("this certificate belongs to no registered user")
+        return Identity(user["username"], Rights.loads(user["granted"]), "certificate")
+
+    # --- Storage ----------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _request_row(self, username: str, now: float) -> sqlite3.Row | None:
+        """The live request for ``username``; an expired one counts as gone."""
+        row = self._db.execute("SELECT * FROM requests WHERE username = ?", (username,)).fetchone()
+        if row is None or (row["state"] != State.APPROVED.value and _since(row) <= self._cutoff(now)):
+            return None
+        return row
+
+    def _pending_count(self, now: float) -> int:
+        return self._db.execute(
+            "SELECT count(*) FROM requests WHERE state = 'pending' AND created_at > ?", (self._cutoff(now),)
+        ).fetchone()[0]
+
+    def _cutoff(self, now: float) -> float:
+        return now - self.settings.retention.total_seconds()
+
+    def _purge(self, now: float) -> None:
+        """Drop pending and denied requests older than the retention period."""
+        cutoff = self._cutoff(now)
+        with self._transaction():
+            self._db.execute("DELETE FROM requests WHERE state = 'pending' AND created_at <= ?", (cutoff,))
+            self._db.execute("DELETE FROM requests WHERE state = 'denied' AND decided_at <= ?", (cutoff,))
+
+    def _user_json(self, username: str) -> dict[str, Any]:
+        user = self._db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+        return {
+            "username": username,
+            "method": user["method"],
+            **Rights.loads(user["granted"]).to_json(),
+            "createdAt": _iso(user["created_at"]),
+            "certificateSerial": user["serial"],
+            "certificateNotAfter": _iso(user["not_after"]) if user["not_after"] else None,
+        }
+
+    def _audit(self, now: float, actor: str, address: str, action: str, username: str | None, details: object) -> None:
+        self._db.execute(
+            "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)",
+            (now, actor, address, action, username, None if details is None else json.dumps(details)),
+        )
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on an error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _since(row: sqlite3.Row) -> float:
+    """When the retention period of a request started: its creation, or its denial."""
+    return row["decided_at"] if row["state"] == State.DENIED.value else row["created_at"]
+
+
+def _window(windows: dict[str, collections.deque[float]], key: str, start: float) -> collections.deque[float]:
+    """The times in ``windows[key]`` after ``start``, as a deque to append to."""
+    if len(windows) > 10_000:
+        for stale in [k for k, times in windows.items() if not times or times[-1] <= start]:
+            del windows[stale]
+    window = windows.setdefault(key, collections.deque())
+    while window and window[0] <= start:
+        window.popleft()
+    return window
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def _request_json(row: sqlite3.Row) -> dict[str, Any]:
+    requested = json.loads(row["requested"])
+    return {
+        "username": row["username"],
+        "state": row["state"],
+        "pairingId": row["pairing_id"],
+        "method": row["method"],
+        "roles": requested["roles"],
+        "permissions": requested["permissions"],
+        "context": row["context"],
+        "createdAt": _iso(row["created_at"]),
+        "lastPollAt": _iso(row["last_poll_at"]),
+        "pollCount": row["poll_count"],
+        "clientAddress": row["client_address"],
+        "decidedAt": _iso(row["decided_at"]) if row["decided_at"] else None,
+        "reason": row["reason"],
+    }
