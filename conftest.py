@@ -1,0 +1,104 @@
+"""What the tests share: a fake clock, keys and CSRs, and predicates on certificates."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, settings
+
+import ca
+import registry
+
+# CI runs the whole suite on a slow machine within a few minutes: fewer
+# examples there, and no deadline, since timing is not what is tested.
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+# scrypt at its real cost takes tens of milliseconds; the rules under test
+# are the same at n = 16.
+FAST = registry.Settings(scrypt_n=16)
+
+
+class FakeClock:
+    """A clock that stands still until a test moves it."""
+
+    def __init__(self, now: datetime = START) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def make_key(kind: str = "ec") -> object:
+    """A private key: "ec" (P-256), "p384", "p521", "rsa" (2048), "rsa1024" or "ed25519"."""
+    if kind == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind == "p521":
+        return ec.generate_private_key(ec.SECP521R1())
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "rsa1024":
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(kind)
+
+
+def make_csr(common_name: str | None, key: object = None, *, extensions: list[x509.ExtensionType] = ()) -> str:
+    """A PEM CSR for ``common_name`` (no CN when None), signed by ``key``."""
+    key = key or make_key()
+    attributes = [] if common_name is None else [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def assert_issued_from(csr_pem: str, certificate_pem: str, authority: ca.CA) -> x509.Certificate:
+    """The certificate was signed by ``authority`` for the CSR's key, under SPEC section 5's profile."""
+    csr = x509.load_pem_x509_csr(csr_pem.encode())
+    certificate = x509.load_pem_x509_certificate(certificate_pem.encode())
+    certificate.verify_directly_issued_by(authority.certificate)
+    assert certificate.public_key() == csr.public_key()
+    common_name = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert certificate.subject == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca is False
+    usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    return certificate
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> ca.CA:
+    """One CA for the whole run: creating keys is the slow part."""
+    return ca.CA.load_or_create(tmp_path_factory.mktemp("ca"), START)
+
+
+@pytest.fixture
+def reg(clock: FakeClock, authority: ca.CA) -> registry.Registry:
+    """An in-memory registry with a CA, the default catalog plus "operator", and fast scrypt."""
+    instance = registry.Registry(clock=clock, ca=authority, roles=("minimum", "operator"), settings=FAST)
+    yield instance
+    instance.close()
