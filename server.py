@@ -1,0 +1,628 @@
+"""The registry over HTTPS: a thin ``http.server`` adapter over registry.py.
+
+``App`` maps a parsed request to a response through the route table; the
+``Handler`` does the socket work: it reads a request, asks the app, writes
+the answer. Errors from the core become responses in one place
+(``App.handle``); anything unexpected is a 500 with no internals in it.
+
+Run ``python3 server.py --help`` for the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import ca as ca_module
+import registry
+
+log = logging.getLogger("registry.server")
+
+JSON = "application/json"
+PEM = "application/x-pem-file"
+STATIC = Path(__file__).with_name("static")
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+# The page runs only its own script and style, and no one may frame it.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+DRAINABLE = 1 << 20  # an over-long body up to this size is read and dropped, keeping the connection
+
+
+@dataclass(frozen=True)
+class Config:
+    """The server's settings; every field is a command-line flag."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    data_dir: Path = Path("registry-data")
+    http: bool = False
+    admin_token: str | None = None
+    unlock_minutes: float = 5
+    retry_after: int = 5
+    cert_days: int = 365
+    roles: Path | None = None
+    max_body: int = 64 * 1024
+    retention_hours: float = 24
+    timeout: float = 10
+    rate_limit: int = 0
+    max_pending: int = 100_000
+    log_level: str = "INFO"
+    scrypt_n: int = 2**14
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the handler read: enough for any route."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    client_address: str = ""
+    peer_certificate: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Response:
+    """What the handler writes."""
+
+    status: HTTPStatus
+    body: bytes
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: HTTPStatus, data: object, headers: dict[str, str] | None = None) -> Response:
+        return cls(status, json.dumps(data).encode(), JSON, headers or {})
+
+    @classmethod
+    def error(cls, error: registry.RegistryError) -> Response:
+        return cls.json(error.status, error.body(), error.headers)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One line of the route table: who may call it and what it answers."""
+
+    method: str
+    pattern: str
+    handler: str
+    access: str  # "public", "admin" or "client"
+    summary: str
+    statuses: tuple[int, ...] = (200,)
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern) + "$")
+
+
+ADMIN_ERRORS = (401,)
+ROUTES = (
+    Route("POST", "/api/client-registry/register", "register", "public", "Ask to be registered, or poll",
+          (201, 202, 400, 403, 409, 413, 422, 423, 429, 503)),
+    Route("GET", "/api/client-registry", "status", "admin", "The lock state and the pending count"),
+    Route("POST", "/api/client-registry/unlock", "unlock", "admin", "Open the registry for new requests", (200, 400)),
+    Route("POST", "/api/client-registry/lock", "lock", "admin", "Close the registry at once"),
+    Route("GET", "/api/client-registry/requests", "requests", "admin", "Every stored request"),
+    Route("POST", "/api/client-registry/requests/{username}/approve", "approve", "admin",
+          "Approve a pending request, optionally granting other rights", (200, 400, 404, 409, 422)),
+    Route("POST", "/api/client-registry/requests/{username}/deny", "deny", "admin",
+          "Deny a pending request", (200, 400, 404, 409)),
+    Route("DELETE", "/api/client-registry/requests/{username}", "forget", "admin",
+          "Forget a pending or denied request", (200, 404, 409)),
+    Route("GET", "/api/client-registry/roles", "roles", "admin", "The role catalog"),
+    Route("GET", "/api/client-registry/audit", "audit", "admin", "The audit trail, newest first", (200, 400)),
+    Route("GET", "/api/users", "users", "admin", "Every registered user"),
+    Route("DELETE", "/api/users/{username}", "remove_user", "admin",
+          "Remove a user and its request", (200, 404)),
+    Route("GET", "/api/client-registry/ca", "ca", "public", "The CA certificate (PEM)", (200, 404)),
+    Route("GET", "/api/auth/whoami", "whoami", "client",
+          "Who the caller is, by HTTP Basic or by its client certificate", (200, 401, 429)),
+    Route("GET", "/api/openapi.json", "openapi", "public", "This API as an OpenAPI 3.1 document"),
+    Route("GET", "/", "page", "public", "The administrator's page (HTML)"),
+    Route("GET", "/admin", "page", "public", "The administrator's page (HTML)"),
+    Route("GET", "/static/{name}", "static", "public", "The page's script and style", (200, 404)),
+)  # fmt: skip
+
+
+class App:
+    """The HTTP face of a ``registry.Registry``: routes, authentication, JSON."""
+
+    def __init__(self, core: registry.Registry, admin_token: str, *, max_body: int = 64 * 1024) -> None:
+        self.core = core
+        self.max_body = max_body
+        self._token = admin_token.encode()
+        self._routes = [(route, route.regex) for route in ROUTES]
+
+    def handle(self, request: Request) -> Response:
+        """Answer one request; the one place where errors become responses."""
+        try:
+            route, arguments = self._route(request)
+            if route.access == "admin":
+                self._authorize(request)
+            return getattr(self, route.handler)(request, **arguments)
+        except registry.RegistryError as error:
+            return Response.error(error)
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.path)
+            return Response.json(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                {"error": "internal_error", "message": "the server failed to answer; the error is in its log"},
+            )
+
+    def _route(self, request: Request) -> tuple[Route, dict[str, str]]:
+        allowed = []
+        for route, regex in self._routes:
+            found = regex.match(request.path)
+            if found:
+                if route.method == request.method:
+                    return route, {k: unquote(v) for k, v in found.groupdict().items()}
+                allowed.append(route.method)
+        if allowed:
+            raise MethodNotAllowed(
+                f"{request.method} is not allowed on {request.path}: use {', '.join(allowed)}",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        raise registry.NotFound(f"there is nothing at {request.path}")
+
+    def _authorize(self, request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Compare in constant time, so the token cannot be guessed byte by byte.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
+            raise registry.Unauthorized(
+                "send the administrator token as 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": 'Bearer realm="client-registry"'},
+            )
+
+    # --- Handlers: parse, call the core, serialize ------------------------
+
+    def register(self, request: Request) -> Response:
+        outcome = self.core.register(_json_body(request, required=True), request.client_address)
+        return Response.json(outcome.status, outcome.body, outcome.headers)
+
+    def status(self, request: Request) -> Response:
+        return Response.json(HTTPStatus.OK, self.core.status())
+
+    def unlock(self, request: Request) -> Response:
+        return Response.json(HTTPStatus.OK, self.core.unlock(_json_body(request), **_actor(request)))
+
+    def lock(self, request: Request) -> Response:
+        return Response.json(HTTPStatus.OK, self.core.lock(**_actor(request)))
+
+    def requests(self, request: Request) -> Response:
+        return Response.json(HTTPStatus.OK, self.core.requests())
+
+    def approve(self, request: Request, username: str) -> Response:
+        user = self.core.approve(username, _json_body(request), **_actor(request))
+        return Response.json(HTTPStatus.OK, user)
+
+    def deny(self, request: Request, username: str) -> Response:
+        decided = self.core.deny(username, _json_body(request), **_actor(request))
+        return Response.json(HTTPStatus.OK, decided)
+
+    def forget(self, request: Request, username: str) -> Response:
+        self.core.forget(username, **_actor(request))
+        return Response.json(HTTPStatus.OK, {"status": "forgotten", "username": username})
+
+    def roles(self, request: Request) -> Response:
+        catalog = [{"name": name, "description": text} for name, text in self.core.roles.items()]
+        return Response.json(HTTPStatus.OK, catalog)
+
+    def audit(self, request: Request) -> Response:
+        limit = _query_int(request, "limit", 100, 1, 1000)
+        before = _query_int(request, "before", None, 1, 2**62)
+        return Response.json(HTTPStatus.OK, self.core.audit(limit, before))
+
+    def users(self, request: Request) -> Response:
+        return Response.json(HTTPStatus.OK, self.core.users())
+
+    def remove_user(self, request: Request, username: str) -> Response:
+        self.core.remove_user(username, **_actor(request))
+        return Response.json(HTTPStatus.OK, {"status": "removed", "username": username})
+
+    def ca(self, request: Request) -> Response:
+        if self.core.ca is None:
+            raise registry.NotFound("this registry has no CA")
+        return Response(HTTPStatus.OK, self.core.ca.certificate_pem.encode(), PEM)
+
+    def whoami(self, request: Request) -> Response:
+        if request.peer_certificate:
+            identity = self.core.authenticate_certificate(request.peer_certificate)
+        else:
+            identity = self.core.authenticate_password(*_basic_credentials(request))
+        return Response.json(HTTPStatus.OK, identity.to_json())
+
+    def page(self, request: Request) -> Response:
+        return self.static(request, "admin.html")
+
+    def static(self, request: Request, name: str) -> Response:
+        path = STATIC / name
+        kind = STATIC_TYPES.get(path.suffix)
+        if kind is None or "/" in name or name.startswith(".") or not path.is_file():
+            raise registry.NotFound(f"there is no file {name!r}")
+        return Response(HTTPStatus.OK, path.read_bytes(), kind, PAGE_HEADERS)
+
+    def openapi(self, request: Request) -> Response:
+        import openapi
+
+        return Response.json(HTTPStatus.OK, openapi.document(ROUTES))
+
+
+class MethodNotAllowed(registry.RegistryError):
+    status, code = HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed"
+
+
+class PayloadTooLarge(registry.RegistryError):
+    status, code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "payload_too_large"
+
+
+def _json_body(request: Request, *, required: bool = False) -> Any:
+    """The body as JSON; None for an empty optional body."""
+    if not request.body.strip() and not required:
+        return None
+    try:
+        return json.loads(request.body)
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8 too (UnicodeDecodeError is one).
+        raise registry.MalformedRequest("the body is not JSON") from None
+
+
+def _actor(request: Request) -> dict[str, str]:
+    return {"actor": registry.ADMIN, "address": request.client_address}
+
+
+def _query_int(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    values = request.query.get(name)
+    if not values:
+        return default
+    if not values[-1].isdigit() or not low <= int(values[-1]) <= high:
+        raise registry.MalformedRequest(f"'{name}' must be a whole number from {low} to {high}")
+    return int(values[-1])
+
+
+def _basic_credentials(request: Request) -> tuple[str, str]:
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": 'Basic realm="client-registry"'}
+    if scheme.lower() != "basic":
+        raise registry.Unauthorized("authenticate with HTTP Basic or your client certificate", headers=challenge)
+    try:
+        username, colon, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise registry.Unauthorized("the Basic credentials are not base64 of 'username:password'") from None
+    if not colon:
+        raise registry.Unauthorized("the Basic credentials are not base64 of 'username:password'")
+    return username, password
+
+
+# --- Sockets --------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Reads one request at a time off a connection and writes the app's answer."""
+
+    protocol_version = "HTTP/1.1"
+    server: RegistryServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.config.timeout
+        super().setup()
+
+    def do_request(self) -> None:
+        started = time.perf_counter()
+        request = self._read_request()
+        response = self.server.app.handle(request) if isinstance(request, Request) else request
+        self._write(response)
+        log.info(
+            "%s %s %d %.1fms %s",
+            self.command,
+            urlsplit(self.path).path,
+            response.status,
+            (time.perf_counter() - started) * 1000,
+            self.client_address[0],
+        )
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
+
+    def _read_request(self) -> Request | Response:
+        """The request, or the answer to a request whose body cannot be read."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            return _framing_error(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
+        text = self.headers.get("Content-Length", "0").strip()
+        if not text.isdigit():
+            self.close_connection = True
+            return _framing_error(HTTPStatus.BAD_REQUEST, "the Content-Length is not a whole number")
+        length = int(text)
+        if length > self.server.app.max_body:
+            # SPEC section 2.1: answered without being parsed. A body of
+            # moderate size is read and dropped, so the client sees the 413.
+            if length <= DRAINABLE:
+                self._drain(length)
+            else:
+                self.close_connection = True
+            return Response.error(
+                PayloadTooLarge(f"the body has {length} bytes; at most {self.server.app.max_body} are read")
+            )
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            self.close_connection = True
+        url = urlsplit(self.path)
+        return Request(
+            method=self.command,
+            path=url.path,
+            query=parse_qs(url.query),
+            headers={name.lower(): value for name, value in self.headers.items()},
+            body=body,
+            client_address=self.client_address[0],
+            peer_certificate=_peer_certificate(self.connection),
+        )
+
+    def _drain(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                break
+            length -= len(chunk)
+
+    def _write(self, response: Response) -> None:
+        self.send_response_only(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a bad request line, headers too long) as JSON."""
+        status = HTTPStatus(code)
+        self.close_connection = True
+        self._write(
+            Response.json(status, {"error": status.phrase.lower().replace(" ", "_"), "message": message or explain})
+        )
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Requests are logged once, by ``do_request``."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s: " + format, self.client_address[0], *args)
+
+
+def _framing_error(status: HTTPStatus, message: str) -> Response:
+    return Response.json(status, {"error": "bad_framing", "message": message})
+
+
+def _peer_certificate(connection: socket.socket) -> bytes | None:
+    if isinstance(connection, ssl.SSLSocket):
+        return connection.getpeercert(binary_form=True)
+    return None
+
+
+class RegistryServer(ThreadingHTTPServer):
+    """A threading HTTP(S) server: the TLS handshake happens in each connection's thread."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, config: Config, app: App, tls: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.app = app
+        self.tls = tls
+        super().__init__((config.host, config.port), Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is not None:
+            request.settimeout(self.config.timeout)
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as error:
+                log.debug("TLS handshake with %s failed: %s", client_address[0], error)
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # a client that went away or timed out
+            log.debug("connection from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("error on the connection from %s", client_address[0])
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"{'http' if self.tls is None else 'https'}://{host}:{port}"
+
+
+# --- Start ------------------------------------------------------------------
+
+
+def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> RegistryServer:
+    """Open the data folder (creating what is missing) and bind the server."""
+    data = config.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    data.chmod(0o700)
+    authority = ca_module.CA.load_or_create(data, clock(), cert_days=config.cert_days)
+    settings = registry.Settings(
+        unlock_duration=timedelta(minutes=config.unlock_minutes),
+        retention=timedelta(hours=config.retention_hours),
+        retry_after_pending=config.retry_after,
+        rate_limit=config.rate_limit,
+        max_pending=config.max_pending,
+        scrypt_n=config.scrypt_n,
+    )
+    core = registry.Registry(
+        str(data / "registry.db"), clock=clock, roles=load_roles(config.roles), ca=authority, settings=settings
+    )
+    app = App(core, admin_token(config), max_body=config.max_body)
+    tls = None if config.http else tls_context(authority, data, config.host, clock())
+    return RegistryServer(config, app, tls)
+
+
+def admin_token(config: Config) -> str:
+    """The token given, or the one kept in the data folder (made on first start)."""
+    if config.admin_token:
+        return config.admin_token
+    path = config.data_dir / "admin-token"
+    if path.exists():
+        ca_module.check_private(path)
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    ca_module.write_private(path, token + "\n")
+    return token
+
+
+def load_roles(path: Path | None) -> dict[str, str]:
+    """The role catalog: a JSON list of names, or an object of names to descriptions."""
+    if path is None:
+        return {"minimum": "The least a client needs"}
+    data = json.loads(path.read_text())
+    if isinstance(data, list) and all(isinstance(name, str) for name in data):
+        return dict.fromkeys(data, "")
+    if isinstance(data, dict) and all(isinstance(text, str) for text in data.values()):
+        return data
+    raise ValueError(f"{path}: the role catalog must be a list of names or an object of names to descriptions")
+
+
+def tls_context(authority: ca_module.CA, data: Path, host: str, now: datetime) -> ssl.SSLContext:
+    """A server context with a certificate from the CA, asking for optional client certificates."""
+    cert_path, key_path = data / "server.pem", data / "server.key"
+    names = [host] if host not in ("0.0.0.0", "::", "") else []
+    if not key_path.exists() or not _server_certificate_fits(cert_path, names, now):
+        credentials = authority.issue_server_certificate(now, names)
+        cert_path.write_text(credentials.certificate_pem)
+        ca_module.write_private(key_path, credentials.key_pem)
+    ca_module.check_private(key_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_path, key_path)
+    # Mutual TLS for whoami: a client may show a certificate from our CA.
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cadata=authority.certificate_pem)
+    return context
+
+
+def _server_certificate_fits(path: Path, names: list[str], now: datetime) -> bool:
+    from cryptography import x509
+
+    if not path.exists():
+        return False
+    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    present = {str(name.value) for name in sans}
+    return set(names) <= present and certificate.not_valid_after_utc - now > timedelta(days=30)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """The command line, as a ``Config``."""
+    defaults = Config()
+    parser = argparse.ArgumentParser(description="Serve the client registry over HTTPS.")
+    add = parser.add_argument
+    add("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    add("--port", type=int, default=defaults.port, help="port (default %(default)s; 0 picks a free one)")
+    add("--data-dir", type=Path, default=defaults.data_dir, help="database, CA and keys (default %(default)s)")
+    add("--http", action="store_true", help="serve plain HTTP (behind a TLS proxy, or for tests)")
+    add(
+        "--admin-token",
+        default=os.environ.get("REGISTRY_ADMIN_TOKEN"),
+        help="administrator token (default: $REGISTRY_ADMIN_TOKEN, else made once and kept in the data folder)",
+    )
+    add("--unlock-minutes", type=float, default=defaults.unlock_minutes, help="unlock window (default %(default)s)")
+    add(
+        "--retry-after",
+        type=int,
+        default=defaults.retry_after,
+        help="Retry-After seconds of a 202 (default %(default)s)",
+    )
+    add(
+        "--cert-days",
+        type=int,
+        default=defaults.cert_days,
+        help="validity of client certificates (default %(default)s)",
+    )
+    add("--roles", type=Path, help="JSON file of the role catalog (default: one role, 'minimum')")
+    add("--max-body", type=int, default=defaults.max_body, help="largest body in bytes (default %(default)s)")
+    add(
+        "--retention-hours",
+        type=float,
+        default=defaults.retention_hours,
+        help="how long pending and denied requests are kept (default %(default)s)",
+    )
+    add(
+        "--timeout",
+        type=float,
+        default=defaults.timeout,
+        help="seconds a connection may stay silent (default %(default)s)",
+    )
+    add(
+        "--rate-limit",
+        type=int,
+        default=defaults.rate_limit,
+        help="new requests per client address per minute; 0 is no limit (default %(default)s)",
+    )
+    add(
+        "--max-pending",
+        type=int,
+        default=defaults.max_pending,
+        help="most pending requests kept; beyond, new ones get 503 (default %(default)s)",
+    )
+    add("--log-level", default=defaults.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default %(default)s)")  # fmt: skip
+    args = parser.parse_args(argv)
+    return Config(**{name: value for name, value in vars(args).items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the server; Ctrl-C or SIGTERM stops it."""
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = build(config)
+    except (OSError, ValueError) as error:
+        sys.exit(f"server.py: cannot start: {error}")
+    token = admin_token(config)
+    print(f"Client registry at {server.url}/api/client-registry (data in {config.data_dir})", flush=True)
+    if not config.admin_token:
+        print(f"Administrator token: {token}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.app.core.close()
+        log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()
