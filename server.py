@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import hmac
+import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -69,6 +70,7 @@ class Config:
     max_body: int = 64 * 1024
     retention_hours: float = 24
     timeout: float = 10
+    max_connections: int = 256
     rate_limit: int = 0
     max_pending: int = 100_000
     log_level: str = "INFO"
@@ -313,7 +315,7 @@ def _basic_credentials(request: Request) -> tuple[str, str]:
         raise registry.Unauthorized("authenticate with HTTP Basic or your client certificate", headers=challenge)
     try:
         username, colon, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64, not ASCII, not UTF-8
         raise registry.Unauthorized("the Basic credentials are not base64 of 'username:password'") from None
     if not colon:
         raise registry.Unauthorized("the Basic credentials are not base64 of 'username:password'")
@@ -332,6 +334,14 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.config.timeout
         super().setup()
+        self._reader = DeadlineReader(self.connection, "rb")
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # A whole request, from its first byte to its last, arrives within
+        # the timeout: a client trickling a byte a second cannot hold a thread.
+        self._reader.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
 
     def do_request(self) -> None:
         started = time.perf_counter()
@@ -391,6 +401,7 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def _write(self, response: Response) -> None:
+        self.connection.settimeout(self.timeout)
         self.send_response_only(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -418,6 +429,19 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s: " + format, self.client_address[0], *args)
 
 
+class DeadlineReader(socket.SocketIO):
+    """Socket reads that fail once the request's deadline has passed."""
+
+    deadline = math.inf
+
+    def readinto(self, buffer: Any) -> int | None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request took too long to arrive")
+        self._sock.settimeout(min(remaining, self._sock.gettimeout() or remaining))
+        return super().readinto(buffer)
+
+
 def _framing_error(status: HTTPStatus, message: str) -> Response:
     return Response.json(status, {"error": "bad_framing", "message": message})
 
@@ -438,7 +462,22 @@ class RegistryServer(ThreadingHTTPServer):
         self.config = config
         self.app = app
         self.tls = tls
+        self._slots = threading.BoundedSemaphore(config.max_connections)
         super().__init__((config.host, config.port), Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One thread a connection, and no more threads than slots.
+        if not self._slots.acquire(blocking=False):
+            log.warning("closing a connection from %s: %d are open", client_address[0], self.config.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is not None:
