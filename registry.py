@@ -92,6 +92,7 @@ PERMISSION_FIELDS = frozenset({"resource", "operation", "context"})
 # cryptography's ``EllipticCurve.name``).
 ACCEPTED_CURVES = frozenset({"secp256r1", "secp384r1"})
 MIN_RSA_BITS = 2048
+POLL_FLUSH_SECONDS = 1.0
 
 
 # --- Errors ---------------------------------------------------------------
@@ -627,10 +628,13 @@ class Registry:
         self._csrs: collections.OrderedDict[bytes, CsrInfo] = collections.OrderedDict()
         self._new_requests: dict[str, collections.deque[float]] = {}
         self._auth_failures: dict[str, collections.deque[float]] = {}
+        self._polls: dict[str, tuple[float, int, str]] = {}
+        self._polls_flushed_at = clock().timestamp()
 
     def close(self) -> None:
-        """Close the database."""
+        """Write what is counted in memory and close the database."""
         with self._lock:
+            self._save_polls()
             self._db.close()
 
     # --- The client's request (SPEC section 2) ----------------------------
@@ -708,10 +712,7 @@ class Registry:
                 f"a different request for {name!r} is pending: poll with the same request",
                 code="duplicate_request",
             )
-        self._db.execute(
-            "UPDATE requests SET last_poll_at = ?, poll_count = poll_count + 1, client_address = ? WHERE username = ?",
-            (now, address, name),
-        )
+        self._record_poll(name, address, now)
         return self._pending_outcome(name, row["pairing_id"])
 
     def _matches(self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row) -> bool:
@@ -1031,7 +1032,30 @@ class Registry:
     # --- Storage ----------------------------------------------------------
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._flush_polls)
+
+    def _record_poll(self, name: str, address: str, now: float) -> None:
+        # A poll is the hot path: it is counted in memory and written with
+        # the next transaction, or within a second (``POLL_FLUSH_SECONDS``).
+        _, count, _ = self._polls.get(name, (0.0, 0, ""))
+        self._polls[name] = (now, count + 1, address)
+        if abs(now - self._polls_flushed_at) >= POLL_FLUSH_SECONDS:
+            self._save_polls()
+
+    def _save_polls(self) -> None:
+        with self._transaction():
+            pass  # a transaction writes the counted polls first
+
+    def _flush_polls(self) -> None:
+        """Write the polls counted in memory; call within a transaction."""
+        if self._polls:
+            self._db.executemany(
+                "UPDATE requests SET last_poll_at = ?, poll_count = poll_count + ?, client_address = ?"
+                " WHERE username = ? AND state = 'pending'",
+                [(at, count, address, name) for name, (at, count, address) in self._polls.items()],
+            )
+            self._polls.clear()
+        self._polls_flushed_at = self.clock().timestamp()
 
     def _request_row(self, username: str, now: float) -> sqlite3.Row | None:
         """The live request for ``username``; an expired one counts as gone."""
@@ -1074,13 +1098,15 @@ class Registry:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on an error."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on an error; it writes the counted polls first."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, first: Callable[[], None]) -> None:
         self._db = db
+        self._first = first
 
     def __enter__(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
+        self._first()
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
