@@ -1,0 +1,1170 @@
+"""The executable spec of ``registry.py``: SPEC sections 1 to 6, rule by rule.
+
+Every test drives the sans-IO core directly, with the fake clock of
+``conftest.py``: no sockets, no sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import warnings
+from datetime import datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+import ca
+import registry
+from conftest import FAST, START, assert_issued_from, make_csr, make_key
+
+PASSWORD = "correct horse battery staple"
+READ_TELEMETRY = {"resource": "plant/+/telemetry/#", "operation": "read", "context": "mqtt"}
+WRITE_COMMANDS = {"resource": "/api/commands", "operation": "write", "context": "http"}
+PAIRING_ID = re.compile(r"[0-9a-f]{6}")
+
+
+# --- Helpers -----------------------------------------------------------------
+
+
+def password_request(username: str = "sensor-0001", password: str = PASSWORD, **fields: object) -> dict:
+    """A client's request with a password; ``fields`` adds or replaces fields."""
+    return {"username": username, "password": password, **fields}
+
+
+def csr_request(username: str = "sensor-0001", key: object = None, **fields: object) -> dict:
+    """A client's request with a CSR for ``username`` (a new EC key unless given)."""
+    return {"username": username, "csr": make_csr(username, key), **fields}
+
+
+def csr_with_empty_common_name() -> str:
+    """A CSR whose subject holds a CN of zero characters, which cryptography builds only when told not to check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "", _validate=False)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(make_key(), hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def csr_with_broken_signature(username: str) -> str:
+    """A CSR for ``username`` whose last signature byte is flipped: no proof of possession (RFC 2986 section 3)."""
+    csr = x509.load_pem_x509_csr(make_csr(username).encode())
+    der = bytearray(csr.public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01
+    return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def unordered(permissions: list[dict]) -> set[tuple]:
+    """Permissions compared without their order, which is immaterial (SPEC section 2.4)."""
+    return {tuple(sorted(p.items())) for p in permissions}
+
+
+def snapshot(reg: registry.Registry) -> tuple:
+    """Everything an administrator can see of a registry."""
+    return reg.status(), reg.requests(), reg.users(), reg.audit()
+
+
+def request_of(reg: registry.Registry, username: str) -> dict:
+    """The administrator's listing of the one stored request for ``username``."""
+    [listed] = [r for r in reg.requests() if r["username"] == username]
+    return listed
+
+
+def certificate_der(pem: str) -> bytes:
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+
+
+def approved(reg: registry.Registry, payload: dict, body: object = None) -> registry.Outcome:
+    """Store ``payload`` as a request, approve it with ``body``, and fetch the 201."""
+    assert reg.register(payload).status == 202
+    reg.approve(payload["username"], body)
+    return reg.register(payload)
+
+
+class _AnyPairingId:
+    """Equal to any pairing id of six hex digits, for comparing whole bodies."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and PAIRING_ID.fullmatch(other) is not None
+
+    def __repr__(self) -> str:
+        return "<six hex digits>"
+
+
+ANY_PAIRING_ID = _AnyPairingId()
+
+
+@pytest.fixture
+def open_reg(reg: registry.Registry) -> registry.Registry:
+    """The ``reg`` fixture, unlocked for the default five minutes."""
+    reg.unlock()
+    return reg
+
+
+# --- The whole lifecycle -----------------------------------------------------
+
+
+def test_lifecycle_of_a_sensor_that_asks_for_a_certificate(reg, clock, authority):
+    # A sensor makes a key and asks for a certificate for its name, with the
+    # rights it needs and a note for the administrator.
+    key = make_key()
+    request = csr_request("sensor-0003", key, roles=["minimum"], permissions=[READ_TELEMETRY], context="boiler room")
+
+    # The registry starts locked: the sensor is told to come back in 30 s,
+    # and nothing is stored.
+    with pytest.raises(registry.Locked) as locked:
+        reg.register(request, "10.0.0.7")
+    assert locked.value.status == 423
+    assert locked.value.code == "locked"
+    assert locked.value.headers == {"Retry-After": "30"}
+    assert reg.requests() == []
+
+    # The administrator opens the registry, for the default five minutes.
+    status = reg.unlock()
+    assert status["locked"] is False
+    assert datetime.fromisoformat(status["unlockedUntil"]) == START + timedelta(minutes=5)
+
+    # The sensor asks again: its request is stored, and it is told to poll
+    # in 5 s, with a pairing id to show in its log.
+    first = reg.register(request, "10.0.0.7")
+    assert first.status == 202
+    assert first.headers == {"Retry-After": "5"}
+    pairing_id = first.body["pairingId"]
+    assert PAIRING_ID.fullmatch(pairing_id)
+    assert first.body == {"status": "pending", "username": "sensor-0003", "pairingId": pairing_id}
+
+    # It polls by sending the very same request: pending still, and the
+    # registry counts the poll.
+    clock.advance(seconds=5)
+    poll = reg.register(request, "10.0.0.7")
+    assert (poll.status, poll.body, poll.headers) == (202, first.body, first.headers)
+    assert request_of(reg, "sensor-0003")["pollCount"] == 1
+    clock.advance(seconds=5)
+    reg.register(request, "10.0.0.7")
+
+    # The administrator lists it, and sees the pairing id the sensor logged.
+    [listed] = reg.requests()
+    assert listed["username"] == "sensor-0003"
+    assert listed["state"] == "pending"
+    assert listed["pairingId"] == pairing_id
+    assert listed["method"] == "csr"
+    assert listed["roles"] == ["minimum"]
+    assert listed["permissions"] == [READ_TELEMETRY]
+    assert listed["context"] == "boiler room"
+    assert listed["clientAddress"] == "10.0.0.7"
+    assert listed["pollCount"] == 2
+    assert datetime.fromisoformat(listed["createdAt"]) == START
+    assert datetime.fromisoformat(listed["lastPollAt"]) == START + timedelta(seconds=10)
+    assert reg.status()["pending"] == 1
+
+    # The administrator approves it: the CSR is signed and a user exists.
+    reg.approve("sensor-0003")
+    assert [user["username"] for user in reg.users()] == ["sensor-0003"]
+    assert reg.status()["pending"] == 0
+
+    # The next poll gets 201 with the certificate and the CA that signed it.
+    clock.advance(seconds=5)
+    admitted = reg.register(request, "10.0.0.7")
+    assert admitted.status == 201
+    assert admitted.body["status"] == "approved"
+    assert admitted.body["username"] == "sensor-0003"
+    assert admitted.body["roles"] == ["minimum"]
+    assert admitted.body["permissions"] == [READ_TELEMETRY]
+    assert_issued_from(request["csr"], admitted.body["certificate"], authority)
+    assert admitted.body["caCertificate"] == authority.certificate_pem
+
+    # The answer was lost: the same request fetches the same certificate.
+    again = reg.register(request, "10.0.0.7")
+    assert (again.status, again.body) == (201, admitted.body)
+
+    # Another client claims the name with another credential: the name is taken.
+    with pytest.raises(registry.Conflict) as taken:
+        reg.register(password_request("sensor-0003"))
+    assert taken.value.status == 409
+    assert taken.value.code == "username_taken"
+    assert taken.value.body()["error"] == "username_taken"
+
+
+# --- SPEC section 2: the outcomes, rule by rule ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        pytest.param([], "JSON object", id="a list"),
+        pytest.param("sensor-0001", "JSON object", id="a string"),
+        pytest.param(None, "JSON object", id="null"),
+        pytest.param({"password": PASSWORD}, "'username' is required", id="no username"),
+        pytest.param({"username": 7, "password": PASSWORD}, "'username' must be a string", id="username a number"),
+        pytest.param(password_request(password=12345), "'password' must be a string", id="password a number"),
+        pytest.param(password_request(colour="red"), "unknown field 'colour'", id="unknown field"),
+        pytest.param({"username": "sensor-0001"}, "exactly one of", id="neither password nor csr"),
+        pytest.param(password_request(csr=make_csr("sensor-0001")), "exactly one of", id="both password and csr"),
+        pytest.param(password_request(roles="minimum"), "'roles' must be a list", id="roles a string"),
+        pytest.param(password_request(roles=["minimum", 1]), "'roles' must be a list", id="a role a number"),
+        pytest.param(password_request(permissions=READ_TELEMETRY), "'permissions' must be a list", id="one object"),
+        pytest.param(password_request(permissions=["read"]), "must be an object", id="permission a string"),
+        pytest.param(
+            password_request(permissions=[{"resource": "a/b", "operation": "read"}]),
+            "exactly the fields",
+            id="permission without context",
+        ),
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "qos": 1}]),
+            "exactly the fields",
+            id="permission with an extra field",
+        ),
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "operation": "delete"}]),
+            "operation",
+            id="unknown operation",
+        ),
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "context": "coap"}]), "context", id="unknown context"
+        ),
+        pytest.param(
+            password_request(permissions=[{**WRITE_COMMANDS, "resource": "api/commands"}]),
+            "start with '/'",
+            id="http resource without a slash",
+        ),
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "resource": ""}]), "non-empty", id="empty resource"
+        ),
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "resource": 42}]), "non-empty", id="resource a number"
+        ),
+        # MQTT 3.1.1 section 4.7.1: a wildcard takes a whole topic level, and '#' only the last.
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "resource": "plant/#/x"}]),
+            "topic filter",
+            id="mqtt # before the last level",
+        ),
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "resource": "plant/a+"}]),
+            "topic filter",
+            id="mqtt + inside a level",
+        ),
+        pytest.param(password_request(context=["boiler room"]), "'context' must be a string", id="context a list"),
+        pytest.param(password_request(context="x" * 1025), "more than 1024", id="context too long"),
+        pytest.param({"username": "sensor-0001", "csr": "hello"}, "PKCS#10", id="csr not PEM"),
+        pytest.param(
+            {"username": "sensor-0001", "csr": csr_with_broken_signature("sensor-0001")},
+            "signature",
+            id="csr signature does not verify",
+        ),
+        pytest.param({"username": "sensor-0001", "csr": make_csr(None)}, "no Common Name", id="csr without CN"),
+        pytest.param(
+            {"username": "sensor-0001", "csr": csr_with_empty_common_name()},
+            "no Common Name",
+            id="csr with empty CN",
+            # cryptography warns as it reads the CN it would not have built.
+            marks=pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning"),
+        ),
+        pytest.param(
+            {"username": "sensor-0001", "csr": make_csr("sensor-0002")}, "is not the username", id="csr for another CN"
+        ),
+        pytest.param(
+            {"username": "sensor-0001", "csr": make_csr("Sensor-0001")}, "is not the username", id="CN differs in case"
+        ),
+    ],
+)
+def test_a_malformed_request_gets_400(open_reg, payload, problem):
+    with pytest.raises(registry.MalformedRequest) as refused:
+        open_reg.register(payload)
+    assert refused.value.status == 400
+    assert refused.value.body() == {"error": "malformed_request", "message": refused.value.message}
+    assert problem in refused.value.message
+    assert open_reg.requests() == []
+
+
+def test_a_request_with_several_problems_lists_each_in_details(open_reg):
+    with pytest.raises(registry.MalformedRequest) as refused:
+        open_reg.register({"password": 12345, "colour": "red"})
+    details = refused.value.body()["details"]
+    assert len(details) == 3
+    assert any("'username' is required" in d for d in details)
+    assert any("'password' must be a string" in d for d in details)
+    assert any("unknown field 'colour'" in d for d in details)
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        pytest.param(password_request("ab"), "3 to 64", id="username of 2"),
+        pytest.param(password_request("a" * 65), "3 to 64", id="username of 65"),
+        pytest.param(password_request(""), "3 to 64", id="empty username"),
+        pytest.param(password_request("-sensor"), "starting with", id="username starts with a hyphen"),
+        pytest.param(password_request(".sensor"), "starting with", id="username starts with a dot"),
+        pytest.param(password_request("sensor 01"), "3 to 64", id="username with a space"),
+        pytest.param(password_request("sensör-01"), "3 to 64", id="username not ASCII"),
+        pytest.param(password_request("sensor\n"), "3 to 64", id="username with a trailing newline"),
+        pytest.param(password_request(password="1234"), "5 to 1024", id="password of 4"),
+        pytest.param(password_request(password="x" * 1025), "5 to 1024", id="password of 1025"),
+        pytest.param(password_request(roles=["admin"]), "role 'admin'", id="role not in the catalog"),
+        pytest.param(csr_request(key=make_key("rsa1024")), "RSA 1024-bit", id="RSA 1024"),
+        pytest.param(csr_request(key=make_key("p521")), "secp521r1", id="EC P-521"),
+    ],
+)
+def test_a_request_against_policy_gets_422(open_reg, payload, problem):
+    with pytest.raises(registry.PolicyViolation) as refused:
+        open_reg.register(payload)
+    assert refused.value.status == 422
+    assert refused.value.code == "policy_violation"
+    assert problem in refused.value.message
+    assert open_reg.requests() == []
+
+
+def test_a_request_that_breaks_several_policy_rules_lists_each_in_details(open_reg):
+    with pytest.raises(registry.PolicyViolation) as refused:
+        open_reg.register(password_request("ab", "1234", roles=["admin"]))
+    assert len(refused.value.body()["details"]) == 3
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(password_request("sensor-0003"), id="hyphen in the username"),
+        pytest.param(password_request("s_1.x"), id="dot and underscore"),
+        pytest.param(password_request("abc"), id="username of 3"),
+        pytest.param(password_request("a" * 64), id="username of 64"),
+        pytest.param(password_request(password="12345"), id="password of 5"),
+        pytest.param(password_request(password="x" * 1024), id="password of 1024"),
+        pytest.param(password_request(roles=["minimum", "operator"]), id="roles in the catalog"),
+        pytest.param(password_request(context="x" * 1024), id="context of 1024"),
+        pytest.param(password_request(permissions=[READ_TELEMETRY, WRITE_COMMANDS]), id="permissions"),
+        pytest.param(
+            password_request(permissions=[{**READ_TELEMETRY, "resource": r} for r in ("#", "+", "+/+/x", "a/b")]),
+            id="mqtt wildcards",
+        ),
+        pytest.param(csr_request(key=make_key("ec")), id="EC P-256"),
+        pytest.param(csr_request(key=make_key("p384")), id="EC P-384"),
+        pytest.param(csr_request(key=make_key("ed25519")), id="Ed25519"),
+        pytest.param(csr_request(key=make_key("rsa")), id="RSA 2048"),
+    ],
+)
+def test_a_request_within_policy_is_stored_as_pending(open_reg, payload):
+    outcome = open_reg.register(payload)
+    assert outcome.status == 202
+    assert outcome.headers == {"Retry-After": "5"}
+    assert outcome.body == {"status": "pending", "username": payload["username"], "pairingId": ANY_PAIRING_ID}
+    assert request_of(open_reg, payload["username"])["state"] == "pending"
+
+
+def test_the_pairing_id_of_a_csr_is_derived_from_its_public_key(open_reg):
+    key = make_key()
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    outcome = open_reg.register(csr_request("sensor-0001", key))
+    assert outcome.body["pairingId"] == digest.finalize().hex()[:6]
+
+
+def test_a_new_request_while_locked_gets_423_and_nothing_is_stored(reg):
+    with pytest.raises(registry.Locked) as refused:
+        reg.register(password_request())
+    assert refused.value.status == 423
+    assert refused.value.headers == {"Retry-After": "30"}
+    assert refused.value.body()["error"] == "locked"
+    assert reg.requests() == []
+    assert reg.status()["pending"] == 0
+
+
+def test_retry_after_comes_from_the_settings(clock, authority):
+    settings = registry.Settings(scrypt_n=16, retry_after_pending=7, retry_after_locked=60)
+    reg = registry.Registry(clock=clock, ca=authority, settings=settings)
+    with pytest.raises(registry.Locked) as refused:
+        reg.register(password_request())
+    assert refused.value.headers == {"Retry-After": "60"}
+    reg.unlock()
+    assert reg.register(password_request()).headers == {"Retry-After": "7"}
+    reg.close()
+
+
+# --- SPEC section 2: the order of the checks ---------------------------------
+
+
+def test_malformed_and_locked_gets_400(reg):
+    with pytest.raises(registry.MalformedRequest):
+        reg.register(password_request(colour="red"))
+
+
+def test_against_policy_and_locked_gets_422(reg):
+    with pytest.raises(registry.PolicyViolation):
+        reg.register(password_request("ab"))
+
+
+def test_malformed_and_against_policy_gets_400(open_reg):
+    with pytest.raises(registry.MalformedRequest) as refused:
+        open_reg.register(password_request("ab", "1234", colour="red"))
+    assert "colour" in refused.value.message
+
+
+def test_a_csr_for_another_cn_with_an_unaccepted_key_gets_400(open_reg):
+    with pytest.raises(registry.MalformedRequest):
+        open_reg.register({"username": "sensor-0001", "csr": make_csr("sensor-0002", make_key("p521"))})
+
+
+def test_a_malformed_request_for_a_pending_username_gets_400(open_reg):
+    open_reg.register(password_request())
+    with pytest.raises(registry.MalformedRequest):
+        open_reg.register(password_request(colour="red"))
+
+
+def test_a_request_against_policy_for_an_approved_username_gets_422(open_reg):
+    approved(open_reg, password_request())
+    with pytest.raises(registry.PolicyViolation):
+        open_reg.register(password_request(roles=["admin"]))
+
+
+def test_a_pending_request_still_polls_while_locked(open_reg):
+    first = open_reg.register(password_request())
+    open_reg.lock()
+    poll = open_reg.register(password_request())
+    assert (poll.status, poll.body, poll.headers) == (202, first.body, {"Retry-After": "5"})
+    assert request_of(open_reg, "sensor-0001")["pollCount"] == 1
+
+
+def test_an_approved_request_gets_201_again_while_locked(open_reg):
+    admitted = approved(open_reg, password_request())
+    open_reg.lock()
+    again = open_reg.register(password_request())
+    assert (again.status, again.body) == (201, admitted.body)
+
+
+def test_a_denied_request_gets_403_with_the_reason(open_reg):
+    open_reg.register(password_request())
+    open_reg.deny("sensor-0001", {"reason": "not one of ours"})
+    with pytest.raises(registry.Denied) as refused:
+        open_reg.register(password_request())
+    assert refused.value.status == 403
+    assert refused.value.body()["error"] == "denied"
+    assert refused.value.body()["reason"] == "not one of ours"
+
+
+def test_a_denied_request_gets_403_while_locked(open_reg):
+    open_reg.register(password_request())
+    open_reg.deny("sensor-0001")
+    open_reg.lock()
+    with pytest.raises(registry.Denied):
+        open_reg.register(password_request())
+
+
+def test_a_different_request_for_a_denied_username_gets_409(open_reg):
+    open_reg.register(password_request())
+    open_reg.deny("sensor-0001")
+    with pytest.raises(registry.Conflict) as refused:
+        open_reg.register(password_request(password="another password"))
+    assert refused.value.status == 409
+    assert request_of(open_reg, "sensor-0001")["state"] == "denied"
+
+
+def test_a_different_request_for_an_approved_username_gets_409_username_taken(open_reg):
+    approved(open_reg, password_request())
+    with pytest.raises(registry.Conflict) as refused:
+        open_reg.register(password_request(roles=["operator"]))
+    assert refused.value.code == "username_taken"
+
+
+@pytest.mark.parametrize(
+    "differing",
+    [
+        pytest.param(password_request(password="another password"), id="another password"),
+        pytest.param(password_request(roles=["minimum", "operator"]), id="another role"),
+        pytest.param(password_request(roles=[]), id="no roles"),
+        pytest.param(password_request(roles=["minimum"], permissions=[READ_TELEMETRY]), id="fewer permissions"),
+        pytest.param(
+            password_request(
+                roles=["minimum"], permissions=[{**READ_TELEMETRY, "operation": "readWrite"}, WRITE_COMMANDS]
+            ),
+            id="another operation",
+        ),
+        pytest.param(csr_request(roles=["minimum"], permissions=[READ_TELEMETRY, WRITE_COMMANDS]), id="a csr"),
+    ],
+)
+def test_a_different_request_for_a_pending_username_gets_409_duplicate_request(open_reg, differing):
+    original = password_request(roles=["minimum"], permissions=[READ_TELEMETRY, WRITE_COMMANDS])
+    open_reg.register(original)
+    with pytest.raises(registry.Conflict) as refused:
+        open_reg.register(differing)
+    assert refused.value.status == 409
+    assert refused.value.code == "duplicate_request"
+    assert request_of(open_reg, "sensor-0001")["pollCount"] == 0
+
+
+def test_a_csr_with_another_key_for_a_pending_username_gets_409(open_reg):
+    open_reg.register(csr_request("sensor-0001"))
+    with pytest.raises(registry.Conflict) as refused:
+        open_reg.register(csr_request("sensor-0001"))
+    assert refused.value.code == "duplicate_request"
+
+
+def test_a_new_csr_for_the_same_key_is_a_poll(open_reg):
+    key = make_key()
+    first = open_reg.register(csr_request("sensor-0001", key))
+    # ECDSA signatures are randomised: the second CSR text differs, its key does not.
+    second_request = csr_request("sensor-0001", key)
+    poll = open_reg.register(second_request)
+    assert (poll.status, poll.body) == (202, first.body)
+
+
+def test_context_takes_no_part_in_matching(open_reg):
+    first = open_reg.register(password_request(context="boiler room"))
+    poll = open_reg.register(password_request(context="roof, next to the antenna"))
+    assert (poll.status, poll.body) == (202, first.body)
+    assert open_reg.register(password_request()).status == 202
+    assert request_of(open_reg, "sensor-0001")["context"] == "boiler room"
+
+
+def test_the_order_of_roles_and_permissions_takes_no_part_in_matching(open_reg):
+    first = open_reg.register(
+        password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY, WRITE_COMMANDS])
+    )
+    poll = open_reg.register(
+        password_request(roles=["operator", "minimum"], permissions=[WRITE_COMMANDS, READ_TELEMETRY])
+    )
+    assert (poll.status, poll.body) == (202, first.body)
+
+
+# --- SPEC section 3: the lock ------------------------------------------------
+
+
+def test_the_registry_starts_locked(reg):
+    assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 0}
+
+
+def test_the_window_closes_by_itself_after_five_minutes(reg, clock):
+    reg.unlock()
+    clock.advance(minutes=5, milliseconds=-1)
+    assert reg.status()["locked"] is False
+    assert reg.register(password_request("sensor-0001")).status == 202
+    clock.advance(milliseconds=1)
+    assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 1}
+    with pytest.raises(registry.Locked):
+        reg.register(password_request("sensor-0002"))
+
+
+def test_an_unlock_while_open_starts_a_new_window_from_now(reg, clock):
+    reg.unlock()
+    clock.advance(minutes=4)
+    status = reg.unlock()
+    assert datetime.fromisoformat(status["unlockedUntil"]) == START + timedelta(minutes=9)
+    clock.advance(minutes=4, seconds=59)
+    assert reg.register(password_request()).status == 202
+    clock.advance(seconds=1)
+    assert reg.status()["locked"] is True
+
+
+def test_lock_closes_the_registry_at_once(reg):
+    reg.unlock()
+    assert reg.lock() == {"locked": True, "unlockedUntil": None, "pending": 0}
+    with pytest.raises(registry.Locked):
+        reg.register(password_request())
+
+
+def test_unlock_takes_a_duration_in_milliseconds(reg, clock):
+    status = reg.unlock({"duration": 90_000})
+    assert datetime.fromisoformat(status["unlockedUntil"]) == START + timedelta(seconds=90)
+    clock.advance(seconds=90)
+    assert reg.status()["locked"] is True
+
+
+def test_unlock_accepts_the_longest_duration_of_the_settings(reg):
+    status = reg.unlock({"duration": 24 * 60 * 60 * 1000})
+    assert datetime.fromisoformat(status["unlockedUntil"]) == START + timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"duration": 0}, id="zero"),
+        pytest.param({"duration": -1000}, id="negative"),
+        pytest.param({"duration": 1.5}, id="a fraction"),
+        pytest.param({"duration": "60000"}, id="a string"),
+        pytest.param({"duration": True}, id="a boolean"),
+        pytest.param({"duration": None}, id="null"),
+        pytest.param({"duration": 24 * 60 * 60 * 1000 + 1}, id="longer than the longest"),
+        pytest.param({"duration": 60_000, "reason": "maintenance"}, id="an extra field"),
+        pytest.param({"minutes": 5}, id="another field"),
+        pytest.param([60_000], id="a list"),
+    ],
+)
+def test_unlock_with_a_bad_duration_gets_400_and_stays_locked(reg, body):
+    with pytest.raises(registry.MalformedRequest) as refused:
+        reg.unlock(body)
+    assert refused.value.status == 400
+    assert reg.status()["locked"] is True
+
+
+def test_the_lock_window_survives_reopening_the_database(tmp_path, clock, authority):
+    database = str(tmp_path / "registry.db")
+    first = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
+    opened = first.unlock()
+    first.close()
+
+    reopened = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
+    assert reopened.status() == opened
+    clock.advance(minutes=5)
+    assert reopened.status()["locked"] is True
+    reopened.unlock()
+    reopened.lock()
+    reopened.close()
+
+    again = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
+    assert again.status()["locked"] is True
+    again.close()
+
+
+# --- Retention ---------------------------------------------------------------
+
+
+def test_a_pending_request_is_forgotten_after_the_retention_period(open_reg, clock):
+    open_reg.register(password_request())
+    clock.advance(hours=24, seconds=-1)
+    assert request_of(open_reg, "sensor-0001")["state"] == "pending"
+    assert open_reg.status()["pending"] == 1
+    clock.advance(seconds=1)
+    assert open_reg.requests() == []
+    assert open_reg.status()["pending"] == 0
+    with pytest.raises(registry.NotFound):
+        open_reg.approve("sensor-0001")
+
+
+def test_an_expired_pending_request_no_longer_answers_a_poll(open_reg, clock):
+    open_reg.register(password_request())
+    clock.advance(hours=24)
+    with pytest.raises(registry.Locked):
+        open_reg.register(password_request())
+
+
+def test_after_a_pending_request_expires_the_username_may_register_anew(open_reg, clock):
+    first = open_reg.register(password_request())
+    clock.advance(hours=25)
+    open_reg.unlock()
+    again = open_reg.register(password_request(password="a new password", roles=["operator"]))
+    assert again.status == 202
+    assert again.body["pairingId"] != first.body["pairingId"]
+    listed = request_of(open_reg, "sensor-0001")
+    assert (listed["roles"], listed["pollCount"]) == (["operator"], 0)
+    assert datetime.fromisoformat(listed["createdAt"]) == START + timedelta(hours=25)
+
+
+def test_a_denied_request_is_forgotten_after_the_retention_period(open_reg, clock):
+    open_reg.register(password_request())
+    open_reg.deny("sensor-0001", {"reason": "unknown device"})
+    clock.advance(hours=24, seconds=1)
+    assert open_reg.requests() == []
+    open_reg.unlock()
+    assert open_reg.register(password_request()).status == 202
+
+
+def test_an_approved_request_is_kept_with_its_user(open_reg, clock):
+    admitted = approved(open_reg, password_request())
+    clock.advance(days=30)
+    assert request_of(open_reg, "sensor-0001")["state"] == "approved"
+    assert [user["username"] for user in open_reg.users()] == ["sensor-0001"]
+    again = open_reg.register(password_request())
+    assert (again.status, again.body) == (201, admitted.body)
+
+
+# --- SPEC section 4: the administrator's decisions ---------------------------
+
+
+def test_a_denied_client_learns_the_reason_and_the_listing_shows_it(open_reg):
+    open_reg.register(password_request())
+    denied = open_reg.deny("sensor-0001", {"reason": "not on the plant list"})
+    assert (denied["state"], denied["reason"]) == ("denied", "not on the plant list")
+    assert request_of(open_reg, "sensor-0001")["state"] == "denied"
+    assert open_reg.users() == []
+    with pytest.raises(registry.Denied) as refused:
+        open_reg.register(password_request())
+    assert refused.value.body()["reason"] == "not on the plant list"
+
+
+def test_a_deny_without_a_reason_still_denies(open_reg):
+    open_reg.register(password_request())
+    open_reg.deny("sensor-0001")
+    with pytest.raises(registry.Denied) as refused:
+        open_reg.register(password_request())
+    assert refused.value.status == 403
+
+
+def test_an_approval_may_narrow_the_rights_and_the_201_shows_what_was_granted(open_reg, authority):
+    request = csr_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY, WRITE_COMMANDS])
+    admitted = approved(open_reg, request, {"roles": ["minimum"], "permissions": [READ_TELEMETRY]})
+    assert admitted.status == 201
+    assert (admitted.body["roles"], admitted.body["permissions"]) == (["minimum"], [READ_TELEMETRY])
+    assert_issued_from(request["csr"], admitted.body["certificate"], authority)
+    [user] = open_reg.users()
+    assert (user["roles"], user["permissions"]) == (["minimum"], [READ_TELEMETRY])
+    # The client still repeats what it *requested*, and that is what matches.
+    listed = request_of(open_reg, "sensor-0001")
+    assert listed["roles"] == ["minimum", "operator"]
+    assert unordered(listed["permissions"]) == unordered([READ_TELEMETRY, WRITE_COMMANDS])
+
+
+def test_the_certificate_takes_nothing_from_the_csr_but_its_key(open_reg, authority):
+    key = make_key()
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "sensor-0001"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Evil")]
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("bank.example")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    admitted = approved(open_reg, {"username": "sensor-0001", "csr": csr})
+    certificate = assert_issued_from(csr, admitted.body["certificate"], authority)
+    with pytest.raises(x509.ExtensionNotFound):
+        certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+def test_an_approval_that_grants_nothing_grants_nothing(open_reg):
+    admitted = approved(open_reg, password_request(roles=["operator"]), {"roles": [], "permissions": []})
+    assert (admitted.body["roles"], admitted.body["permissions"]) == ([], [])
+
+
+def test_an_approval_with_a_role_outside_the_catalog_gets_422(open_reg):
+    open_reg.register(password_request())
+    with pytest.raises(registry.PolicyViolation):
+        open_reg.approve("sensor-0001", {"roles": ["root"]})
+    assert request_of(open_reg, "sensor-0001")["state"] == "pending"
+
+
+def test_the_administrator_decides_while_the_registry_is_locked(open_reg):
+    open_reg.register(password_request("sensor-0001"))
+    open_reg.register(password_request("sensor-0002"))
+    open_reg.lock()
+    open_reg.approve("sensor-0001")
+    open_reg.deny("sensor-0002")
+    assert [r["state"] for r in open_reg.requests()] == ["approved", "denied"]
+
+
+@pytest.mark.parametrize(
+    ("decided_by", "decision"),
+    [
+        pytest.param("approve", "approve", id="approve an approved request"),
+        pytest.param("approve", "deny", id="deny an approved request"),
+        pytest.param("approve", "forget", id="forget an approved request"),
+        pytest.param("deny", "approve", id="approve a denied request"),
+        pytest.param("deny", "deny", id="deny a denied request"),
+    ],
+)
+def test_deciding_a_request_that_is_not_pending_gets_409(open_reg, decided_by, decision):
+    open_reg.register(password_request())
+    getattr(open_reg, decided_by)("sensor-0001")
+    before = snapshot(open_reg)
+    with pytest.raises(registry.Conflict) as refused:
+        getattr(open_reg, decision)("sensor-0001")
+    assert refused.value.status == 409
+    assert refused.value.code == "not_pending"
+    assert snapshot(open_reg) == before
+
+
+@pytest.mark.parametrize("decision", ["approve", "deny", "forget", "remove_user"])
+def test_deciding_for_an_unknown_username_gets_404(open_reg, decision):
+    with pytest.raises(registry.NotFound) as refused:
+        getattr(open_reg, decision)("nobody")
+    assert refused.value.status == 404
+    assert refused.value.code == "not_found"
+
+
+def test_removing_a_user_whose_request_is_pending_gets_404(open_reg):
+    open_reg.register(password_request())
+    with pytest.raises(registry.NotFound):
+        open_reg.remove_user("sensor-0001")
+
+
+def test_forgetting_a_pending_request_frees_the_username(open_reg):
+    open_reg.register(password_request())
+    open_reg.forget("sensor-0001")
+    assert open_reg.requests() == []
+    assert open_reg.register(password_request(password="another password")).status == 202
+
+
+def test_forgetting_a_denied_request_frees_the_username(open_reg):
+    open_reg.register(password_request())
+    open_reg.deny("sensor-0001")
+    open_reg.forget("sensor-0001")
+    assert open_reg.register(password_request()).status == 202
+
+
+def test_after_remove_user_the_username_may_register_again(open_reg):
+    approved(open_reg, password_request())
+    open_reg.remove_user("sensor-0001")
+    assert open_reg.users() == []
+    assert open_reg.requests() == []
+    with pytest.raises(registry.Unauthorized):
+        open_reg.authenticate_password("sensor-0001", PASSWORD)
+    assert open_reg.register(password_request(password="another password")).status == 202
+
+
+# --- A rejected command changes nothing --------------------------------------
+
+
+def _register(payload: dict) -> object:
+    return lambda reg: reg.register(payload)
+
+
+REJECTED_COMMANDS = [
+    pytest.param(_register(password_request("fresh-0001", colour="red")), 400, id="register malformed"),
+    pytest.param(_register(password_request("fresh-0001", roles=["root"])), 422, id="register against policy"),
+    pytest.param(_register(password_request("fresh-0001")), 423, id="register while locked"),
+    pytest.param(_register(password_request("pending-1", "other password")), 409, id="register other for pending"),
+    pytest.param(_register(password_request("approved-1")), 409, id="register other for approved"),
+    pytest.param(_register(password_request("denied-1")), 403, id="register a denied request"),
+    pytest.param(_register(password_request("denied-1", "other password")), 409, id="register other for denied"),
+    pytest.param(lambda reg: reg.unlock({"duration": 0}), 400, id="unlock for no time"),
+    pytest.param(lambda reg: reg.approve("pending-1", {"roles": ["root"]}), 422, id="approve with unknown role"),
+    pytest.param(lambda reg: reg.approve("pending-1", {"roles": "minimum"}), 400, id="approve with a bad body"),
+    pytest.param(lambda reg: reg.approve("approved-1"), 409, id="approve an approved request"),
+    pytest.param(lambda reg: reg.approve("denied-1"), 409, id="approve a denied request"),
+    pytest.param(lambda reg: reg.approve("nobody"), 404, id="approve an unknown username"),
+    pytest.param(lambda reg: reg.deny("pending-1", {"reason": 42}), 400, id="deny with a bad reason"),
+    pytest.param(lambda reg: reg.deny("approved-1"), 409, id="deny an approved request"),
+    pytest.param(lambda reg: reg.forget("approved-1"), 409, id="forget an approved request"),
+    pytest.param(lambda reg: reg.forget("nobody"), 404, id="forget an unknown username"),
+    pytest.param(lambda reg: reg.remove_user("pending-1"), 404, id="remove a user that does not exist"),
+]
+
+
+@pytest.mark.parametrize(("command", "status"), REJECTED_COMMANDS)
+def test_a_rejected_command_changes_nothing(open_reg, command, status):
+    open_reg.register(password_request("pending-1"))
+    approved(open_reg, csr_request("approved-1"))
+    open_reg.register(password_request("denied-1"))
+    open_reg.deny("denied-1", {"reason": "unknown"})
+    open_reg.lock()
+    before = snapshot(open_reg)
+    with pytest.raises(registry.RegistryError) as refused:
+        command(open_reg)
+    assert refused.value.status == status
+    assert snapshot(open_reg) == before
+
+
+# --- SPEC section 6: storage -------------------------------------------------
+
+
+def test_reopening_the_database_keeps_requests_users_certificates_and_the_lock(tmp_path, clock, authority):
+    database = str(tmp_path / "registry.db")
+    first = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
+    first.unlock()
+    pending = first.register(password_request("sensor-0001"), "10.0.0.1")
+    denied_request = password_request("sensor-0002")
+    first.register(denied_request)
+    first.deny("sensor-0002", {"reason": "spare part"})
+    with_csr = csr_request("sensor-0003")
+    admitted = approved(first, with_csr)
+    before = snapshot(first)
+    first.close()
+
+    reopened = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
+    assert snapshot(reopened) == before
+    # The poll is checked against the stored scrypt hash: this process has never seen the password.
+    poll = reopened.register(password_request("sensor-0001"), "10.0.0.1")
+    assert (poll.status, poll.body) == (202, pending.body)
+    with pytest.raises(registry.Conflict):
+        reopened.register(password_request("sensor-0001", "a wrong password"))
+    with pytest.raises(registry.Denied) as refused:
+        reopened.register(denied_request)
+    assert refused.value.body()["reason"] == "spare part"
+    again = reopened.register(with_csr)
+    assert (again.status, again.body) == (201, admitted.body)
+    identity = reopened.authenticate_certificate(certificate_der(admitted.body["certificate"]))
+    assert identity.username == "sensor-0003"
+    reopened.approve("sensor-0001")
+    assert reopened.authenticate_password("sensor-0001", PASSWORD).username == "sensor-0001"
+    reopened.close()
+
+
+# --- Passwords ---------------------------------------------------------------
+
+
+def test_no_plain_password_reaches_the_database_file(tmp_path, clock, authority):
+    secret = "plain-text-secret-7f3a"
+    database = tmp_path / "registry.db"
+    reg = registry.Registry(str(database), clock=clock, ca=authority, settings=FAST)
+    reg.unlock()
+    reg.register(password_request("sensor-0001", secret))
+    reg.register(password_request("sensor-0001", secret))
+    reg.register(password_request("sensor-0002", secret))
+    reg.approve("sensor-0001")
+    reg.deny("sensor-0002")
+
+    def stored_bytes() -> bytes:
+        files = [database, *database.parent.glob("registry.db-*")]
+        return b"".join(path.read_bytes() for path in files)
+
+    assert b"sensor-0001" in stored_bytes()
+    assert secret.encode() not in stored_bytes()
+    reg.close()
+    assert secret.encode() not in stored_bytes()
+
+
+def test_no_plain_password_is_answered_or_listed(open_reg):
+    secret = "plain-text-secret-7f3a"
+    answers = [open_reg.register(password_request("sensor-0001", secret)).body]
+    open_reg.approve("sensor-0001")
+    answers.append(open_reg.register(password_request("sensor-0001", secret)).body)
+    with pytest.raises(registry.Conflict) as refused:
+        open_reg.register(password_request("sensor-0001", secret + "!"))
+    answers.append(refused.value.body())
+    seen = json.dumps([answers, open_reg.requests(), open_reg.users(), open_reg.audit()])
+    assert secret not in seen
+
+
+def test_authenticate_password_knows_the_right_password_from_a_wrong_one(open_reg):
+    approved(open_reg, password_request(roles=["operator"], permissions=[WRITE_COMMANDS]))
+    identity = open_reg.authenticate_password("sensor-0001", PASSWORD)
+    assert identity.to_json() == {
+        "username": "sensor-0001",
+        "roles": ["operator"],
+        "permissions": [WRITE_COMMANDS],
+        "method": "password",
+    }
+    with pytest.raises(registry.Unauthorized) as refused:
+        open_reg.authenticate_password("sensor-0001", PASSWORD + "!")
+    assert refused.value.status == 401
+    with pytest.raises(registry.Unauthorized):
+        open_reg.authenticate_password("nobody", PASSWORD)
+
+
+def test_a_pending_client_cannot_authenticate(open_reg):
+    open_reg.register(password_request())
+    with pytest.raises(registry.Unauthorized):
+        open_reg.authenticate_password("sensor-0001", PASSWORD)
+
+
+def test_failed_sign_ins_are_throttled_and_recover_after_the_window(open_reg, clock):
+    approved(open_reg, password_request())
+    for _ in range(open_reg.settings.max_auth_failures):
+        with pytest.raises(registry.Unauthorized):
+            open_reg.authenticate_password("sensor-0001", "a wrong password")
+        clock.advance(seconds=1)
+    # Now even the right password waits: the registry does not tell which guess was right.
+    with pytest.raises(registry.TooManyRequests) as refused:
+        open_reg.authenticate_password("sensor-0001", PASSWORD)
+    assert refused.value.status == 429
+    assert int(refused.value.headers["Retry-After"]) > 0
+    # Another username is not held back.
+    approved(open_reg, password_request("sensor-0002"))
+    assert open_reg.authenticate_password("sensor-0002", PASSWORD).username == "sensor-0002"
+    clock.advance(minutes=1)
+    assert open_reg.authenticate_password("sensor-0001", PASSWORD).username == "sensor-0001"
+
+
+def test_authenticate_certificate_knows_the_issued_certificate_from_a_foreign_one(open_reg):
+    admitted = approved(open_reg, csr_request("sensor-0001", roles=["minimum"]))
+    identity = open_reg.authenticate_certificate(certificate_der(admitted.body["certificate"]))
+    assert identity.to_json() == {
+        "username": "sensor-0001",
+        "roles": ["minimum"],
+        "permissions": [],
+        "method": "certificate",
+    }
+
+    foreign = ca.CA.create(START, name="Someone Else's CA")
+    issued = foreign.issue_client_certificate(make_csr("sensor-0001"), "sensor-0001", START)
+    with pytest.raises(registry.Unauthorized) as refused:
+        open_reg.authenticate_certificate(certificate_der(issued.pem))
+    assert refused.value.status == 401
+    with pytest.raises(registry.Unauthorized):
+        open_reg.authenticate_certificate(b"not a certificate")
+
+
+def test_a_certificate_of_a_removed_user_no_longer_authenticates(open_reg):
+    admitted = approved(open_reg, csr_request("sensor-0001"))
+    open_reg.remove_user("sensor-0001")
+    with pytest.raises(registry.Unauthorized):
+        open_reg.authenticate_certificate(certificate_der(admitted.body["certificate"]))
+
+
+# --- A registry without a CA -------------------------------------------------
+
+
+def test_a_registry_without_a_ca_refuses_csrs_and_serves_passwords(clock):
+    reg = registry.Registry(clock=clock, ca=None, settings=FAST)
+    reg.unlock()
+    with pytest.raises(registry.PolicyViolation) as refused:
+        reg.register(csr_request())
+    assert refused.value.status == 422
+    assert "issues no certificates" in refused.value.message
+    assert reg.requests() == []
+
+    admitted = approved(reg, password_request())
+    assert admitted.status == 201
+    assert admitted.body == {"status": "approved", "username": "sensor-0001", "roles": [], "permissions": []}
+    assert reg.authenticate_password("sensor-0001", PASSWORD).method == "password"
+    reg.close()
+
+
+def test_a_password_approval_carries_no_certificate(open_reg):
+    admitted = approved(open_reg, password_request())
+    assert "certificate" not in admitted.body
+    assert "caCertificate" not in admitted.body
+    assert open_reg.users()[0]["certificateSerial"] is None
+
+
+# --- Settings that protect the registry --------------------------------------
+
+
+def test_a_full_registry_answers_503_and_still_answers_polls(clock, authority):
+    reg = registry.Registry(clock=clock, ca=authority, settings=registry.Settings(scrypt_n=16, max_pending=2))
+    reg.unlock()
+    first = reg.register(password_request("sensor-0001"))
+    reg.register(password_request("sensor-0002"))
+    with pytest.raises(registry.Full) as refused:
+        reg.register(password_request("sensor-0003"))
+    assert refused.value.status == 503
+    assert refused.value.code == "registry_full"
+    assert int(refused.value.headers["Retry-After"]) > 0
+    assert reg.status()["pending"] == 2
+    poll = reg.register(password_request("sensor-0001"))
+    assert (poll.status, poll.body) == (202, first.body)
+    # A decision makes room.
+    reg.approve("sensor-0001")
+    assert reg.register(password_request("sensor-0003")).status == 202
+    reg.close()
+
+
+def test_new_requests_from_one_address_are_rate_limited_and_polls_are_not(clock, authority):
+    reg = registry.Registry(clock=clock, ca=authority, settings=registry.Settings(scrypt_n=16, rate_limit=2))
+    reg.unlock()
+    first = reg.register(password_request("sensor-0001"), "10.0.0.1")
+    reg.register(password_request("sensor-0002"), "10.0.0.1")
+    with pytest.raises(registry.TooManyRequests) as refused:
+        reg.register(password_request("sensor-0003"), "10.0.0.1")
+    assert refused.value.status == 429
+    assert refused.value.code == "too_many_requests"
+    assert int(refused.value.headers["Retry-After"]) > 0
+    assert [r["username"] for r in reg.requests()] == ["sensor-0001", "sensor-0002"]
+    for _ in range(5):
+        assert reg.register(password_request("sensor-0001"), "10.0.0.1").body == first.body
+    assert reg.register(password_request("sensor-0003"), "10.0.0.2").status == 202
+    clock.advance(seconds=61)
+    assert reg.register(password_request("sensor-0004"), "10.0.0.1").status == 202
+    reg.close()
+
+
+# --- Threads -----------------------------------------------------------------
+
+
+def test_concurrent_clients_leave_one_request_per_username(tmp_path, clock, authority):
+    reg = registry.Registry(str(tmp_path / "registry.db"), clock=clock, ca=authority, settings=FAST)
+    reg.unlock()
+    usernames = [f"sensor-{n:04d}" for n in range(4)]
+    # Two clients per credential: for each username, two credentials race.
+    passwords = ["first password", "second password"]
+    keys = [make_key() for _ in usernames]
+    clients = 6
+    start = threading.Barrier(clients + 1)
+    answers: list[int] = []
+    unexpected: list[BaseException] = []
+
+    def client(number: int) -> None:
+        start.wait()
+        for _ in range(5):
+            for index, username in enumerate(usernames):
+                if number == 0:
+                    payload = {"username": username, "csr": make_csr(username, keys[index])}
+                else:
+                    payload = password_request(username, passwords[number % 2])
+                try:
+                    answers.append(reg.register(payload, f"10.0.0.{number}").status)
+                except registry.RegistryError as error:
+                    answers.append(error.status)
+                except Exception as error:
+                    unexpected.append(error)
+
+    def administrator() -> None:
+        start.wait()
+        for _ in range(5):
+            for username in usernames:
+                try:
+                    reg.approve(username)
+                except registry.RegistryError:
+                    pass
+                except Exception as error:
+                    unexpected.append(error)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    threads.append(threading.Thread(target=administrator))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert unexpected == []
+    assert sorted(r["username"] for r in reg.requests()) == usernames
+    assert {user["username"] for user in reg.users()} <= set(usernames)
+    # Three credentials raced for every username; the losers were told 409.
+    assert set(answers) <= {201, 202, 409}
+    assert 409 in answers
+    reg.close()
+
+
+# --- The audit trail ---------------------------------------------------------
+
+
+def test_the_audit_trail_records_a_lifecycle_newest_first_and_pages(reg, clock, authority):
+    reg.unlock(address="192.0.2.9")
+    clock.advance(seconds=1)
+    admitted = approved(reg, csr_request("sensor-0001", roles=["minimum"]))
+    serial = x509.load_pem_x509_certificate(admitted.body["certificate"].encode()).serial_number
+    reg.register(password_request("sensor-0002"), "10.0.0.2")
+    reg.deny("sensor-0002", {"reason": "unknown device"}, address="192.0.2.9")
+    reg.register(password_request("sensor-0003"))
+    reg.forget("sensor-0003")
+    reg.remove_user("sensor-0001")
+    clock.advance(seconds=1)
+    reg.lock()
+
+    entries = reg.audit()["entries"]
+    assert [(e["action"], e["username"]) for e in entries] == [
+        ("lock", None),
+        ("remove user", "sensor-0001"),
+        ("forget", "sensor-0003"),
+        ("request", "sensor-0003"),
+        ("deny", "sensor-0002"),
+        ("request", "sensor-0002"),
+        ("approve", "sensor-0001"),
+        ("request", "sensor-0001"),
+        ("unlock", None),
+    ]
+    lock, deny, request, approve, unlock = entries[0], entries[4], entries[5], entries[6], entries[8]
+    assert [e["id"] for e in entries] == sorted((e["id"] for e in entries), reverse=True)
+    assert datetime.fromisoformat(lock["at"]) == START + timedelta(seconds=2)
+    assert (unlock["actor"], unlock["address"], unlock["details"]) == (
+        "administrator",
+        "192.0.2.9",
+        {"durationMs": 300_000},
+    )
+    assert int(approve["details"]["serial"], 16) == serial
+    assert approve["details"]["granted"] == {"roles": ["minimum"], "permissions": []}
+    assert (deny["details"], deny["address"]) == ({"reason": "unknown device"}, "192.0.2.9")
+    assert (request["actor"], request["address"]) == ("sensor-0002", "10.0.0.2")
+
+    pages, before = [], None
+    while True:
+        page = reg.audit(limit=4, before=before)
+        pages.append(page["entries"])
+        before = page["next"]
+        if before is None:
+            break
+    assert [len(page) for page in pages] == [4, 4, 1]
+    assert [entry for page in pages for entry in page] == entries
+
+
+def test_polls_and_rejected_requests_leave_no_audit_entry(open_reg):
+    open_reg.register(password_request())
+    trail = open_reg.audit()
+    open_reg.register(password_request())
+    with pytest.raises(registry.Conflict):
+        open_reg.register(password_request(password="another password"))
+    assert open_reg.audit() == trail
