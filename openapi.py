@@ -1,0 +1,382 @@
+"""The OpenAPI 3.1 document of the routes the server really serves.
+
+``document(routes)`` walks the server's route table (``server.ROUTES``, passed
+in so that this module needs nothing of the adapter) and describes each
+route: its path and method, who may call it, the body it takes, and one
+response for each status it may answer. What differs from route to route is
+data in the tables below, keyed by the handler's name; what every route
+shares (errors, ``Retry-After``, the 401 of an authenticated route) is the
+work of a few short functions.
+
+The schemas say what the core really answers (``registry.py``): the bodies of
+``Outcome``, ``status()``, ``requests()``, ``users()``, ``audit()`` and
+``RegistryError.body()``. Limits come from ``registry`` itself, so the
+document cannot drift from the checks. OpenAPI 3.1 schemas are JSON Schema
+2020-12 (https://spec.openapis.org/oas/v3.1.0#schema-object), hence
+``"type": ["string", "null"]`` and ``const``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from collections.abc import Sequence
+from datetime import timedelta
+from http import HTTPStatus
+from typing import Any, Protocol
+
+import registry
+
+JSON = "application/json"
+PEM = "application/x-pem-file"
+# The types of the page's files, as the server's STATIC_TYPES serves them.
+STATIC_TYPES = ("text/html; charset=utf-8", "text/javascript", "text/css", "image/png")
+PARAMETER = re.compile(r"\{(\w+)\}")
+
+Schema = dict[str, Any]
+
+
+# --- Schemas ---------------------------------------------------------------
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list(name: str) -> Schema:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _json(schema: Schema) -> Schema:
+    """The content of a JSON body of this schema."""
+    return {JSON: {"schema": schema}}
+
+
+def _closed(properties: Schema, required: tuple[str, ...] | None = None, **extra: Any) -> Schema:
+    """An object with only these properties: all of them required, unless ``required`` says which."""
+    needed = list(properties) if required is None else list(required)
+    schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False, **extra}
+    return schema | ({"required": needed} if needed else {})
+
+
+TEXT: Schema = {"type": "string"}
+MAYBE_TEXT: Schema = {"type": ["string", "null"]}
+TIME: Schema = {"type": "string", "format": "date-time"}
+MAYBE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
+ROLES: Schema = {"type": "array", "items": TEXT, "description": "Names from the role catalog"}
+PERMISSIONS: Schema = _list("Permission")
+PAIRING_ID: Schema = {
+    "type": "string",
+    "pattern": "^[0-9a-f]{6}$",
+    "description": "Derived from the credential: the client logs it, the administrator compares",
+}
+USERNAME: Schema = {
+    "type": "string",
+    "minLength": min(registry.USERNAME_LENGTH),
+    "maxLength": max(registry.USERNAME_LENGTH),
+    "pattern": f"^{registry.USERNAME.pattern}$",
+}
+LONGEST_UNLOCK_MS = registry.Settings().max_unlock_duration // timedelta(milliseconds=1)
+
+SCHEMAS: dict[str, Schema] = {
+    "Permission": _closed(
+        {
+            "resource": {
+                "type": "string",
+                "minLength": 1,
+                "description": "An MQTT topic filter ('+' and '#' allowed), or an HTTP path starting with '/'",
+            },
+            "operation": {"enum": list(registry.OPERATIONS)},
+            "context": {"enum": list(registry.CONTEXTS)},
+        }
+    ),
+    "Registration": _closed(
+        {
+            "username": USERNAME,
+            "password": {
+                "type": "string",
+                "minLength": min(registry.PASSWORD_LENGTH),
+                "maxLength": max(registry.PASSWORD_LENGTH),
+            },
+            "csr": {"type": "string", "description": "PEM PKCS#10 request whose subject CN is the username"},
+            "roles": ROLES,
+            "permissions": PERMISSIONS,
+            "context": {"type": "string", "maxLength": registry.CONTEXT_LENGTH, "description": "For the administrator"},
+        },
+        required=("username",),
+        oneOf=[{"required": ["password"]}, {"required": ["csr"]}],
+        description="SPEC section 1: exactly one of 'password' and 'csr'. Re-send the same request to poll.",
+    ),
+    "Unlock": _closed(
+        {"duration": {"type": "integer", "minimum": 1, "maximum": LONGEST_UNLOCK_MS, "description": "Milliseconds"}},
+        required=(),
+        description="Without a duration, the registry opens for the server's default window",
+    ),
+    "Grant": _closed(
+        {"roles": ROLES, "permissions": PERMISSIONS},
+        required=(),
+        description="The rights to grant instead of those requested; without a body, those requested are granted",
+    ),
+    "Denial": _closed({"reason": {"type": "string", "maxLength": registry.REASON_LENGTH}}, required=()),
+    "PendingAnswer": _closed({"status": {"const": "pending"}, "username": TEXT, "pairingId": PAIRING_ID}),
+    "ApprovedAnswer": _closed(
+        {
+            "status": {"const": "approved"},
+            "username": TEXT,
+            "roles": ROLES,
+            "permissions": PERMISSIONS,
+            "certificate": {"type": "string", "description": "PEM of the issued certificate (a CSR request)"},
+            "caCertificate": {"type": "string", "description": "PEM of the issuing CA (a CSR request)"},
+        },
+        required=("status", "username", "roles", "permissions"),
+        description="What was granted, which may be narrower than what was requested",
+    ),
+    "Error": _closed(
+        {
+            "error": {"type": "string", "description": "A code such as malformed_request, locked or not_pending"},
+            "message": {"type": "string", "description": "A sentence for a person"},
+            "details": {"type": "array", "items": TEXT, "description": "Each problem, when there are several"},
+            "reason": {"type": "string", "description": "The administrator's reason (error 'denied')"},
+            "state": {"enum": [s.value for s in registry.State], "description": "The request's state (not_pending)"},
+        },
+        required=("error", "message"),
+    ),
+    "Status": _closed({"locked": {"type": "boolean"}, "unlockedUntil": MAYBE_TIME, "pending": {"type": "integer"}}),
+    "Request": _closed(
+        {
+            "username": TEXT,
+            "state": {"enum": [s.value for s in registry.State]},
+            "pairingId": PAIRING_ID,
+            "method": {"enum": ["password", "csr"]},
+            "roles": ROLES,
+            "permissions": PERMISSIONS,
+            "context": MAYBE_TEXT,
+            "createdAt": TIME,
+            "lastPollAt": TIME,
+            "pollCount": {"type": "integer", "minimum": 0},
+            "clientAddress": MAYBE_TEXT,
+            "decidedAt": MAYBE_TIME,
+            "reason": MAYBE_TEXT,
+        }
+    ),
+    "User": _closed(
+        {
+            "username": TEXT,
+            "method": {"enum": ["password", "csr"]},
+            "roles": ROLES,
+            "permissions": PERMISSIONS,
+            "createdAt": TIME,
+            "certificateSerial": {"type": ["string", "null"], "description": "Hexadecimal"},
+            "certificateNotAfter": MAYBE_TIME,
+        }
+    ),
+    "Identity": _closed(
+        {"username": TEXT, "roles": ROLES, "permissions": PERMISSIONS, "method": {"enum": ["password", "certificate"]}}
+    ),
+    "Role": _closed({"name": TEXT, "description": TEXT}),
+    "AuditEntry": _closed(
+        {
+            "id": {"type": "integer"},
+            "at": TIME,
+            "actor": {"type": "string", "description": "'administrator', or the client's username"},
+            "address": MAYBE_TEXT,
+            "action": {"type": "string", "description": "request, unlock, lock, approve, deny, forget, remove user"},
+            "username": MAYBE_TEXT,
+            "details": {"type": ["object", "null"]},
+        }
+    ),
+    "AuditPage": _closed(
+        {
+            "entries": _list("AuditEntry"),
+            "next": {"type": ["integer", "null"], "description": "Pass as 'before' for the next page"},
+        }
+    ),
+    "Removal": _closed({"status": {"enum": ["forgotten", "removed"]}, "username": TEXT}),
+}
+
+HEADERS: dict[str, Schema] = {
+    "Retry-After": {
+        "description": "Seconds to wait before sending the request again",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    "WWW-Authenticate": {"description": "The scheme to authenticate with", "schema": TEXT},
+}
+
+SECURITY_SCHEMES: dict[str, Schema] = {
+    "adminToken": {"type": "http", "scheme": "bearer", "description": "The administrator's token"},
+    "basic": {"type": "http", "scheme": "basic", "description": "A registered client's username and password"},
+    "clientCertificate": {"type": "mutualTLS", "description": "The certificate the registry issued to the client"},
+}
+
+
+# --- Route tables: keyed by the handler's name, its access, or a status ----
+
+# Who may call a route, as alternatives; [] is anyone.
+SECURITY: dict[str, list[dict[str, list[str]]]] = {
+    "public": [],
+    "admin": [{"adminToken": []}],
+    "client": [{"basic": []}, {"clientCertificate": []}],
+}
+
+# The JSON body a handler reads: (schema name, whether it is required).
+BODIES: dict[str, tuple[str, bool]] = {
+    "register": ("Registration", True),
+    "unlock": ("Unlock", False),
+    "approve": ("Grant", False),
+    "deny": ("Denial", False),
+}
+
+# What a handler answers when it succeeds: status -> content.
+SUCCESS: dict[str, dict[int, Schema]] = {
+    "register": {201: _json(_ref("ApprovedAnswer")), 202: _json(_ref("PendingAnswer"))},
+    "status": {200: _json(_ref("Status"))},
+    "unlock": {200: _json(_ref("Status"))},
+    "lock": {200: _json(_ref("Status"))},
+    "requests": {200: _json(_list("Request"))},
+    "approve": {200: _json(_ref("User"))},
+    "deny": {200: _json(_ref("Request"))},
+    "forget": {200: _json(_ref("Removal"))},
+    "roles": {200: _json(_list("Role"))},
+    "audit": {200: _json(_ref("AuditPage"))},
+    "users": {200: _json(_list("User"))},
+    "remove_user": {200: _json(_ref("Removal"))},
+    "ca": {200: {PEM: {"schema": TEXT}}},
+    "whoami": {200: _json(_ref("Identity"))},
+    "openapi": {200: _json({"type": "object", "description": "This document"})},
+    "page": {200: {STATIC_TYPES[0]: {"schema": TEXT}}},
+    "static": {200: {kind: {"schema": TEXT} for kind in STATIC_TYPES}},
+}
+
+# What a status means on a route, where its phrase alone says too little.
+NOTES: dict[str, dict[int, str]] = {
+    "register": {
+        201: "Approved: the user exists and the request matches the approved one (sent again on every repeat)",
+        202: "Pending: a new request was stored, or this is a poll of one",
+        400: "Malformed (malformed_request): the shape of SPEC section 1, or a CSR that fails to parse or verify",
+        403: "Denied (denied): the administrator denied this request; 'reason' says why",
+        409: "Conflict: username_taken, or duplicate_request (another request for the username is stored)",
+        413: "The body is over the limit; it was not parsed",
+        422: "Against policy (policy_violation): username, password, role or CSR key",
+        423: "Locked: a new request while the registry is locked; nothing was stored",
+        429: "Too many new requests from this address (when a rate limit is set)",
+        503: "Full (registry_full): as many pending requests as the registry keeps",
+    },
+    "approve": {409: "not_pending: the request was already decided", 422: "A role outside the catalog, or no CA"},
+    "deny": {409: "not_pending: the request was already decided"},
+    "forget": {409: "not_pending: the request is approved (remove its user instead)"},
+    "whoami": {401: "Not a registered client", 429: "Too many failed sign-ins for this username"},
+}
+
+# What a status means on any route, where its phrase alone says too little.
+STATUS_NOTES: dict[int, str] = {401: "The credentials are missing or wrong; nothing happened"}
+
+# Headers that go with a status whatever the route.
+STATUS_HEADERS: dict[int, tuple[str, ...]] = {
+    202: ("Retry-After",),
+    401: ("WWW-Authenticate",),
+    423: ("Retry-After",),
+    429: ("Retry-After",),
+    503: ("Retry-After",),
+}
+
+QUERIES: dict[str, list[Schema]] = {
+    "audit": [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+        {
+            "name": "before",
+            "in": "query",
+            "description": "Entries older than this id: the 'next' of the previous page",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+    ],
+}
+
+DESCRIPTION = (
+    "Client self-registration (SPEC.md): a client asks to be registered and polls by sending the same request "
+    "again; an administrator unlocks the registry and approves or denies what is pending."
+)
+OTHER_ERRORS = (
+    "Any route may also answer 404 (unknown path), 405 (another method, with Allow), 411 (a chunked body), "
+    "413 (a body over the limit) or 500 (internal_error, with no details)"
+)
+
+
+class Route(Protocol):
+    """What this module reads of a line of ``server.ROUTES``."""
+
+    method: str
+    pattern: str
+    handler: str
+    access: str
+    summary: str
+    statuses: tuple[int, ...]
+
+
+# --- The document -----------------------------------------------------------
+
+
+def document(routes: Sequence[Route]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes`` (``server.ROUTES``): a fresh dict on every call."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route, operation_id in zip(routes, _operation_ids(routes), strict=True):
+        paths.setdefault(route.pattern, {})[route.method.lower()] = _operation(route, operation_id)
+    components = {"schemas": SCHEMAS, "headers": HEADERS, "securitySchemes": SECURITY_SCHEMES}
+    return copy.deepcopy(
+        {
+            "openapi": "3.1.0",
+            "info": {"title": "Client registry", "version": "1.0.0", "description": DESCRIPTION},
+            "paths": paths,
+            "components": components,
+        }
+    )
+
+
+def _operation(route: Route, operation_id: str) -> dict[str, Any]:
+    """One method on one path."""
+    operation: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": route.summary,
+        "security": SECURITY[route.access],
+    }
+    parameters = _path_parameters(route.pattern) + QUERIES.get(route.handler, [])
+    if parameters:
+        operation["parameters"] = parameters
+    if route.handler in BODIES:
+        name, required = BODIES[route.handler]
+        operation["requestBody"] = {"required": required, "content": _json(_ref(name))}
+    operation["responses"] = _responses(route)
+    return operation
+
+
+def _operation_ids(routes: Sequence[Route]) -> list[str]:
+    """The handler's name; where one handler serves several paths, with the path."""
+    uses = Counter(route.handler for route in routes)
+    return [
+        route.handler if uses[route.handler] == 1 else f"{route.handler}_{_slug(route.pattern)}" for route in routes
+    ]
+
+
+def _slug(pattern: str) -> str:
+    return re.sub(r"\W+", "_", pattern).strip("_") or "root"
+
+
+def _path_parameters(pattern: str) -> list[Schema]:
+    return [{"name": name, "in": "path", "required": True, "schema": TEXT} for name in PARAMETER.findall(pattern)]
+
+
+def _responses(route: Route) -> dict[str, Any]:
+    """A response for every status of the route, plus 401 where it authenticates."""
+    statuses = set(route.statuses) | ({401} if route.access != "public" else set())
+    responses = {str(status): _response(route.handler, status) for status in sorted(statuses)}
+    responses["default"] = {"description": OTHER_ERRORS, "content": _json(_ref("Error"))}
+    return responses
+
+
+def _response(handler: str, status: int) -> dict[str, Any]:
+    note = NOTES.get(handler, {}).get(status) or STATUS_NOTES.get(status) or HTTPStatus(status).phrase
+    content = SUCCESS.get(handler, {}).get(status, _json(_ref("Error")))
+    response: dict[str, Any] = {"description": note, "content": content}
+    if status in STATUS_HEADERS:
+        response["headers"] = {name: {"$ref": f"#/components/headers/{name}"} for name in STATUS_HEADERS[status]}
+    return response
