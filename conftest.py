@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -14,6 +18,7 @@ from hypothesis import HealthCheck, settings
 
 import ca
 import registry
+import server
 
 # CI runs the whole suite on a slow machine within a few minutes: fewer
 # examples there, and no deadline, since timing is not what is tested.
@@ -27,6 +32,7 @@ START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 # scrypt at its real cost takes tens of milliseconds; the rules under test
 # are the same at n = 16.
 FAST = registry.Settings(scrypt_n=16)
+ADMIN_TOKEN = "test-admin-token"
 
 
 class FakeClock:
@@ -102,3 +108,20 @@ def reg(clock: FakeClock, authority: ca.CA) -> registry.Registry:
     instance = registry.Registry(clock=clock, ca=authority, roles=("minimum", "operator"), settings=FAST)
     yield instance
     instance.close()
+
+
+@contextlib.contextmanager
+def serve(data_dir: Path, **config: object) -> Iterator[server.RegistryServer]:
+    """A real server in a thread on 127.0.0.1, port 0, plain HTTP unless ``http=False``."""
+    options = {"port": 0, "http": True, "admin_token": ADMIN_TOKEN, "scrypt_n": 16} | config
+    clock = options.pop("clock", None)
+    instance = server.build(server.Config(data_dir=data_dir, **options), *([clock] if clock else []))
+    thread = threading.Thread(target=instance.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield instance
+    finally:
+        instance.shutdown()
+        instance.server_close()
+        instance.app.core.close()
+        thread.join(10)

@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import ca as ca_module
+import openapi
 import registry
 
 log = logging.getLogger("registry.server")
@@ -147,8 +148,8 @@ ROUTES = (
     Route("GET", "/api/auth/whoami", "whoami", "client",
           "Who the caller is, by HTTP Basic or by its client certificate", (200, 401, 429)),
     Route("GET", "/api/openapi.json", "openapi", "public", "This API as an OpenAPI 3.1 document"),
-    Route("GET", "/", "page", "public", "The administrator's page (HTML)"),
-    Route("GET", "/admin", "page", "public", "The administrator's page (HTML)"),
+    Route("GET", "/", "page", "public", "The administrator's page (HTML)", (200, 404)),
+    Route("GET", "/admin", "page", "public", "The administrator's page (HTML)", (200, 404)),
     Route("GET", "/static/{name}", "static", "public", "The page's script and style", (200, 404)),
 )  # fmt: skip
 
@@ -271,8 +272,6 @@ class App:
         return Response(HTTPStatus.OK, path.read_bytes(), kind, PAGE_HEADERS)
 
     def openapi(self, request: Request) -> Response:
-        import openapi
-
         return Response.json(HTTPStatus.OK, openapi.document(ROUTES))
 
 
@@ -418,6 +417,7 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's own errors (a bad request line, headers too long) as JSON."""
         status = HTTPStatus(code)
         self.close_connection = True
+        self.request_version = "HTTP/1.1"  # not HTTP/0.9, which has no status line
         self._write(
             Response.json(status, {"error": status.phrase.lower().replace(" ", "_"), "message": message or explain})
         )
