@@ -387,36 +387,42 @@ def test_retry_after_comes_from_the_settings(clock, authority):
 
 
 def test_malformed_and_locked_gets_400(reg):
-    with pytest.raises(registry.MalformedRequest):
+    with pytest.raises(registry.MalformedRequest) as refused:
         reg.register(password_request(colour="red"))
+    assert refused.value.status == 400
 
 
 def test_against_policy_and_locked_gets_422(reg):
-    with pytest.raises(registry.PolicyViolation):
+    with pytest.raises(registry.PolicyViolation) as refused:
         reg.register(password_request("ab"))
+    assert refused.value.status == 422
 
 
 def test_malformed_and_against_policy_gets_400(open_reg):
     with pytest.raises(registry.MalformedRequest) as refused:
         open_reg.register(password_request("ab", "1234", colour="red"))
+    assert refused.value.status == 400
     assert "colour" in refused.value.message
 
 
 def test_a_csr_for_another_cn_with_an_unaccepted_key_gets_400(open_reg):
-    with pytest.raises(registry.MalformedRequest):
+    with pytest.raises(registry.MalformedRequest) as refused:
         open_reg.register({"username": "sensor-0001", "csr": make_csr("sensor-0002", make_key("p521"))})
+    assert "is not the username" in refused.value.message
 
 
 def test_a_malformed_request_for_a_pending_username_gets_400(open_reg):
     open_reg.register(password_request())
     with pytest.raises(registry.MalformedRequest):
         open_reg.register(password_request(colour="red"))
+    assert request_of(open_reg, "sensor-0001")["pollCount"] == 0
 
 
 def test_a_request_against_policy_for_an_approved_username_gets_422(open_reg):
     approved(open_reg, password_request())
-    with pytest.raises(registry.PolicyViolation):
+    with pytest.raises(registry.PolicyViolation) as refused:
         open_reg.register(password_request(roles=["admin"]))
+    assert refused.value.status == 422
 
 
 def test_a_pending_request_still_polls_while_locked(open_reg):
@@ -448,8 +454,9 @@ def test_a_denied_request_gets_403_while_locked(open_reg):
     open_reg.register(password_request())
     open_reg.deny("sensor-0001")
     open_reg.lock()
-    with pytest.raises(registry.Denied):
+    with pytest.raises(registry.Denied) as refused:
         open_reg.register(password_request())
+    assert refused.value.status == 403
 
 
 def test_a_different_request_for_a_denied_username_gets_409(open_reg):
@@ -503,9 +510,11 @@ def test_a_csr_with_another_key_for_a_pending_username_gets_409(open_reg):
 
 def test_a_new_csr_for_the_same_key_is_a_poll(open_reg):
     key = make_key()
-    first = open_reg.register(csr_request("sensor-0001", key))
+    first_request = csr_request("sensor-0001", key)
+    first = open_reg.register(first_request)
     # ECDSA signatures are randomised: the second CSR text differs, its key does not.
     second_request = csr_request("sensor-0001", key)
+    assert second_request["csr"] != first_request["csr"]
     poll = open_reg.register(second_request)
     assert (poll.status, poll.body) == (202, first.body)
 
@@ -516,6 +525,16 @@ def test_context_takes_no_part_in_matching(open_reg):
     assert (poll.status, poll.body) == (202, first.body)
     assert open_reg.register(password_request()).status == 202
     assert request_of(open_reg, "sensor-0001")["context"] == "boiler room"
+
+
+def test_context_takes_no_part_in_matching_a_decided_request(open_reg):
+    admitted = approved(open_reg, password_request("sensor-0001", context="boiler room"))
+    again = open_reg.register(password_request("sensor-0001", context="somewhere else"))
+    assert (again.status, again.body) == (201, admitted.body)
+    open_reg.register(password_request("sensor-0002", context="boiler room"))
+    open_reg.deny("sensor-0002", {"reason": "unknown device"})
+    with pytest.raises(registry.Denied):
+        open_reg.register(password_request("sensor-0002", context="somewhere else"))
 
 
 def test_the_order_of_roles_and_permissions_takes_no_part_in_matching(open_reg):
