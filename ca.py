@@ -93,6 +93,8 @@ class CA:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise ValueError(f"{key_path} is not an EC key")
+            if not cert_path.exists():
+                raise FileNotFoundError(f"{cert_path} is missing beside {key_path}: restore it, or remove both")
             certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
             return cls(key, certificate, cert_days=cert_days)
         # The key is written last: a CA is there only when its key is.
@@ -242,6 +244,12 @@ def write_private(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)
+    # The rename is durable once the folder is (rename(2) and fsync(2)).
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def check_private(path: Path) -> None:
