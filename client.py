@@ -1,0 +1,1035 @@
+"""The client side of the registry: a registering agent and the administrator's command line.
+
+Theory of operation
+===================
+
+A client registers by sending one request and then *the very same request*
+again until the administrator has decided (SPEC section 2). ``register``
+does exactly that:
+
+1. It builds the request: the username, one credential (a password, or a
+   CSR signed by the client's key, whose Common Name is the username; the
+   key itself never leaves the client) and the rights it asks for.
+2. It sends it and reads the answer:
+
+   - 201: approved. The certificate is checked against the client's key and
+     the CA that sent it, and ``cert.pem``, ``ca.pem`` and ``granted.json``
+     are written.
+   - 202 (pending), 423 (locked), 429 and 503 (busy), a 5xx, or no answer
+     at all (the server is down or restarting): wait and send it again.
+     The wait honours ``Retry-After`` (capped, with jitter so that many
+     agents do not poll in step); no answer at all backs off exponentially.
+   - 403 (denied), 409 (conflict), 400, 413 and 422 (rejected), or any other
+     answer: stop with a ``Refused`` error that carries the server's message.
+
+   Only a change of state is reported, not every poll; a deadline bounds
+   the whole wait (``TimedOut``).
+
+Trust: the server's certificate is checked against a CA file, or not at all
+(``insecure``, as curl's flag), or, by default, against the CA the server
+itself serves at ``/api/client-registry/ca``: fetched once without
+verification, its SHA-256 fingerprint reported for a person to compare (or
+checked against an expected one), then pinned for every later call.
+
+The command line (``python3 client.py --help``) wraps ``register`` and the
+administrator's calls. Its exit codes are the ``Exit`` enum below: one per
+kind of failure, so that a script can tell a denial from a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import http.client
+import json
+import os
+import random
+import ssl
+import sys
+import time
+from base64 import b64encode
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+Report = Callable[[str], None]
+
+API = "/api"
+REGISTER = f"{API}/client-registry/register"
+CA_PATH = f"{API}/client-registry/ca"
+DEFAULT_SERVER = "https://localhost:8443"
+REQUEST_TIMEOUT = 10.0  # seconds one call may take
+MAX_INTERVAL = 60.0  # the longest wait between two polls, whatever Retry-After says
+MIN_INTERVAL = 0.5  # the shortest, so that "Retry-After: 0" cannot make a busy loop
+FIRST_BACKOFF = 0.5  # the first wait after no answer; it doubles up to MAX_INTERVAL
+JITTER = 0.2  # a wait grows by up to this fraction, at random
+KEY_TYPES = ("ec", "rsa", "ed25519")
+OPERATIONS = ("read", "write", "readWrite")
+CONTEXTS = ("mqtt", "http")
+
+
+class Exit(enum.IntEnum):
+    """The command's exit codes."""
+
+    OK = 0
+    ERROR = 1  # any other failure: an unexpected answer (404, 500), a file that cannot be written
+    USAGE = 2  # a wrong command line (argparse's own code)
+    DENIED = 3  # 403: the administrator denied the request; 401: a wrong token or credentials
+    CONFLICT = 4  # 409: the username is taken, another request is stored, or a decision is already made
+    REJECTED = 5  # 400, 413, 422: the request is malformed or breaks the registry's policy
+    TIMEOUT = 6  # no decision within --timeout
+    UNREACHABLE = 7  # the server cannot be reached, or its certificate cannot be trusted
+    INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
+
+# --- Errors -----------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """A failure the command line reports in one line; ``exit_code`` says which kind.
+
+    ``hint``, when set, tells a person what to do about it.
+    """
+
+    exit_code = Exit.ERROR
+    hint = ""
+
+
+class Unreachable(ClientError):
+    """No answer: the connection failed, was reset, or timed out."""
+
+    exit_code = Exit.UNREACHABLE
+
+
+class TrustFailure(ClientError):
+    """The server's certificate does not verify, or its CA is not the expected one."""
+
+    exit_code = Exit.UNREACHABLE
+
+
+class TimedOut(ClientError):
+    """The administrator did not decide before the deadline."""
+
+    exit_code = Exit.TIMEOUT
+
+
+class Refused(ClientError):
+    """The server answered with an error (SPEC section 2: ``{"error", "message", "details"}``)."""
+
+    def __init__(self, status: int, body: Mapping[str, Any]) -> None:
+        phrase = http.client.responses.get(status, "Error")
+        self.status = status
+        self.code = str(body.get("error") or phrase.lower().replace(" ", "_"))
+        self.message = str(body.get("message") or phrase)
+        self.details = [str(detail) for detail in body.get("details") or ()]
+        self.body = dict(body)
+        super().__init__(self._sentence())
+
+    def _sentence(self) -> str:
+        sentence = f"{self.status} {self.code}: {self.message}"
+        return sentence + "".join(f"; {detail}" for detail in self.details)
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> Refused:
+        """The error of a reply, as the subclass its status calls for."""
+        kind = {401: Unauthorized, 403: Denied, 409: Conflict, 400: Rejected, 413: Rejected, 422: Rejected}
+        try:
+            body = json.loads(reply.body)
+        except ValueError:
+            body = {}
+        return kind.get(reply.status, cls)(reply.status, body if isinstance(body, dict) else {})
+
+
+class Unauthorized(Refused):
+    """401: the administrator token, or the client's credentials, are wrong."""
+
+    exit_code = Exit.DENIED
+
+
+class Denied(Refused):
+    """403: the administrator denied the request; ``reason`` says why."""
+
+    exit_code = Exit.DENIED
+
+    @property
+    def reason(self) -> str:
+        """The administrator's reason, or "" when none was given."""
+        return str(self.body.get("reason") or "")
+
+    def _sentence(self) -> str:
+        return super()._sentence() + (f"; reason: {self.reason}" if self.reason else " (no reason given)")
+
+
+class Conflict(Refused):
+    """409: the username is taken, another request for it is stored, or it is decided already."""
+
+    exit_code = Exit.CONFLICT
+
+
+class Rejected(Refused):
+    """400, 413 or 422: the request is malformed or breaks the registry's policy."""
+
+    exit_code = Exit.REJECTED
+
+
+# --- One server -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP answer: status, headers (names in lower case) and body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; ``ClientError`` when it is not."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            raise ClientError(f"the server answered {self.status} with a body that is not JSON") from None
+
+
+class Server:
+    """A registry server: its URL, how its certificate is checked, and how to call it.
+
+    ``url`` is the server's root, such as ``https://localhost:8443``. The
+    certificate is checked against ``ca_file``; or not at all when
+    ``insecure``; or else against the CA the server serves, pinned at the
+    first call (and compared with ``ca_fingerprint``, hex SHA-256, when
+    given). ``certificate`` and ``key`` are files for mutual TLS.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        ca_fingerprint: str | None = None,
+        certificate: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        report: Report = lambda message: None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        if sum((ca_file is not None, insecure, ca_fingerprint is not None)) > 1:
+            raise ValueError("give at most one of ca_file, insecure and ca_fingerprint")
+        self.url = url.rstrip("/")
+        self._parts = parts
+        self._client_files = (certificate, key) if certificate else None
+        self._expected = _normalize_fingerprint(ca_fingerprint) if ca_fingerprint else None
+        self._report = report
+        self._context: ssl.SSLContext | None = None
+        if parts.scheme == "https" and (ca_file is not None or insecure):
+            self._context = self._tls_context(ca_file=ca_file, insecure=insecure)
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Reply:
+        """Send one request (``body`` as JSON when not None) and read the whole answer."""
+        if self._parts.scheme == "https" and self._context is None:
+            self._context = self._pin(timeout)
+        data = None if body is None else json.dumps(body).encode()
+        sent = {"Accept": "application/json", **(headers or {})}
+        if data is not None:
+            sent["Content-Type"] = "application/json"
+        return self._exchange(method, path, data, sent, self._context, timeout)
+
+    def ca_certificate(self, *, timeout: float = REQUEST_TIMEOUT) -> str:
+        """The PEM of the CA the server serves, fetched over the current trust."""
+        return _parse_ca(self._exchange("GET", CA_PATH, None, {}, self._context, timeout))[0]
+
+    def _pin(self, timeout: float) -> ssl.SSLContext:
+        """Fetch the CA without verification, report (or check) its fingerprint, trust only it."""
+        unverified = self._tls_context(insecure=True)
+        pem, fingerprint = _parse_ca(self._exchange("GET", CA_PATH, None, {}, unverified, timeout))
+        if self._expected and _normalize_fingerprint(fingerprint) != self._expected:
+            raise TrustFailure(
+                f"the server's CA has the SHA-256 fingerprint {fingerprint}, not the expected one: "
+                "it is not the registry you meant, or someone is in between"
+            )
+        self._report(
+            f"the registry's CA has the SHA-256 fingerprint {fingerprint}"
+            + (" (as expected); pinned" if self._expected else "; pinned: compare it with the administrator's")
+        )
+        return self._tls_context(cadata=pem)
+
+    def _tls_context(
+        self, *, ca_file: str | os.PathLike[str] | None = None, cadata: str | None = None, insecure: bool = False
+    ) -> ssl.SSLContext:
+        if insecure:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            # Only the given CA is trusted, not the system's: the registry's
+            # certificate is signed by its own CA.
+            try:
+                context = ssl.create_default_context(cafile=ca_file, cadata=cadata)
+            except (OSError, ValueError) as error:
+                raise TrustFailure(f"cannot load the CA file {ca_file}: {error}") from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self._client_files:
+            certificate, key = self._client_files
+            try:
+                context.load_cert_chain(certificate, key)
+            except (OSError, ssl.SSLError) as error:
+                raise ClientError(f"cannot load the certificate {certificate} and key {key}: {error}") from None
+        return context
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        headers: Mapping[str, str],
+        context: ssl.SSLContext | None,
+        timeout: float,
+    ) -> Reply:
+        host, port = self._parts.hostname or "", self._parts.port
+        if self._parts.scheme == "https":
+            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=context
+            )
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            connection.request(method, self._parts.path.rstrip("/") + path, body=data, headers=dict(headers))
+            response = connection.getresponse()
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        except ssl.SSLCertVerificationError as error:
+            raise TrustFailure(
+                f"cannot trust {self.url}: its certificate does not verify: {error.verify_message}"
+            ) from None
+        except (OSError, http.client.HTTPException) as error:
+            raise Unreachable(f"no answer from {self.url}: {_describe(error)}") from None
+        finally:
+            connection.close()
+
+
+def _parse_ca(reply: Reply) -> tuple[str, str]:
+    """The PEM and SHA-256 fingerprint of a CA served by ``GET /api/client-registry/ca``."""
+    if reply.status != HTTPStatus.OK:
+        raise TrustFailure(f"the server serves no CA to pin ({Refused.from_reply(reply)}): give a CA file")
+    try:
+        certificate = x509.load_pem_x509_certificate(reply.body)
+    except ValueError:
+        raise TrustFailure("the server's CA is not a PEM certificate") from None
+    return reply.body.decode(), fingerprint(certificate)
+
+
+def fingerprint(certificate: x509.Certificate) -> str:
+    """The SHA-256 fingerprint as openssl prints it: ``AB:CD:...``."""
+    return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def _normalize_fingerprint(text: str) -> str:
+    return text.replace(":", "").replace(" ", "").lower()
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+# --- Keys and requests ------------------------------------------------------
+
+
+def generate_key(kind: str = "ec") -> PrivateKey:
+    """A new private key: "ec" (P-256), "rsa" (3072 bits) or "ed25519"."""
+    if kind == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "rsa":
+        # NIST SP 800-57 part 1, table 2: 3072 bits for use beyond 2030.
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unknown key type {kind!r}: use one of {', '.join(KEY_TYPES)}")
+
+
+def load_or_generate_key(path: str | os.PathLike[str], kind: str | None = "ec") -> tuple[PrivateKey, bool]:
+    """The key in ``path``, or a new one of ``kind`` written there (mode 0600); and whether it is new.
+
+    Reusing the key of an earlier run lets an agent that was stopped resume
+    polling its request rather than send a different one (which gets 409).
+    With ``kind`` None the key must exist.
+    """
+    path = Path(path)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ClientError(f"{path} has mode {mode:o}: others may read the key; run chmod 600 {path}")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as error:
+            raise ClientError(f"{path} is not an unencrypted PEM private key: {error}") from None
+        if not isinstance(key, PrivateKey):
+            raise ClientError(f"{path} holds a {type(key).__name__}: use an EC, RSA or Ed25519 key")
+        return key, False
+    if kind is None:
+        raise ClientError(f"there is no key at {path}")
+    key = generate_key(kind)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write(path, pem, mode=0o600)
+    return key, True
+
+
+def make_csr(username: str, key: PrivateKey) -> str:
+    """A PEM CSR whose subject is only CN=username (SPEC section 2: the CN must equal the username)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)])
+    # Ed25519 signs without a separate digest (RFC 8410 section 6).
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, algorithm)
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def parse_permission(text: str) -> dict[str, str]:
+    """``CONTEXT:OPERATION:RESOURCE`` (such as ``mqtt:read:sensors/#``) as the API's permission object."""
+    context, _, rest = text.partition(":")
+    operation, _, resource = rest.partition(":")
+    if context not in CONTEXTS or operation not in OPERATIONS or not resource:
+        raise ValueError(
+            f"{text!r} is not CONTEXT:OPERATION:RESOURCE with a context of {'|'.join(CONTEXTS)} "
+            f"and an operation of {'|'.join(OPERATIONS)}"
+        )
+    return {"resource": resource, "operation": operation, "context": context}
+
+
+def format_permission(permission: Mapping[str, str]) -> str:
+    """A permission object as ``CONTEXT:OPERATION:RESOURCE``."""
+    return f"{permission['context']}:{permission['operation']}:{permission['resource']}"
+
+
+def registration_request(
+    username: str,
+    *,
+    password: str | None = None,
+    key: PrivateKey | None = None,
+    roles: Iterable[str] = (),
+    permissions: Iterable[Mapping[str, str]] = (),
+    context: str | None = None,
+) -> dict[str, Any]:
+    """The body of ``POST /api/client-registry/register`` (SPEC section 1)."""
+    if (password is None) == (key is None):
+        raise ValueError("give exactly one of password and key")
+    body: dict[str, Any] = {"username": username}
+    if password is not None:
+        body["password"] = password
+    else:
+        body["csr"] = make_csr(username, key)  # type: ignore[arg-type]
+    body["roles"] = list(roles)
+    body["permissions"] = [dict(permission) for permission in permissions]
+    if context is not None:
+        body["context"] = context
+    return body
+
+
+# --- Registering ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registration the administrator approved: what was granted, and the files written."""
+
+    username: str
+    roles: tuple[str, ...]
+    permissions: tuple[dict[str, str], ...]
+    certificate_pem: str | None = None
+    ca_certificate_pem: str | None = None
+    certificate_path: Path | None = None
+    ca_path: Path | None = None
+    granted_path: Path | None = None
+
+
+def register(
+    server: str | Server,
+    username: str,
+    *,
+    password: str | None = None,
+    key: PrivateKey | None = None,
+    roles: Iterable[str] = (),
+    permissions: Iterable[Mapping[str, str]] = (),
+    context: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    max_interval: float = MAX_INTERVAL,
+    report: Report = lambda message: None,
+) -> Registered:
+    """Ask to be registered, poll until the administrator decides, and return what was granted.
+
+    Give exactly one of ``password`` and ``key`` (a private key: a CSR for it
+    is sent, the key never is). ``server`` is a URL (its CA is then pinned
+    on first contact) or a ``Server``. With ``out``, a folder, the answer is
+    written there: ``granted.json`` and, for a key, ``cert.pem`` and
+    ``ca.pem``. ``timeout`` bounds the whole wait in seconds (None waits
+    for ever); ``max_interval`` caps the wait between polls; ``report``
+    receives a sentence at every change of state.
+
+    Raises ``Denied`` (403), ``Conflict`` (409), ``Rejected`` (400, 413,
+    422), ``Refused`` (any other error), ``TimedOut``, ``TrustFailure``; all
+    are ``ClientError``.
+    """
+    if not isinstance(server, Server):
+        server = Server(server, report=report)
+    body = registration_request(
+        username, password=password, key=key, roles=roles, permissions=permissions, context=context
+    )
+    answer = _poll(server, body, timeout, max_interval, report)
+    registered = _accept(answer, key)
+    return _save(registered, Path(out)) if out is not None else registered
+
+
+class _StateReporter:
+    """Reports a state once, when it is entered, not at every poll."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.state: object = None
+        self.sentence = "no answer yet"
+
+    def enter(self, state: object, sentence: str) -> None:
+        if state != self.state:
+            self.report(sentence)
+        self.state, self.sentence = state, sentence
+
+
+def _poll(
+    server: Server, body: dict[str, Any], timeout: float | None, max_interval: float, report: Report
+) -> dict[str, Any]:
+    """Send ``body`` until it is answered 201, and return that answer."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reporter = _StateReporter(report)
+    failures = 0
+    while True:
+        try:
+            reply = server.call("POST", REGISTER, body, timeout=_call_timeout(deadline))
+        except Unreachable as error:
+            failures += 1
+            reporter.enter("unreachable", f"{error}; trying again")
+            wait = _backoff(failures, max_interval)
+        else:
+            failures = 0
+            if reply.status == HTTPStatus.CREATED:
+                return reply.json()
+            state = _waiting_state(reply, body["username"])
+            if state is None:
+                raise Refused.from_reply(reply)
+            reporter.enter(*state)
+            default = 30.0 if reply.status == HTTPStatus.LOCKED else 5.0
+            wait = _jittered(min(retry_after(reply.headers, default), max_interval))
+        _sleep(wait, deadline, timeout, reporter.sentence)
+
+
+def _waiting_state(reply: Reply, username: str) -> tuple[object, str] | None:
+    """The state and its sentence for an answer worth waiting through; None for a refusal."""
+    if reply.status == HTTPStatus.ACCEPTED:
+        pairing_id = reply.json().get("pairingId", "?")
+        return ("pending", pairing_id), (
+            f"pending, pairing id {pairing_id}: waiting for the administrator to approve {username}"
+        )
+    if reply.status == HTTPStatus.LOCKED:
+        return "locked", "the registry is locked: waiting for the administrator to unlock it"
+    if reply.status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
+        return "busy", f"the registry is busy ({Refused.from_reply(reply)}): waiting"
+    if reply.status >= 500:
+        return "failing", f"the registry failed ({Refused.from_reply(reply)}): trying again"
+    return None
+
+
+def retry_after(headers: Mapping[str, str], default: float) -> float:
+    """Seconds to wait by a ``Retry-After`` header: seconds or an HTTP date (RFC 9110 section 10.2.3)."""
+    value = headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    if when.tzinfo is None:  # RFC 9110 section 5.6.7: an HTTP date is in GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _jittered(seconds: float) -> float:
+    # Agents started together would poll in step for ever: a random extra
+    # spreads them out, and never makes a wait shorter than asked.
+    seconds = max(seconds, MIN_INTERVAL)
+    return seconds * (1 + random.uniform(0, JITTER))
+
+
+def _backoff(failures: int, max_interval: float) -> float:
+    # Exponential back-off with "equal jitter": half the wait is fixed,
+    # half random (AWS Architecture Blog, "Exponential Backoff And Jitter").
+    ceiling = min(FIRST_BACKOFF * 2 ** min(failures - 1, 16), max(max_interval, MIN_INTERVAL))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def _call_timeout(deadline: float | None) -> float:
+    if deadline is None:
+        return REQUEST_TIMEOUT
+    return max(0.1, min(REQUEST_TIMEOUT, deadline - time.monotonic()))
+
+
+def _sleep(wait: float, deadline: float | None, timeout: float | None, last: str) -> None:
+    """Sleep ``wait`` seconds, or until the deadline; ``TimedOut`` once it has passed."""
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimedOut(f"no decision within {timeout:g} s; the last state: {last}")
+        wait = min(wait, remaining)
+    time.sleep(wait)
+
+
+def _accept(answer: Mapping[str, Any], key: PrivateKey | None) -> Registered:
+    """A 201 answer, with its certificate checked against our key and the CA that sent it."""
+    certificate_pem, ca_pem = answer.get("certificate"), answer.get("caCertificate")
+    if key is not None:
+        if not certificate_pem or not ca_pem:
+            raise ClientError("the registry approved the request but sent no certificate and CA")
+        _check_certificate(certificate_pem, ca_pem, key)
+    return Registered(
+        username=answer["username"],
+        roles=tuple(answer.get("roles", ())),
+        permissions=tuple(answer.get("permissions", ())),
+        certificate_pem=certificate_pem,
+        ca_certificate_pem=ca_pem,
+    )
+
+
+def _check_certificate(certificate_pem: str, ca_pem: str, key: PrivateKey) -> None:
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem.encode())
+        authority = x509.load_pem_x509_certificate(ca_pem.encode())
+        certificate.verify_directly_issued_by(authority)
+    except (ValueError, TypeError, InvalidSignature) as error:
+        raise ClientError(f"the registry sent a certificate that its CA did not sign: {_describe(error)}") from None
+    if certificate.public_key() != key.public_key():
+        raise ClientError("the registry sent a certificate for another key")
+
+
+def _save(registered: Registered, out: Path) -> Registered:
+    """Write ``granted.json`` and, when there is one, ``cert.pem`` and ``ca.pem`` into ``out``."""
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    granted = {"username": registered.username, "roles": registered.roles, "permissions": registered.permissions}
+    paths: dict[str, Path | None] = {"certificate_path": None, "ca_path": None, "granted_path": out / "granted.json"}
+    _write(out / "granted.json", (json.dumps(granted, indent=2) + "\n").encode())
+    if registered.certificate_pem and registered.ca_certificate_pem:
+        paths["certificate_path"], paths["ca_path"] = out / "cert.pem", out / "ca.pem"
+        _write(out / "cert.pem", registered.certificate_pem.encode())
+        _write(out / "ca.pem", registered.ca_certificate_pem.encode())
+    return dataclasses.replace(registered, **paths)
+
+
+def _write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write a file whole or not at all, created with ``mode``."""
+    partial = path.with_name(path.name + ".partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(descriptor, mode)  # the umask may have narrowed it; a stale file may have widened it
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+# --- The command line -------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; the result is an ``Exit`` code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args, parser)
+    except ClientError as error:
+        _say(f"client.py: {error}" + (f" ({error.hint})" if error.hint else ""))
+        return error.exit_code
+    except OSError as error:
+        _say(f"client.py: {error}")
+        return Exit.ERROR
+    except KeyboardInterrupt:
+        _say("client.py: interrupted")
+        return Exit.INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
+        "--server",
+        default=os.environ.get("REGISTRY_URL", DEFAULT_SERVER),
+        help="the registry's root URL (default: $REGISTRY_URL, else %(default)s)",
+    )
+    trust = connection.add_mutually_exclusive_group()
+    trust.add_argument("--ca-file", type=Path, help="verify the server against this CA (PEM)")
+    trust.add_argument("--insecure", action="store_true", help="do not verify the server's certificate (as curl -k)")
+    trust.add_argument(
+        "--ca-fingerprint",
+        metavar="SHA256",
+        help="fetch the server's CA and verify it has this SHA-256 fingerprint (hex, colons optional)",
+    )
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print the server's JSON answer, for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog="client.py",
+        description="Register with the client registry, or administer it.",
+        epilog="Exit codes: " + ", ".join(f"{code.value} {code.name.lower()}" for code in Exit),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{register,admin,whoami}")
+    _register_parser(commands.add_parser("register", parents=[connection], help="ask to be registered and wait"))
+    _admin_parsers(commands.add_parser("admin", help="the administrator's calls"), [connection, output])
+    _whoami_parser(commands.add_parser("whoami", parents=[connection, output], help="who the server says you are"))
+    return parser
+
+
+def _register_parser(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--username", required=True, help="the name to register; with a key, the CSR's Common Name")
+    credential = parser.add_mutually_exclusive_group(required=True)
+    credential.add_argument("--password", help="register with this password")
+    credential.add_argument("--password-file", type=Path, help="register with the password in this file")
+    credential.add_argument(
+        "--generate-key",
+        action="store_true",
+        help="register with a key: OUT/key.pem, made now (mode 0600) unless an earlier run left one",
+    )
+    credential.add_argument("--key", type=Path, help="register with this private key (PEM)")
+    add("--key-type", choices=KEY_TYPES, default="ec", help="the kind of key --generate-key makes (default ec)")
+    _rights_arguments(parser, "ask for")
+    add("--context", help="free text for the administrator: what this client is, where it runs")
+    add("--out", type=Path, required=True, metavar="DIR", help="where to write cert.pem, ca.pem and granted.json")
+    add("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: wait for ever)")
+    add(
+        "--max-interval",
+        type=float,
+        default=MAX_INTERVAL,
+        metavar="SECONDS",
+        help="the longest wait between two polls (default %(default)g)",
+    )
+    parser.set_defaults(run=_run_register)
+
+
+def _rights_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--role", dest="roles", action="append", default=[], metavar="ROLE", help=f"a role to {verb}; repeatable"
+    )
+    parser.add_argument(
+        "--permission",
+        dest="permissions",
+        action="append",
+        default=[],
+        type=_permission_argument,
+        metavar="CONTEXT:OPERATION:RESOURCE",
+        help=f"a permission to {verb}, such as mqtt:read:sensors/#; repeatable",
+    )
+
+
+def _permission_argument(text: str) -> dict[str, str]:
+    try:
+        return parse_permission(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _run_register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    server = _server(args, parser)
+    key, key_path = _key(args)
+    try:
+        registered = register(
+            server,
+            args.username,
+            password=_password(args),
+            key=key,
+            roles=args.roles,
+            permissions=args.permissions,
+            context=args.context,
+            out=args.out,
+            timeout=args.timeout,
+            max_interval=args.max_interval,
+            report=_say,
+        )
+    except Conflict as error:
+        error.hint = f"the administrator may free the name: client.py admin forget|delete-user {args.username}"
+        raise
+    files = [registered.certificate_path, registered.ca_path, registered.granted_path]
+    print(f"registered {registered.username}: {_rights(registered.roles, registered.permissions)}")
+    print("wrote " + ", ".join(str(path) for path in files if path) + (f"; the key is {key_path}" if key_path else ""))
+    return Exit.OK
+
+
+def _key(args: argparse.Namespace) -> tuple[PrivateKey | None, Path | None]:
+    """The key to register with, and its file: OUT/key.pem for --generate-key, or --key."""
+    if args.generate_key:
+        args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = args.out / "key.pem"
+        key, new = load_or_generate_key(path, args.key_type)
+        _say(f"made a new {args.key_type} key, {path}" if new else f"using the key {path} of an earlier run")
+        return key, path
+    if args.key:
+        return load_or_generate_key(args.key, None)[0], args.key
+    return None, None
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_file:
+        return args.password_file.read_text().rstrip("\r\n")
+    return args.password
+
+
+def _server(args: argparse.Namespace, parser: argparse.ArgumentParser, **client_files: Path | None) -> Server:
+    try:
+        return Server(
+            args.server,
+            ca_file=args.ca_file,
+            insecure=args.insecure,
+            ca_fingerprint=args.ca_fingerprint,
+            report=_say,
+            **client_files,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+# --- The administrator's commands -------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdminCommand:
+    """One administrator's command: its call and how its answer reads."""
+
+    method: str
+    path: str  # {name} is the username argument
+    show: Callable[[Any], str]
+    help: str
+
+
+def _show_status(status: Mapping[str, Any]) -> str:
+    state = "locked" if status["locked"] else f"unlocked until {_when(status['unlockedUntil'])} UTC"
+    return f"{state}; {status['pending']} pending"
+
+
+def _show_requests(requests: list[Mapping[str, Any]]) -> str:
+    if not requests:
+        return "no requests"
+    headers = ["USERNAME", "STATE", "PAIRING", "METHOD", "ROLES", "PERMISSIONS", "POLLS", "LAST POLL (UTC)", "FROM",
+               "CONTEXT / REASON"]  # fmt: skip
+    rows = [
+        [
+            r["username"],
+            r["state"],
+            r["pairingId"],
+            r["method"],
+            ", ".join(r["roles"]) or "-",
+            ", ".join(format_permission(p) for p in r["permissions"]) or "-",
+            str(r["pollCount"]),
+            _when(r["lastPollAt"]),
+            r["clientAddress"] or "-",
+            _shorten((r["reason"] if r["state"] == "denied" else r["context"]) or "-"),
+        ]
+        for r in requests
+    ]
+    return _table(headers, rows)
+
+
+def _show_users(users: list[Mapping[str, Any]]) -> str:
+    if not users:
+        return "no users"
+    headers = ["USERNAME", "METHOD", "ROLES", "PERMISSIONS", "CREATED (UTC)", "CERTIFICATE SERIAL", "EXPIRES (UTC)"]
+    rows = [
+        [
+            u["username"],
+            u["method"],
+            ", ".join(u["roles"]) or "-",
+            ", ".join(format_permission(p) for p in u["permissions"]) or "-",
+            _when(u["createdAt"]),
+            u["certificateSerial"] or "-",
+            _when(u["certificateNotAfter"]) if u["certificateNotAfter"] else "-",
+        ]
+        for u in users
+    ]
+    return _table(headers, rows)
+
+
+def _show_user(user: Mapping[str, Any]) -> str:
+    certificate = f"; certificate serial {user['certificateSerial']}" if user.get("certificateSerial") else ""
+    return f"approved {user['username']}: {_rights(user['roles'], user['permissions'])}{certificate}"
+
+
+def _show_denied(request: Mapping[str, Any]) -> str:
+    return f"denied {request['username']}" + (f": {request['reason']}" if request.get("reason") else "")
+
+
+ADMIN_COMMANDS = {
+    "status": AdminCommand("GET", "/client-registry", _show_status, "is the registry locked, and how many wait"),
+    "unlock": AdminCommand("POST", "/client-registry/unlock", _show_status, "open the registry for new requests"),
+    "lock": AdminCommand("POST", "/client-registry/lock", _show_status, "close the registry at once"),
+    "requests": AdminCommand("GET", "/client-registry/requests", _show_requests, "list every stored request"),
+    "approve": AdminCommand("POST", "/client-registry/requests/{name}/approve", _show_user, "approve a request"),
+    "deny": AdminCommand("POST", "/client-registry/requests/{name}/deny", _show_denied, "deny a request"),
+    "forget": AdminCommand(
+        "DELETE", "/client-registry/requests/{name}", lambda a: f"forgot the request of {a['username']}",
+        "forget a pending or denied request"),
+    "users": AdminCommand("GET", "/users", _show_users, "list the registered users"),
+    "delete-user": AdminCommand(
+        "DELETE", "/users/{name}", lambda a: f"removed the user {a['username']}",
+        "remove a user and its request: the name may register again"),
+}  # fmt: skip
+
+
+def _admin_parsers(parser: argparse.ArgumentParser, parents: list[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--token",
+        default=os.environ.get("REGISTRY_ADMIN_TOKEN"),
+        help="the administrator token (default: $REGISTRY_ADMIN_TOKEN)",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{" + ",".join(ADMIN_COMMANDS) + "}")
+    for name, command in ADMIN_COMMANDS.items():
+        action = actions.add_parser(name, parents=[*parents, common], help=command.help, description=command.help)
+        if "{name}" in command.path:
+            action.add_argument("name", metavar="NAME", help="the username")
+        if name == "unlock":
+            action.add_argument("--minutes", type=float, help="how long it stays open (default: the server's, 5)")
+        if name == "approve":
+            _rights_arguments(action, "grant instead of what was requested")
+            action.add_argument("--grant-nothing", action="store_true", help="grant no roles and no permissions at all")
+        if name == "deny":
+            action.add_argument("--reason", help="why, for the client to read")
+        action.set_defaults(run=_run_admin)
+
+
+def _admin_body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any] | None:
+    """The body the command sends, from its options; None for none."""
+    if args.action == "unlock" and args.minutes is not None:
+        if args.minutes <= 0:
+            parser.error("--minutes must be more than 0")
+        return {"duration": round(args.minutes * 60_000)}
+    if args.action == "approve" and (args.roles or args.permissions or args.grant_nothing):
+        if args.grant_nothing and (args.roles or args.permissions):
+            parser.error("--grant-nothing takes no --role or --permission")
+        # The server grants exactly the body's rights: what is not named is not granted.
+        return {"roles": args.roles, "permissions": args.permissions}
+    if args.action == "deny" and args.reason is not None:
+        return {"reason": args.reason}
+    return None
+
+
+def _run_admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.token:
+        parser.error("give --token or set REGISTRY_ADMIN_TOKEN (the server keeps it in <data-dir>/admin-token)")
+    command = ADMIN_COMMANDS[args.action]
+    path = API + command.path.format(name=quote(getattr(args, "name", ""), safe=""))
+    body = _admin_body(args, parser)
+    reply = _server(args, parser).call(command.method, path, body, headers={"Authorization": f"Bearer {args.token}"})
+    if reply.status != HTTPStatus.OK:
+        error = Refused.from_reply(reply)
+        if isinstance(error, Unauthorized):
+            error.hint = "check --token or $REGISTRY_ADMIN_TOKEN: the server keeps it in <data-dir>/admin-token"
+        raise error
+    answer = reply.json()
+    print(json.dumps(answer, indent=2) if args.json else _printable(command.show(answer), keep_newlines=True))
+    return Exit.OK
+
+
+# --- whoami -----------------------------------------------------------------
+
+
+def _whoami_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cert", type=Path, help="the client certificate (PEM), for mutual TLS")
+    parser.add_argument("--key", type=Path, help="its private key (PEM)")
+    parser.add_argument("--username", help="the username, for HTTP Basic")
+    password = parser.add_mutually_exclusive_group()
+    password.add_argument("--password", help="the password, for HTTP Basic")
+    password.add_argument("--password-file", type=Path, help="a file holding the password")
+    parser.set_defaults(run=_run_whoami)
+
+
+def _run_whoami(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    by_certificate = args.cert is not None or args.key is not None
+    by_password = args.username is not None or args.password is not None or args.password_file is not None
+    if by_certificate == by_password:
+        parser.error("give either --cert and --key, or --username and --password")
+    if by_certificate and (args.cert is None or args.key is None):
+        parser.error("--cert and --key go together")
+    headers = {}
+    if by_password:
+        password = _password(args)
+        if args.username is None or password is None:
+            parser.error("--username and --password go together")
+        credentials = b64encode(f"{args.username}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {credentials}"
+    server = _server(args, parser, certificate=args.cert, key=args.key)
+    reply = server.call("GET", f"{API}/auth/whoami", headers=headers)
+    if reply.status != HTTPStatus.OK:
+        raise Refused.from_reply(reply)
+    identity = reply.json()
+    if args.json:
+        print(json.dumps(identity, indent=2))
+    else:
+        rights = _rights(identity["roles"], identity["permissions"])
+        print(_printable(f"{identity['username']}, by {identity['method']}: {rights}"))
+    return Exit.OK
+
+
+# --- Output -----------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    """A progress line, on standard error: standard output keeps the results."""
+    print(_printable(message), file=sys.stderr, flush=True)
+
+
+def _rights(roles: Iterable[str], permissions: Iterable[Mapping[str, str]]) -> str:
+    listed = ", ".join(format_permission(p) for p in permissions)
+    return f"roles {', '.join(roles) or 'none'}; permissions {listed or 'none'}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    )
+
+
+def _when(iso: str) -> str:
+    """An ISO 8601 time from the server, in UTC to the second."""
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _printable(text: str, *, keep_newlines: bool = False) -> str:
+    # A client's context, or a server's message, could hold terminal escape
+    # sequences: shown as \x1b, they cannot rewrite the administrator's screen.
+    return "".join(
+        char if char.isprintable() or (keep_newlines and char == "\n") else repr(char)[1:-1] for char in text
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

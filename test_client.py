@@ -1,0 +1,446 @@
+"""client.py end to end: a real ``server.py`` in a subprocess, the client as a command and as a function.
+
+The server runs with ``--retry-after 1`` and the agents with
+``--max-interval 1`` and a ``--timeout``, so that every wait is short and
+nothing can hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+import ca
+import client
+
+ROOT = Path(__file__).parent
+TOKEN = "test-admin-token"
+WAIT = 15  # seconds any one expected event may take before the test fails
+
+
+# --- A server and the command, as subprocesses ------------------------------
+
+
+class RegistryProcess:
+    """``python3 server.py`` on a fixed port and data folder, so that it can be killed and started again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.data = folder / "data"
+        self.log = folder / "server.log"
+        self.port = _free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data / "ca.pem"
+
+    def start(self) -> None:
+        command = [sys.executable, "server.py", "--port", str(self.port), "--data-dir", str(self.data)]
+        command += ["--admin-token", TOKEN, "--retry-after", "1", "--log-level", "WARNING"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}: {self.log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail(f"the server did not listen on port {self.port} within {WAIT} s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``python3 client.py ARGS`` in a new process, to its end."""
+    command = [sys.executable, "client.py", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WAIT, env=_env())
+
+
+def command(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``client.py ARGS`` run in this process, which is quicker than a new interpreter."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        try:
+            code = client.main(list(map(str, args)))
+        except SystemExit as usage:  # argparse's exit
+            code = usage.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+def admin(registry: RegistryProcess, *args: str) -> str:
+    """An administrator's command that must succeed; its standard output."""
+    done = command("admin", *args, "--server", registry.url, "--ca-file", registry.ca_file, "--token", TOKEN)
+    assert done.returncode == client.Exit.OK, done.stderr
+    return done.stdout
+
+
+def _env() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if not name.startswith("REGISTRY_")}
+
+
+class Agent:
+    """``python3 client.py register ARGS`` in the background; its progress lines are read as they come."""
+
+    def __init__(self, *args: str | Path) -> None:
+        command = [sys.executable, "client.py", "register", *map(str, args)]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        )
+        self.lines: list[str] = []
+        self._fresh: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+            self._fresh.put(line.rstrip("\n"))
+        self._fresh.put(None)
+
+    def wait_for(self, text: str) -> str:
+        """The next progress line that holds ``text``."""
+        deadline = time.monotonic() + WAIT
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._fresh.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"the agent ended before saying {text!r}: {self.lines}")
+            if text in line:
+                return line
+        pytest.fail(f"the agent did not say {text!r} within {WAIT} s: {self.lines}")
+
+    def finish(self) -> tuple[int, str]:
+        """The exit code and standard output, once the agent has ended."""
+        code = self.process.wait(timeout=WAIT)
+        return code, self.process.stdout.read()
+
+    def said(self, text: str) -> int:
+        """How many progress lines hold ``text``."""
+        return sum(text in line for line in self.lines)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """One server for the tests that do not restart it; each test uses its own usernames."""
+    server = RegistryProcess(tmp_path_factory.mktemp("registry"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    """Agents started in a test, killed at its end if still running."""
+    started: list[Agent] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def register_args(registry: RegistryProcess, username: str, out: Path, *credential: str) -> list[str | Path]:
+    """The arguments of a quick agent: short polls, a bound on the whole wait."""
+    return ["--server", registry.url, "--username", username, *credential, "--out", out]
+
+
+QUICK = ["--max-interval", "1", "--timeout", "20"]
+
+
+# --- The workflow -------------------------------------------------------------
+
+
+def test_an_agent_registers_with_a_generated_key_while_the_administrator_unlocks_and_approves(
+    registry: RegistryProcess, agents: list[Agent], tmp_path: Path
+) -> None:
+    admin(registry, "lock")
+    out = tmp_path / "agent"
+    permission = "mqtt:read:sensors/#"
+    agent = Agent(
+        *register_args(registry, "agent-0001", out, "--generate-key"),
+        *["--role", "minimum", "--permission", permission, "--context", "hall 3, line 2", *QUICK],
+    )
+    agents.append(agent)
+
+    # With no CA file it pins the server's CA and shows its fingerprint.
+    ca_certificate = x509.load_pem_x509_certificate(registry.ca_file.read_bytes())
+    assert client.fingerprint(ca_certificate) in agent.wait_for("SHA-256 fingerprint")
+    agent.wait_for("the registry is locked")
+
+    assert "unlocked until" in admin(registry, "unlock", "--minutes", "1")
+    pairing_id = agent.wait_for("pending, pairing id").split("pairing id ")[1].split(":")[0]
+
+    # The administrator sees the same pairing id the agent printed.
+    listed = {r["username"]: r for r in json.loads(admin(registry, "requests", "--json"))}
+    assert listed["agent-0001"]["pairingId"] == pairing_id
+    assert listed["agent-0001"]["method"] == "csr"
+    assert listed["agent-0001"]["context"] == "hall 3, line 2"
+    table = admin(registry, "requests")
+    assert table.startswith("USERNAME") and pairing_id in table and permission in table
+
+    assert "approved agent-0001" in admin(registry, "approve", "agent-0001")
+    code, stdout = agent.finish()
+    assert code == client.Exit.OK, agent.lines
+    assert "registered agent-0001: roles minimum; permissions mqtt:read:sensors/#" in stdout
+    assert agent.said("the registry is locked") == 1 and agent.said("pending") == 1
+
+    # The key stayed here, for its owner alone; the certificate is for it.
+    key_file = out / "key.pem"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert hashlib.sha256(spki).hexdigest()[:6] == pairing_id
+    certificate = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    certificate.verify_directly_issued_by(x509.load_pem_x509_certificate((out / "ca.pem").read_bytes()))
+    assert certificate.public_key() == key.public_key()
+    assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "agent-0001"
+    assert (out / "ca.pem").read_bytes() == registry.ca_file.read_bytes()
+    granted = json.loads((out / "granted.json").read_text())
+    assert granted == {
+        "username": "agent-0001",
+        "roles": ["minimum"],
+        "permissions": [{"resource": "sensors/#", "operation": "read", "context": "mqtt"}],
+    }
+
+    # The written certificate authenticates over mutual TLS.
+    whoami = command("whoami", "--server", registry.url, "--ca-file", out / "ca.pem",
+                     "--cert", out / "cert.pem", "--key", key_file, "--json")  # fmt: skip
+    assert whoami.returncode == client.Exit.OK, whoami.stderr
+    assert json.loads(whoami.stdout) == {**granted, "method": "certificate"}
+
+    # Run again, the agent reuses its key and fetches the same answer.
+    again = command("register", *register_args(registry, "agent-0001", out, "--generate-key"), "--insecure",
+                    "--role", "minimum", "--permission", permission, *QUICK)  # fmt: skip
+    assert again.returncode == client.Exit.OK, again.stderr
+    assert "of an earlier run" in again.stderr
+    assert (out / "cert.pem").read_bytes() == certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def test_an_agent_keeps_polling_across_a_server_restart(agents: list[Agent], tmp_path: Path) -> None:
+    registry = RegistryProcess(tmp_path)
+    registry.start()
+    try:
+        admin(registry, "unlock")
+        (tmp_path / "password").write_text("s3cret-pass\n")
+        out = tmp_path / "sensor"
+        agent = Agent(*register_args(registry, "sensor-0003", out, "--password-file", tmp_path / "password"), *QUICK)
+        agents.append(agent)
+        agent.wait_for("pending, pairing id")
+
+        registry.kill()
+        agent.wait_for("no answer from")
+        time.sleep(1.5)  # several polls go unanswered: they are reported once
+        registry.start()
+        admin(registry, "approve", "sensor-0003", "--grant-nothing")
+
+        code, stdout = agent.finish()
+        assert code == client.Exit.OK, agent.lines
+        assert agent.said("no answer from") == 1
+        assert "registered sensor-0003: roles none; permissions none" in stdout
+        assert json.loads((out / "granted.json").read_text())["roles"] == []
+        assert not (out / "cert.pem").exists()
+        whoami = command("whoami", "--server", registry.url, "--insecure",
+                         "--username", "sensor-0003", "--password", "s3cret-pass")  # fmt: skip
+        assert whoami.returncode == client.Exit.OK, whoami.stderr
+        assert whoami.stdout.strip() == "sensor-0003, by password: roles none; permissions none"
+    finally:
+        registry.kill()
+
+
+# --- Refusals: one line, one exit code -----------------------------------------
+
+
+def register_once(registry: RegistryProcess, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("register", "--server", registry.url, "--ca-file", registry.ca_file, "--out", tmp_path / "out",
+               "--max-interval", "1", "--timeout", "5", *args)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--username", "ab", "--password", "s3cret-pass"], "422 policy_violation: 'username' must be 3 to 64"),
+        (["--username", "role-asker", "--password", "s3cret-pass", "--role", "root"],
+         "422 policy_violation: role 'root' is not in the role catalog"),
+        (["--username", "web-client", "--password", "s3cret-pass", "--permission", "http:read:api"],
+         "400 malformed_request: permissions[0].resource must start with '/' for the http context"),
+    ],
+)  # fmt: skip
+def test_a_rejected_request_stops_with_the_servers_message(
+    registry: RegistryProcess, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    done = register_once(registry, tmp_path, *args)
+    assert done.returncode == client.Exit.REJECTED
+    assert done.stderr.splitlines()[-1].startswith(f"client.py: {expected}")
+    assert not (tmp_path / "out" / "granted.json").exists()
+
+
+def test_a_timeout_a_conflict_and_a_denial_each_have_their_exit_code(registry: RegistryProcess, tmp_path: Path) -> None:
+    admin(registry, "unlock")
+    waited = register_once(registry, tmp_path, "--username", "sensor-0409", "--password", "first-pass",
+                           "--timeout", "1")  # fmt: skip
+    assert waited.returncode == client.Exit.TIMEOUT
+    assert "client.py: no decision within 1 s; the last state: pending, pairing id" in waited.stderr
+
+    other = register_once(registry, tmp_path, "--username", "sensor-0409", "--password", "other-pass")
+    assert other.returncode == client.Exit.CONFLICT
+    last = other.stderr.splitlines()[-1]
+    assert last.startswith("client.py: 409 duplicate_request: a different request for 'sensor-0409' is pending")
+    assert "client.py admin forget|delete-user sensor-0409" in last
+
+    denial = admin(registry, "deny", "sensor-0409", "--reason", "not on the plant's list")
+    assert denial == "denied sensor-0409: not on the plant's list\n"
+    denied = register_once(registry, tmp_path, "--username", "sensor-0409", "--password", "first-pass")
+    assert denied.returncode == client.Exit.DENIED
+    assert denied.stderr.splitlines()[-1] == (
+        "client.py: 403 denied: the request for 'sensor-0409' was denied; reason: not on the plant's list"
+    )
+
+
+def test_administrator_errors_are_one_line_and_an_exit_code(
+    registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = ["--server", registry.url, "--ca-file", str(registry.ca_file)]
+    wrong_token = run("admin", "status", *base, "--token", "not-the-token")
+    assert wrong_token.returncode == client.Exit.DENIED
+    assert wrong_token.stderr.startswith("client.py: 401 unauthorized:") and "--token" in wrong_token.stderr
+    unknown = command("admin", "approve", "nobody-here", *base, "--token", TOKEN)
+    assert unknown.returncode == client.Exit.ERROR
+    assert unknown.stderr == "client.py: 404 not_found: there is no request for 'nobody-here'\n"
+    monkeypatch.delenv("REGISTRY_ADMIN_TOKEN", raising=False)
+    no_token = command("admin", "status", *base)
+    assert no_token.returncode == client.Exit.USAGE and "REGISTRY_ADMIN_TOKEN" in no_token.stderr
+    status = json.loads(admin(registry, "status", "--json"))
+    assert set(status) == {"locked", "unlockedUntil", "pending"}
+
+
+def test_trust_failures_stop_before_anything_is_sent(registry: RegistryProcess, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    other_ca = ca.CA.load_or_create(stranger, datetime.now(UTC))  # a CA that is not the registry's
+    base = ["register", "--server", registry.url, "--username", "trusting", "--password", "s3cret-pass",
+            "--out", tmp_path / "out", "--timeout", "5"]  # fmt: skip
+    wrong_ca = command(*base, "--ca-file", stranger / "ca.pem")
+    assert wrong_ca.returncode == client.Exit.UNREACHABLE
+    assert "client.py: cannot trust" in wrong_ca.stderr and "does not verify" in wrong_ca.stderr
+    wrong_pin = command(*base, "--ca-fingerprint", client.fingerprint(other_ca.certificate))
+    assert wrong_pin.returncode == client.Exit.UNREACHABLE
+    assert "not the expected one" in wrong_pin.stderr
+    closed = command("admin", "status", "--server", f"https://127.0.0.1:{_free_port()}", "--insecure", "--token", TOKEN)
+    assert closed.returncode == client.Exit.UNREACHABLE and "no answer from" in closed.stderr
+    requests = json.loads(admin(registry, "requests", "--json"))
+    assert "trusting" not in {r["username"] for r in requests}
+
+
+# --- register() for embedders -------------------------------------------------
+
+
+def test_register_as_a_function_returns_what_the_administrator_narrowed_it_to(
+    registry: RegistryProcess, tmp_path: Path
+) -> None:
+    admin(registry, "unlock")
+    server = client.Server(registry.url, ca_file=registry.ca_file)
+    reports: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            client.register,
+            server,
+            "embedded-1",
+            key=client.generate_key("ed25519"),
+            roles=["minimum"],
+            permissions=[client.parse_permission("http:readWrite:/api/things")],
+            out=tmp_path,
+            timeout=20,
+            max_interval=1,
+            report=reports.append,
+        )
+        _wait_until_pending(registry, "embedded-1")
+        admin(registry, "approve", "embedded-1", "--permission", "http:read:/api/things")
+        registered = future.result(timeout=WAIT)
+    assert registered.roles == ()
+    assert registered.permissions == ({"resource": "/api/things", "operation": "read", "context": "http"},)
+    assert registered.certificate_path == tmp_path / "cert.pem" and registered.certificate_path.exists()
+    assert registered.ca_path.read_text() == registered.ca_certificate_pem
+    assert len(reports) == 1 and reports[0].startswith("pending, pairing id")
+
+    with pytest.raises(client.Conflict) as conflict:
+        client.register(server, "embedded-1", password="s3cret-pass", timeout=5)
+    assert (conflict.value.status, conflict.value.code) == (409, "username_taken")
+    with pytest.raises(client.Rejected) as rejected:
+        client.register(server, "embedded-1", password="four", timeout=5)
+    assert rejected.value.exit_code == client.Exit.REJECTED and "'password'" in rejected.value.message
+
+
+def _wait_until_pending(registry: RegistryProcess, username: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        requests = json.loads(admin(registry, "requests", "--json"))
+        if any(r["username"] == username and r["state"] == "pending" for r in requests):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"no pending request for {username} within {WAIT} s")
+
+
+# --- The pieces -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", client.KEY_TYPES)
+def test_a_generated_key_signs_a_csr_whose_only_name_is_the_username(kind: str) -> None:
+    csr = x509.load_pem_x509_csr(client.make_csr("sensor-0003", client.generate_key(kind)).encode())
+    assert csr.is_signature_valid
+    assert csr.subject == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sensor-0003")])
+    assert len(csr.extensions) == 0
+
+
+def test_permissions_read_as_context_operation_resource() -> None:
+    assert client.parse_permission("mqtt:write:plant/a:b/#") == {
+        "resource": "plant/a:b/#",
+        "operation": "write",
+        "context": "mqtt",
+    }
+    for wrong in ("mqtt:read", "ftp:read:/x", "http:delete:/x", "read:mqtt:x"):
+        with pytest.raises(ValueError, match="CONTEXT:OPERATION:RESOURCE"):
+            client.parse_permission(wrong)
+
+
+def test_retry_after_reads_seconds_and_dates() -> None:
+    assert client.retry_after({"retry-after": "7"}, 5) == 7
+    in_a_minute = format_datetime(datetime.now(UTC) + timedelta(minutes=1), usegmt=True)
+    assert 55 < client.retry_after({"retry-after": in_a_minute}, 5) <= 60
+    assert client.retry_after({"retry-after": "soon"}, 5) == 5
+    assert client.retry_after({}, 30) == 30
