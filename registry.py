@@ -63,6 +63,8 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -633,7 +635,7 @@ class Registry:
 
     def close(self) -> None:
         """Write what is counted in memory and close the database."""
-        with self._lock:
+        with self._lock, contextlib.suppress(sqlite3.ProgrammingError):  # closed already
             self._save_polls()
             self._db.close()
 
@@ -876,7 +878,7 @@ class Registry:
         now = moment.timestamp()
         with self._lock:
             row = self._decidable(username, Event.APPROVE, now)
-            rights = granted or Rights.loads(row["requested"])
+            rights = dataclasses.replace(Rights.loads(row["requested"]), **granted)
             issued = None
             if row["csr"]:
                 if self.ca is None:
@@ -907,9 +909,10 @@ class Registry:
                 self._audit(now, actor, address, "approve", username, details)
             return self._user_json(username)
 
-    def _grant(self, body: object) -> Rights | None:
-        if body is None or body == {}:
-            return None
+    def _grant(self, body: object) -> dict[str, Any]:
+        """The rights the body grants instead of the requested ones: a field left out stays as requested."""
+        if body is None:
+            return {}
         if not isinstance(body, dict):
             raise MalformedRequest("the body must be a JSON object with 'roles' and 'permissions'")
         problems = [f"unknown field {name!r}" for name in sorted(set(body) - {"roles", "permissions"})]
@@ -919,7 +922,7 @@ class Registry:
         unknown = [f"role {role!r} is not in the role catalog" for role in rights.roles if role not in self.roles]
         if unknown:
             raise _policy(unknown)
-        return rights
+        return {name: getattr(rights, name) for name in ("roles", "permissions") if name in body}
 
     def deny(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
         """Deny a pending request, with the body's ``reason``."""
@@ -987,7 +990,7 @@ class Registry:
             }
             for row in rows
         ]
-        return {"entries": entries, "next": entries[-1]["id"] if len(entries) == limit else None}
+        return {"entries": entries, "next": entries[-1]["id"] if entries and len(entries) == limit else None}
 
     def _decidable(self, username: str, event: Event, now: float) -> sqlite3.Row:
         """The stored request for ``username``, if ``event`` may happen to it."""
@@ -1021,12 +1024,15 @@ class Registry:
     def authenticate_certificate(self, certificate_der: bytes) -> Identity:
         """The user a certificate was issued to; ``Unauthorized`` otherwise."""
         digest = hashlib.sha256(certificate_der).hexdigest()
+        now = self.clock().timestamp()
         with self._lock:
             user = self._db.execute(
-                "SELECT username, granted FROM users WHERE certificate_sha256 = ?", (digest,)
+                "SELECT username, granted, not_after FROM users WHERE certificate_sha256 = ?", (digest,)
             ).fetchone()
         if user is None:
             raise Unauthorized("this certificate belongs to no registered user")
+        if user["not_after"] <= now:
+            raise Unauthorized("this certificate has expired")
         return Identity(user["username"], Rights.loads(user["granted"]), "certificate")
 
     # --- Storage ----------------------------------------------------------

@@ -724,6 +724,15 @@ def test_an_approval_may_narrow_the_rights_and_the_201_shows_what_was_granted(op
     assert unordered(listed["permissions"]) == unordered([READ_TELEMETRY, WRITE_COMMANDS])
 
 
+def test_an_approval_body_that_names_one_field_keeps_the_other_as_requested(open_reg):
+    payload = password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY])
+    answer = approved(open_reg, payload, {"permissions": []})
+    assert (answer.body["roles"], answer.body["permissions"]) == (["minimum", "operator"], [])
+    other = password_request("sensor-0002", roles=["operator"], permissions=[READ_TELEMETRY])
+    answer = approved(open_reg, other, {"roles": ["minimum"]})
+    assert (answer.body["roles"], answer.body["permissions"]) == (["minimum"], [READ_TELEMETRY])
+
+
 def test_the_certificate_takes_nothing_from_the_csr_but_its_key(open_reg, authority):
     key = make_key()
     subject = x509.Name(
@@ -1021,6 +1030,15 @@ def test_a_registry_without_a_ca_refuses_csrs_and_serves_passwords(clock):
     assert admitted.body == {"status": "approved", "username": "sensor-0001", "roles": [], "permissions": []}
     assert reg.authenticate_password("sensor-0001", PASSWORD).method == "password"
     reg.close()
+
+
+def test_an_expired_certificate_no_longer_authenticates(open_reg, clock):
+    answer = approved(open_reg, csr_request("sensor-0001"))
+    der = certificate_der(answer.body["certificate"])
+    assert open_reg.authenticate_certificate(der).username == "sensor-0001"
+    clock.advance(days=366)
+    with pytest.raises(registry.Unauthorized, match="expired"):
+        open_reg.authenticate_certificate(der)
 
 
 def test_a_password_approval_carries_no_certificate(open_reg):
