@@ -257,10 +257,6 @@ class Server:
             sent["Content-Type"] = "application/json"
         return self._exchange(method, path, data, sent, self._context, timeout)
 
-    def ca_certificate(self, *, timeout: float = REQUEST_TIMEOUT) -> str:
-        """The PEM of the CA the server serves, fetched over the current trust."""
-        return _parse_ca(self._exchange("GET", CA_PATH, None, {}, self._context, timeout))[0]
-
     def _pin(self, timeout: float) -> ssl.SSLContext:
         """Fetch the CA without verification, report (or check) its fingerprint, trust only it."""
         unverified = self._tls_context(insecure=True)
@@ -323,6 +319,8 @@ class Server:
             raise TrustFailure(
                 f"cannot trust {self.url}: its certificate does not verify: {error.verify_message}"
             ) from None
+        except ssl.SSLError as error:
+            raise Unreachable(f"TLS with {self.url} failed: {_describe(error)}") from None
         except (OSError, http.client.HTTPException) as error:
             raise Unreachable(f"no answer from {self.url}: {_describe(error)}") from None
         finally:
@@ -390,6 +388,7 @@ def load_or_generate_key(path: str | os.PathLike[str], kind: str | None = "ec") 
     if kind is None:
         raise ClientError(f"there is no key at {path}")
     key = generate_key(kind)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     _write(path, pem, mode=0o600)
     return key, True
@@ -592,12 +591,10 @@ def _call_timeout(deadline: float | None) -> float:
 
 
 def _sleep(wait: float, deadline: float | None, timeout: float | None, last: str) -> None:
-    """Sleep ``wait`` seconds, or until the deadline; ``TimedOut`` once it has passed."""
-    if deadline is not None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimedOut(f"no decision within {timeout:g} s; the last state: {last}")
-        wait = min(wait, remaining)
+    """Sleep ``wait`` seconds; ``TimedOut`` at the deadline when the next poll would come after it."""
+    if deadline is not None and time.monotonic() + wait >= deadline:
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        raise TimedOut(f"no decision within {timeout:g} s; the last state: {last}")
     time.sleep(wait)
 
 
@@ -669,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"client.py: {error}")
         return Exit.ERROR
     except KeyboardInterrupt:
-        _say("client.py: interrupted")
+        _say("client.py: interrupted (a registration resumes when the same command runs again)")
         return Exit.INTERRUPTED
 
 
@@ -781,7 +778,6 @@ def _run_register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _key(args: argparse.Namespace) -> tuple[PrivateKey | None, Path | None]:
     """The key to register with, and its file: OUT/key.pem for --generate-key, or --key."""
     if args.generate_key:
-        args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = args.out / "key.pem"
         key, new = load_or_generate_key(path, args.key_type)
         _say(f"made a new {args.key_type} key, {path}" if new else f"using the key {path} of an earlier run")

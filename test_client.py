@@ -279,6 +279,10 @@ def test_an_agent_keeps_polling_across_a_server_restart(agents: list[Agent], tmp
                          "--username", "sensor-0003", "--password", "s3cret-pass")  # fmt: skip
         assert whoami.returncode == client.Exit.OK, whoami.stderr
         assert whoami.stdout.strip() == "sensor-0003, by password: roles none; permissions none"
+        wrong = command("whoami", "--server", registry.url, "--insecure",
+                        "--username", "sensor-0003", "--password", "not-the-pass")  # fmt: skip
+        assert wrong.returncode == client.Exit.DENIED
+        assert wrong.stderr == "client.py: 401 unauthorized: unknown username or wrong password\n"
     finally:
         registry.kill()
 
