@@ -36,6 +36,7 @@ const page = {
   userRows: new Map(),
   catalog: null, // [{name, description}]
   openRequest: null, // the username whose Grant Access dialog is open
+  signingIn: false, // a 401 now means the token just typed is wrong
   refreshing: false,
   refreshAgain: false,
   bannerSource: null,
@@ -157,7 +158,11 @@ async function api(method, path, body) {
   const data = await response.json().catch(() => null);
   if (response.status === 401) {
     sessionStorage.removeItem(TOKEN_KEY);
-    askForToken("The administrator token was refused: it may have been changed. Enter it again.");
+    askForToken(
+      page.signingIn
+        ? "The server refused this token: check it and try again."
+        : "Your administrator token was refused: it may have been changed. Enter it again.",
+    );
   }
   if (!response.ok) throw new ApiError(response.status, data);
   return data;
@@ -173,8 +178,8 @@ function askForToken(message) {
   $("token-error").textContent = message || "";
   $("token-error").hidden = !message;
   $("sign-out").hidden = true;
-  if (message) showBanner(message, "auth");
   if (!dialog.open) {
+    if (message) showBanner(message, "auth");
     $("token-input").value = "";
     dialog.showModal();
   }
@@ -187,6 +192,7 @@ async function signIn(event) {
   if (!value) return;
   sessionStorage.setItem(TOKEN_KEY, value);
   $("token-submit").disabled = true;
+  page.signingIn = true;
   try {
     await api("GET", "/client-registry");
     $("token-dialog").close();
@@ -200,6 +206,7 @@ async function signIn(event) {
       $("token-error").hidden = false;
     }
   } finally {
+    page.signingIn = false;
     $("token-submit").disabled = false;
   }
 }
