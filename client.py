@@ -508,6 +508,7 @@ class _StateReporter:
         self.sentence = "no answer yet"
 
     def enter(self, state: object, sentence: str) -> None:
+        """Note the state the last answer put us in; report it if it is new."""
         if state != self.state:
             self.report(sentence)
         self.state, self.sentence = state, sentence
@@ -658,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args, parser)
+        return args.run(args, args.parser)
     except ClientError as error:
         _say(f"client.py: {error}" + (f" ({error.hint})" if error.hint else ""))
         return error.exit_code
@@ -724,7 +725,7 @@ def _register_parser(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the longest wait between two polls (default %(default)g)",
     )
-    parser.set_defaults(run=_run_register)
+    parser.set_defaults(run=_run_register, parser=parser)
 
 
 def _rights_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -912,7 +913,7 @@ def _admin_parsers(parser: argparse.ArgumentParser, parents: list[argparse.Argum
             action.add_argument("--grant-nothing", action="store_true", help="grant no roles and no permissions at all")
         if name == "deny":
             action.add_argument("--reason", help="why, for the client to read")
-        action.set_defaults(run=_run_admin)
+        action.set_defaults(run=_run_admin, parser=action)
 
 
 def _admin_body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any] | None:
@@ -958,7 +959,7 @@ def _whoami_parser(parser: argparse.ArgumentParser) -> None:
     password = parser.add_mutually_exclusive_group()
     password.add_argument("--password", help="the password, for HTTP Basic")
     password.add_argument("--password-file", type=Path, help="a file holding the password")
-    parser.set_defaults(run=_run_whoami)
+    parser.set_defaults(run=_run_whoami, parser=parser)
 
 
 def _run_whoami(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -52,9 +52,11 @@ class RegistryProcess:
 
     @property
     def ca_file(self) -> Path:
+        """The registry's CA certificate, as the server keeps it."""
         return self.data / "ca.pem"
 
     def start(self) -> None:
+        """Start the server and wait until it listens."""
         command = [sys.executable, "server.py", "--port", str(self.port), "--data-dir", str(self.data)]
         command += ["--admin-token", TOKEN, "--retry-after", "1", "--log-level", "WARNING"]
         with self.log.open("ab") as log:
@@ -71,6 +73,7 @@ class RegistryProcess:
         pytest.fail(f"the server did not listen on port {self.port} within {WAIT} s")
 
     def kill(self) -> None:
+        """Kill the server at once, as a crash would."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
@@ -152,6 +155,7 @@ class Agent:
         return sum(text in line for line in self.lines)
 
     def stop(self) -> None:
+        """Kill the agent if it still runs."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
@@ -291,6 +295,7 @@ def test_an_agent_keeps_polling_across_a_server_restart(agents: list[Agent], tmp
 
 
 def register_once(registry: RegistryProcess, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``client.py register`` in a new process, trusting the registry's CA, waiting at most 5 s."""
     return run("register", "--server", registry.url, "--ca-file", registry.ca_file, "--out", tmp_path / "out",
                "--max-interval", "1", "--timeout", "5", *args)  # fmt: skip
 
