@@ -63,9 +63,11 @@ class Config:
     port: int = 8443
     data_dir: Path = Path("registry-data")
     http: bool = False
+    server_names: tuple[str, ...] = ()
     admin_token: str | None = None
     unlock_minutes: float = 5
     retry_after: int = 5
+    retry_after_locked: int = 30
     cert_days: int = 365
     roles: Path | None = None
     max_body: int = 64 * 1024
@@ -515,6 +517,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         unlock_duration=timedelta(minutes=config.unlock_minutes),
         retention=timedelta(hours=config.retention_hours),
         retry_after_pending=config.retry_after,
+        retry_after_locked=config.retry_after_locked,
         rate_limit=config.rate_limit,
         max_pending=config.max_pending,
         scrypt_n=config.scrypt_n,
@@ -523,7 +526,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         str(data / "registry.db"), clock=clock, roles=load_roles(config.roles), ca=authority, settings=settings
     )
     app = App(core, admin_token(config), max_body=config.max_body)
-    tls = None if config.http else tls_context(authority, data, config.host, clock())
+    tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
     return RegistryServer(config, app, tls)
 
 
@@ -552,10 +555,10 @@ def load_roles(path: Path | None) -> dict[str, str]:
     raise ValueError(f"{path}: the role catalog must be a list of names or an object of names to descriptions")
 
 
-def tls_context(authority: ca_module.CA, data: Path, host: str, now: datetime) -> ssl.SSLContext:
+def tls_context(authority: ca_module.CA, data: Path, names: list[str], now: datetime) -> ssl.SSLContext:
     """A server context with a certificate from the CA, asking for optional client certificates."""
     cert_path, key_path = data / "server.pem", data / "server.key"
-    names = [host] if host not in ("0.0.0.0", "::", "") else []
+    names = [name for name in names if name not in ("0.0.0.0", "::", "")]
     if not key_path.exists() or not _server_certificate_fits(cert_path, names, now):
         credentials = authority.issue_server_certificate(now, names)
         cert_path.write_text(credentials.certificate_pem)
@@ -583,61 +586,46 @@ def _server_certificate_fits(path: Path, names: list[str], now: datetime) -> boo
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line, as a ``Config``."""
-    defaults = Config()
-    parser = argparse.ArgumentParser(description="Serve the client registry over HTTPS.")
-    add = parser.add_argument
-    add("--host", default=defaults.host, help="address to listen on (default %(default)s)")
-    add("--port", type=int, default=defaults.port, help="port (default %(default)s; 0 picks a free one)")
-    add("--data-dir", type=Path, default=defaults.data_dir, help="database, CA and keys (default %(default)s)")
-    add("--http", action="store_true", help="serve plain HTTP (behind a TLS proxy, or for tests)")
-    add(
+    d = Config()
+    parser = argparse.ArgumentParser(
+        description="Serve the client registry over HTTPS.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    option = parser.add_argument
+    option("--host", default=d.host, help="address to listen on")
+    option("--port", type=int, default=d.port, help="port; 0 picks a free one")
+    option("--data-dir", type=Path, default=d.data_dir, help="the database, the CA, the keys and the token")
+    option("--http", action="store_true", help="serve plain HTTP (behind a TLS proxy, or for tests)")
+    option(
+        "--server-name",
+        dest="server_names",
+        action="append",
+        default=[],
+        help="another name or address for the server's certificate (repeat for more)",
+    )
+    option(
         "--admin-token",
         default=os.environ.get("REGISTRY_ADMIN_TOKEN"),
-        help="administrator token (default: $REGISTRY_ADMIN_TOKEN, else made once and kept in the data folder)",
+        help="administrator token; default $REGISTRY_ADMIN_TOKEN, else made once and kept in the data folder",
     )
-    add("--unlock-minutes", type=float, default=defaults.unlock_minutes, help="unlock window (default %(default)s)")
-    add(
-        "--retry-after",
-        type=int,
-        default=defaults.retry_after,
-        help="Retry-After seconds of a 202 (default %(default)s)",
+    option("--unlock-minutes", type=float, default=d.unlock_minutes, help="the unlock window")
+    option("--retry-after", type=int, default=d.retry_after, help="Retry-After seconds of a 202")
+    option("--retry-after-locked", type=int, default=d.retry_after_locked, help="Retry-After seconds of a 423")
+    option("--cert-days", type=int, default=d.cert_days, help="validity of client certificates, in days")
+    option("--roles", type=Path, help="JSON file of the role catalog (without it: one role, 'minimum')")
+    option("--max-body", type=int, default=d.max_body, help="largest body in bytes; more gets 413")
+    option(
+        "--retention-hours", type=float, default=d.retention_hours, help="how long pending and denied requests are kept"
     )
-    add(
-        "--cert-days",
-        type=int,
-        default=defaults.cert_days,
-        help="validity of client certificates (default %(default)s)",
+    option("--timeout", type=float, default=d.timeout, help="seconds a whole request may take to arrive")
+    option("--max-connections", type=int, default=d.max_connections, help="connections served at once; more are closed")
+    option(
+        "--rate-limit", type=int, default=d.rate_limit, help="new requests per client address per minute; 0 is no limit"
     )
-    add("--roles", type=Path, help="JSON file of the role catalog (default: one role, 'minimum')")
-    add("--max-body", type=int, default=defaults.max_body, help="largest body in bytes (default %(default)s)")
-    add(
-        "--retention-hours",
-        type=float,
-        default=defaults.retention_hours,
-        help="how long pending and denied requests are kept (default %(default)s)",
-    )
-    add(
-        "--timeout",
-        type=float,
-        default=defaults.timeout,
-        help="seconds a connection may stay silent (default %(default)s)",
-    )
-    add(
-        "--rate-limit",
-        type=int,
-        default=defaults.rate_limit,
-        help="new requests per client address per minute; 0 is no limit (default %(default)s)",
-    )
-    add(
-        "--max-pending",
-        type=int,
-        default=defaults.max_pending,
-        help="most pending requests kept; beyond, new ones get 503 (default %(default)s)",
-    )
-    add("--log-level", default=defaults.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="(default %(default)s)")  # fmt: skip
+    option("--max-pending", type=int, default=d.max_pending, help="most pending requests; beyond, new ones get 503")
+    option("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     args = parser.parse_args(argv)
-    return Config(**{name: value for name, value in vars(args).items()})
+    args.server_names = tuple(args.server_names)
+    return Config(**vars(args))
 
 
 def main(argv: list[str] | None = None) -> None:
