@@ -600,6 +600,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         dest="server_names",
         action="append",
         default=[],
+        metavar="NAME",
         help="another name or address for the server's certificate (repeat for more)",
     )
     option(

@@ -662,6 +662,13 @@ def rights_of(roles: list[str], permissions: list[dict[str, str]]) -> Rights:
     return frozenset(roles), frozenset((p["resource"], p["operation"], p["context"]) for p in permissions)
 
 
+def granted_by(requested: Rights, grant: dict[str, Any] | None) -> Rights:
+    """What an approval grants: the body's roles and permissions; a field left out stays as requested."""
+    grant = grant or {}
+    roles, permissions = rights_of(grant.get("roles", []), grant.get("permissions", []))
+    return (roles if "roles" in grant else requested[0]), (permissions if "permissions" in grant else requested[1])
+
+
 def payload_of(username: str, credential: Credential, rights: Rights, context: str | None) -> Payload:
     """The JSON request a client with these wishes sends; empty rights are left out."""
     roles, permissions = rights
@@ -922,7 +929,7 @@ class RegistryMachine(RuleBasedStateMachine):
         if user is None:
             return
         stored = self.model["requests"][username]
-        granted = stored["rights"] if not grant else rights_of(grant.get("roles", []), grant.get("permissions", []))
+        granted = granted_by(stored["rights"], grant)
         stored["state"] = "approved"
         self.model["users"][username] = granted
         assert user["username"] == username
