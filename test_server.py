@@ -1,0 +1,1406 @@
+"""The HTTPS server of ``server.py``, end to end.
+
+A real server runs in a thread on 127.0.0.1, port 0, and the tests speak to it
+with ``http.client`` over TLS that trusts the registry's own CA, with hostname
+checking on. They walk SPEC section 2's statuses in their order, the
+administrator's calls of section 4 with and without the token, whoami by
+password and by mutual TLS (section 5), the HTTP framing around them (413, 411,
+404, 405, keep-alive), the data folder's modes, and, last, the README's curl
+workflow run as printed against ``python3 server.py`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+import ca
+import server
+from conftest import FakeClock, assert_issued_from, make_csr, make_key
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+JSON = "application/json"
+PEM = "application/x-pem-file"
+REGISTER = "/api/client-registry/register"
+STATUS = "/api/client-registry"
+UNLOCK = "/api/client-registry/unlock"
+LOCK = "/api/client-registry/lock"
+REQUESTS = "/api/client-registry/requests"
+USERS = "/api/users"
+AUDIT = "/api/client-registry/audit"
+CA_PATH = "/api/client-registry/ca"
+WHOAMI = "/api/auth/whoami"
+PAIRING_ID = re.compile(r"[0-9a-f]{6}")
+SENSOR = {"username": "sensor-0003", "password": "s3cret-pass", "roles": ["minimum"]}
+READ_TELEMETRY = {"resource": "plant/+/telemetry", "operation": "read", "context": "mqtt"}
+
+
+# --- A client of the server -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer: status, headers, the body parsed as JSON (None when it is not JSON), and the raw body."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: Any
+    raw: bytes
+
+
+class Client:
+    """One keep-alive HTTPS connection to a running server."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, token: str) -> None:
+        self.connection = http.client.HTTPSConnection(HOST, port, context=context, timeout=10)
+        self.token = token
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        headers: dict[str, str] | None = None,
+        *,
+        kind: str | None = JSON,
+    ) -> Reply:
+        """Send a request and read the answer, checking its Content-Type (``kind``, unless None) and length."""
+        if isinstance(body, dict | list):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        self.connection.request(method, path, body=body, headers=headers or {})
+        response = self.connection.getresponse()
+        raw = response.read()
+        if kind is not None:
+            assert response.headers["Content-Type"] == kind, (method, path, response.status, raw)
+        if method != "HEAD":
+            assert response.headers["Content-Length"] == str(len(raw)), (method, path)
+        parsed = json.loads(raw) if response.headers["Content-Type"] == JSON and raw else None
+        return Reply(response.status, response.headers, parsed, raw)
+
+    def admin(self, method: str, path: str, body: object = None, *, token: str | None = None) -> Reply:
+        """An administrator's call, with the right token unless another is given."""
+        return self.call(method, path, body, {"Authorization": f"Bearer {token or self.token}"})
+
+    def register(self, payload: object) -> Reply:
+        return self.call("POST", REGISTER, payload, {"Content-Type": JSON})
+
+    def whoami(self, headers: dict[str, str] | None = None) -> Reply:
+        return self.call("GET", WHOAMI, headers=headers)
+
+    @property
+    def connected(self) -> socket.socket | None:
+        """The socket of the connection, to tell whether it was kept."""
+        return self.connection.sock
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@dataclass
+class Running:
+    """A server in a thread, its clock, its data folder, and the clients opened on it."""
+
+    server: server.RegistryServer
+    thread: threading.Thread
+    clock: FakeClock
+    data_dir: Path
+    token: str
+    clients: list[Client] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def context(self, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+        """A client context that trusts the registry's CA and checks the host name."""
+        context = ssl.create_default_context(cafile=self.data_dir / "ca.pem")
+        assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+        if cert is not None:
+            context.load_cert_chain(*cert)
+        return context
+
+    def client(self, cert: tuple[Path, Path] | None = None) -> Client:
+        client = Client(self.port, self.context(cert), self.token)
+        self.clients.append(client)
+        return client
+
+    def authority(self) -> ca.CA:
+        return ca.CA.load_or_create(self.data_dir, self.clock())
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        for client in self.clients:
+            client.close()
+        self.server.shutdown()
+        self.server.server_close()
+        self.server.app.core.close()
+        self.thread.join(5)
+
+
+Start = Callable[..., Running]
+
+
+class NoDelayHandler(server.Handler):
+    """``server.Handler`` with TCP_NODELAY (see ``start``)."""
+
+    disable_nagle_algorithm = True
+
+
+def launch(data_dir: Path, *, clock: FakeClock | None = None, nagle: bool = False, **config: Any) -> Running:
+    """Start a server over HTTPS on port 0, in a thread; a fake clock at the present unless one is given."""
+    clock = clock or FakeClock(datetime.now(UTC).replace(microsecond=0))
+    config.setdefault("admin_token", secrets.token_urlsafe(24))
+    instance = server.build(server.Config(port=0, data_dir=data_dir, scrypt_n=16, **config), clock=clock)
+    if not nagle:
+        # server.Handler writes the head and the body of an answer in two
+        # sends; with Nagle's algorithm on, each answer on a kept-alive
+        # connection then waits for the client's delayed ACK (40 ms on
+        # Linux). test_answers_on_a_kept_alive_connection_are_not_delayed
+        # holds that against server.py; here it would only slow every test.
+        instance.RequestHandlerClass = NoDelayHandler
+    # A short poll interval: shutdown() waits for it.
+    thread = threading.Thread(target=instance.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    token = config["admin_token"] or (data_dir / "admin-token").read_text().strip()
+    return Running(instance, thread, clock, data_dir, token)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    """Start servers: ``start(data_dir=..., clock=..., **config)``, all stopped at teardown."""
+    running: list[Running] = []
+
+    def start_server(data_dir: Path | None = None, **options: Any) -> Running:
+        running.append(launch(data_dir or tmp_path / "data", **options))
+        return running[-1]
+
+    yield start_server
+    for instance in running:
+        instance.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """One locked, empty registry for the tests of refusals, which must leave it as they found it."""
+    instance = launch(tmp_path_factory.mktemp("shared"))
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def refused(shared: Running) -> Iterator[Client]:
+    """A client of the shared registry, checked to be locked and empty before the test."""
+    client = shared.client()
+    status, requests, users, _ = snapshot(client)
+    assert status == {"locked": True, "unlockedUntil": None, "pending": 0} and requests == users == []
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def live(start: Start) -> Running:
+    """A registry with the default settings and a fake clock that stands at the present."""
+    return start()
+
+
+@pytest.fixture
+def client(live: Running) -> Client:
+    return live.client()
+
+
+def assert_error(reply: Reply, status: int, code: str | None = None) -> dict[str, Any]:
+    """The reply is the JSON error of SPEC section 2: an ``error`` code and a ``message`` for a person."""
+    assert reply.status == status, reply.raw
+    assert isinstance(reply.body, dict), reply.raw
+    assert isinstance(reply.body.get("error"), str) and reply.body["error"]
+    assert isinstance(reply.body.get("message"), str) and reply.body["message"]
+    if code is not None:
+        assert reply.body["error"] == code, reply.body
+    return reply.body
+
+
+def assert_pending(reply: Reply, username: str) -> str:
+    """A 202 of SPEC section 2, with Retry-After 5; returns the pairing id."""
+    assert reply.status == 202, reply.raw
+    assert reply.headers["Retry-After"] == "5"
+    assert reply.body == {"status": "pending", "username": username, "pairingId": reply.body["pairingId"]}
+    assert PAIRING_ID.fullmatch(reply.body["pairingId"])
+    return reply.body["pairingId"]
+
+
+def snapshot(client: Client) -> tuple[object, ...]:
+    """Everything the administrator can see, to prove that a refused call changed nothing."""
+    answers = [client.admin("GET", path) for path in (STATUS, REQUESTS, USERS, AUDIT)]
+    assert [answer.status for answer in answers] == [200] * 4
+    return tuple(answer.body for answer in answers)
+
+
+def unlocked(client: Client) -> Client:
+    assert client.admin("POST", UNLOCK).status == 200
+    return client
+
+
+def approve(client: Client, username: str, grant: object = None) -> dict[str, Any]:
+    reply = client.admin("POST", f"{REQUESTS}/{username}/approve", grant)
+    assert reply.status == 200, reply.raw
+    return reply.body
+
+
+def key_pem(key: Any) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def spki_sha256(key: Any) -> str:
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem(label: str, der: bytes) -> str:
+    body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+def tampered_csr(common_name: str) -> str:
+    """A CSR that parses but whose signature does not verify: no proof of possession."""
+    csr = x509.load_pem_x509_csr(make_csr(common_name).encode())
+    der = bytearray(csr.public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01  # the last byte is the signature's
+    return pem("CERTIFICATE REQUEST", bytes(der))
+
+
+def self_signed(common_name: str, key: Any) -> bytes:
+    """A client certificate that no registry issued."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A client with a key: its CSR, and where its key lies on disk."""
+
+    username: str
+    key: Any
+    csr: str
+    key_path: Path
+
+    def payload(self, **extra: object) -> dict[str, object]:
+        return {"username": self.username, "csr": self.csr, **extra}
+
+    def credentials(self, certificate_pem: str | bytes) -> tuple[Path, Path]:
+        """The (certificate, key) files for ``load_cert_chain``."""
+        path = self.key_path.with_suffix(".pem")
+        path.write_bytes(certificate_pem if isinstance(certificate_pem, bytes) else certificate_pem.encode())
+        return path, self.key_path
+
+
+def make_agent(folder: Path, username: str = "agent-0001") -> Agent:
+    key = make_key()
+    key_path = folder / f"{username}.key"
+    key_path.write_bytes(key_pem(key))
+    return Agent(username, key, make_csr(username, key), key_path)
+
+
+def admitted_agent(live: Running, client: Client, tmp_path: Path, username: str = "agent-0001") -> tuple[Agent, str]:
+    """An agent whose CSR request was approved; returns it with its certificate."""
+    agent = make_agent(tmp_path, username)
+    assert_pending(client.register(agent.payload()), username)
+    approve(client, username)
+    reply = client.register(agent.payload())
+    assert reply.status == 201, reply.raw
+    return agent, reply.body["certificate"]
+
+
+def basic(username: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+
+
+# --- SPEC section 2: the client's request, in the order of the checks --------
+
+
+def test_a_new_request_while_locked_is_423_with_retry_after_30_and_nothing_is_stored(client: Client) -> None:
+    before = snapshot(client)
+    assert before[0] == {"locked": True, "unlockedUntil": None, "pending": 0}
+
+    reply = client.register(SENSOR)
+
+    assert_error(reply, 423, "locked")
+    assert reply.headers["Retry-After"] == "30"
+    assert snapshot(client) == before
+
+
+def test_after_unlock_a_request_is_pending_and_each_repetition_is_a_poll(live: Running, client: Client) -> None:
+    unlocked(client)
+
+    pairing_id = assert_pending(client.register(SENSOR), "sensor-0003")
+    live.clock.advance(seconds=7)
+    assert assert_pending(client.register(SENSOR), "sensor-0003") == pairing_id
+    assert assert_pending(client.register({**SENSOR, "context": "line 4, cabinet 2"}), "sensor-0003") == pairing_id
+
+    [stored] = client.admin("GET", REQUESTS).body
+    assert stored["pairingId"] == pairing_id
+    assert stored["pollCount"] == 2
+    assert client.admin("GET", STATUS).body["pending"] == 1
+
+
+def test_a_poll_is_answered_while_locked_but_a_new_request_is_not(client: Client) -> None:
+    unlocked(client)
+    pairing_id = assert_pending(client.register(SENSOR), "sensor-0003")
+    assert client.admin("POST", LOCK).body["locked"] is True
+
+    assert assert_pending(client.register(SENSOR), "sensor-0003") == pairing_id
+    assert_error(client.register({"username": "sensor-0004", "password": "s3cret-pass"}), 423, "locked")
+
+
+def test_a_username_with_a_hyphen_registers(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register({"username": "sensor-0003", "password": "s3cret-pass"}), "sensor-0003")
+
+
+def test_a_deep_nesting_of_100000_brackets_is_400_not_500(start: Start) -> None:
+    client = start(max_body=1 << 20).client()
+    unlocked(client)
+    for body in (b"[" * 100_000, b'{"a":' * 100_000, b"[" * 100_000 + b"]" * 100_000):
+        assert_error(client.register(body), 400, "malformed_request")
+    assert client.admin("GET", STATUS).body["pending"] == 0
+
+
+MALFORMED = {
+    "not JSON": b"username=sensor-0003&password=s3cret-pass",
+    "truncated JSON": b'{"username": "sensor-0003", "password": ',
+    "empty body": b"",
+    "a list": b'[{"username": "sensor-0003", "password": "s3cret-pass"}]',
+    "a string": b'"sensor-0003"',
+    "null": b"null",
+    "deep nesting": b"[" * 60_000,
+    "deep nesting in a field": b'{"username": "sensor-0003", "password": "s3cret-pass", "roles": '
+    + b"[" * 30_000
+    + b"]" * 30_000
+    + b"}",
+    "Latin-1": '{"username": "capteur-é", "password": "s3cret-pass"}'.encode("latin-1"),
+    "bytes that are no text": b'{"username": "\xff\xfe\xfd", "password": "s3cret-pass"}',
+    "UTF-16": json.dumps(SENSOR).encode("utf-16"),
+    "UTF-32": json.dumps(SENSOR).encode("utf-32"),
+    "an unknown field": {**SENSOR, "admin": True},
+    "both credentials": {**SENSOR, "csr": make_csr("sensor-0003")},
+    "neither credential": {"username": "sensor-0003", "roles": ["minimum"]},
+    "no username": {"password": "s3cret-pass"},
+    "a username of the wrong type": {"username": 3, "password": "s3cret-pass"},
+    "roles not a list": {**SENSOR, "roles": "minimum"},
+    "an http resource without a slash": {
+        **SENSOR,
+        "permissions": [{"resource": "api/x", "operation": "read", "context": "http"}],
+    },
+    "an unknown operation": {**SENSOR, "permissions": [{**READ_TELEMETRY, "operation": "delete"}]},
+    "a permission with an extra field": {**SENSOR, "permissions": [{**READ_TELEMETRY, "qos": 1}]},
+    "a context over 1024 characters": {**SENSOR, "context": "x" * 1025},
+    "a CSR that is not PEM": {"username": "agent-0001", "csr": "not a certificate signing request"},
+    "a CSR whose signature does not verify": {"username": "agent-0001", "csr": tampered_csr("agent-0001")},
+    "a CSR without a Common Name": {"username": "agent-0001", "csr": make_csr(None)},
+    "a CSR for another Common Name": {"username": "agent-0001", "csr": make_csr("agent-0002")},
+    "a short username with an unknown field": {"username": "ab", "password": "1", "admin": True},
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_request_is_400_before_policy_and_the_lock(refused: Client, body: object) -> None:
+    client = refused
+    before = snapshot(client)
+
+    assert_error(client.register(body), 400, "malformed_request")
+
+    assert snapshot(client) == before
+    # The connection survives a bad body.
+    assert client.admin("GET", STATUS).status == 200
+
+
+POLICY = {
+    "a username of 2 characters": {"username": "ab", "password": "s3cret-pass"},
+    "a username of 65 characters": {"username": "a" * 65, "password": "s3cret-pass"},
+    "a username starting with a hyphen": {"username": "-sensor", "password": "s3cret-pass"},
+    "a username with a space": {"username": "sensor 3", "password": "s3cret-pass"},
+    "a username with a slash": {"username": "plant/sensor", "password": "s3cret-pass"},
+    "a password of 4 characters": {"username": "sensor-0003", "password": "1234"},
+    "a password of 1025 characters": {"username": "sensor-0003", "password": "p" * 1025},
+    "a role outside the catalog": {**SENSOR, "roles": ["minimum", "administrator"]},
+    "a P-521 key": {"username": "agent-0001", "csr": make_csr("agent-0001", make_key("p521"))},
+    "an RSA key of 1024 bits": {"username": "agent-0001", "csr": make_csr("agent-0001", make_key("rsa1024"))},
+}
+
+
+@pytest.mark.parametrize("body", POLICY.values(), ids=POLICY.keys())
+def test_a_request_against_policy_is_422_before_the_lock(refused: Client, body: object) -> None:
+    client = refused
+    before = snapshot(client)
+
+    assert_error(client.register(body), 422, "policy_violation")
+
+    assert snapshot(client) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"username": "abc", "password": "12345"},
+        {"username": "a" * 64, "password": "p" * 1024},
+        {"username": "Agent_7.b-c", "password": "s3cret-pass", "permissions": [READ_TELEMETRY]},
+    ],
+    ids=["shortest", "longest", "every character class"],
+)
+def test_a_request_at_the_edges_of_policy_is_accepted(client: Client, body: dict[str, object]) -> None:
+    assert_error(client.register(body), 423, "locked")
+    unlocked(client)
+    assert_pending(client.register(body), body["username"])
+
+
+def test_a_different_request_for_a_pending_username_is_409_duplicate_request(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    before = snapshot(client)
+
+    for other in (
+        {**SENSOR, "password": "other-pass"},
+        {**SENSOR, "roles": []},
+        {**SENSOR, "permissions": [READ_TELEMETRY]},
+        {"username": "sensor-0003", "csr": make_csr("sensor-0003")},
+    ):
+        assert_error(client.register(other), 409, "duplicate_request")
+    assert snapshot(client) == before
+
+
+def test_an_approved_password_request_is_201_again_and_its_username_is_taken(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    approve(client, "sensor-0003")
+    client.admin("POST", LOCK)
+
+    expected = {"status": "approved", "username": "sensor-0003", "roles": ["minimum"], "permissions": []}
+    for _ in range(2):
+        reply = client.register(SENSOR)
+        assert reply.status == 201, reply.raw
+        assert reply.body == expected
+        assert "Retry-After" not in reply.headers
+
+    assert_error(client.register({**SENSOR, "password": "other-pass"}), 409, "username_taken")
+    assert_error(client.register({**SENSOR, "roles": []}), 409, "username_taken")
+
+
+def test_an_approved_csr_request_is_201_with_a_certificate_from_the_registry_ca(
+    live: Running, client: Client, tmp_path: Path
+) -> None:
+    unlocked(client)
+    agent = make_agent(tmp_path)
+    pairing_id = assert_pending(client.register(agent.payload()), "agent-0001")
+    # README: the pairing id of a CSR request is the start of the SHA-256 of its public key.
+    assert pairing_id == spki_sha256(agent.key)[:6]
+    approve(client, "agent-0001")
+
+    first = client.register(agent.payload())
+    again = client.register(agent.payload())
+
+    assert first.status == again.status == 201
+    assert first.body == again.body
+    assert set(first.body) == {"status", "username", "roles", "permissions", "certificate", "caCertificate"}
+    assert first.body["status"] == "approved" and first.body["username"] == "agent-0001"
+    assert first.body["caCertificate"] == (live.data_dir / "ca.pem").read_text()
+    assert_issued_from(agent.csr, first.body["certificate"], live.authority())
+
+
+def test_a_denied_request_is_403_with_the_reason_and_a_different_one_is_409(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    denied = client.admin("POST", f"{REQUESTS}/sensor-0003/deny", {"reason": "unknown device"})
+    assert denied.status == 200
+    assert denied.body["state"] == "denied" and denied.body["reason"] == "unknown device"
+
+    for _ in range(2):
+        body = assert_error(client.register(SENSOR), 403, "denied")
+        assert body["reason"] == "unknown device"
+    assert_error(client.register({**SENSOR, "password": "other-pass"}), 409, "duplicate_request")
+
+
+def test_a_denial_without_a_body_gives_an_empty_reason(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    assert client.admin("POST", f"{REQUESTS}/sensor-0003/deny").status == 200
+
+    assert assert_error(client.register(SENSOR), 403, "denied")["reason"] == ""
+
+
+def test_a_pending_request_is_forgotten_after_the_retention_period(live: Running, client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+
+    live.clock.advance(hours=24, seconds=1)
+
+    assert client.admin("GET", REQUESTS).body == []
+    assert client.admin("GET", STATUS).body == {"locked": True, "unlockedUntil": None, "pending": 0}
+    # Forgotten: the same request is new again, and the registry is locked by now.
+    assert_error(client.register(SENSOR), 423, "locked")
+
+
+def test_identical_requests_at_once_store_one_request(live: Running, client: Client) -> None:
+    unlocked(client)
+    clients = [live.client() for _ in range(8)]
+    barrier = threading.Barrier(len(clients))
+    replies: list[Reply] = []
+
+    def ask(each: Client) -> None:
+        barrier.wait()
+        replies.append(each.register(SENSOR))
+
+    threads = [threading.Thread(target=ask, args=(each,)) for each in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+    assert len({assert_pending(reply, "sensor-0003") for reply in replies}) == 1
+    [stored] = client.admin("GET", REQUESTS).body
+    assert stored["pollCount"] == len(clients) - 1
+
+
+# --- SPEC section 2.1: the size limit, and the HTTP framing around the API ---
+
+
+def test_a_body_over_max_body_is_413_unparsed_and_the_connection_goes_on(start: Start) -> None:
+    client = start(max_body=1024).client()
+    before = snapshot(client)
+    first_socket = client.connected
+
+    for body in (b"{" * 1025, json.dumps(SENSOR).encode() + b" " * 1024):
+        assert_error(client.register(body), 413, "payload_too_large")
+
+    assert snapshot(client) == before  # locked, yet 413: the body was not looked at
+    assert client.connected is first_socket  # the body was read and dropped, keeping the connection
+    unlocked(client)
+    assert_error(client.register(json.dumps(SENSOR).encode() + b" " * 1024), 413, "payload_too_large")
+    assert client.admin("GET", STATUS).body["pending"] == 0
+    padded = json.dumps(SENSOR).encode()
+    assert_pending(client.register(padded + b" " * (1024 - len(padded))), "sensor-0003")  # exactly the limit
+
+
+def test_a_huge_announced_body_is_413_and_the_connection_is_closed_cleanly(live: Running) -> None:
+    connection = http.client.HTTPSConnection(HOST, live.port, context=live.context(), timeout=5)
+    connection.putrequest("POST", REGISTER)
+    connection.putheader("Content-Type", JSON)
+    connection.putheader("Content-Length", str(10**9))
+    connection.endheaders()
+
+    response = connection.getresponse()
+    body = json.loads(response.read())
+
+    assert response.status == 413 and body["error"] == "payload_too_large" and body["message"]
+    assert response.headers["Connection"] == "close"
+    assert connection.sock is None  # http.client closed it, as the answer said
+    connection.close()
+
+
+def raw_exchange(live: Running, data: bytes) -> tuple[bytes, bytes]:
+    """Send bytes on a fresh TLS connection and read until the server closes it: (head, body)."""
+    with (
+        socket.create_connection((HOST, live.port), timeout=5) as raw,
+        live.context().wrap_socket(raw, server_hostname=HOST) as tls,
+    ):
+        tls.sendall(data)
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_a_chunked_body_is_411_with_a_json_error(live: Running) -> None:
+    body = json.dumps(SENSOR).encode()
+    head, answer = raw_exchange(
+        live,
+        b"POST /api/client-registry/register HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n",
+    )
+
+    assert head.startswith(b"HTTP/1.1 411 ")
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    assert f"\r\nContent-Length: {len(answer)}\r\n".encode() in head
+    error = json.loads(answer)
+    assert error["error"] and error["message"]
+
+
+CHUNKED_64K = b"".join(b"400\r\n" + b"x" * 1024 + b"\r\n" for _ in range(64)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "status"),
+    [
+        ("Transfer-Encoding: chunked", CHUNKED_64K, 411),
+        (f"Content-Length: {2 << 20}", b"{" * (256 << 10), 413),
+    ],
+    ids=["64 KiB chunked", "the first 256 KiB of 2 MiB"],
+)
+def test_a_client_still_sending_its_body_receives_the_refusal(
+    live: Running, head: str, body: bytes, status: int
+) -> None:
+    # RFC 9112 section 9.6: a server closes in stages (its side first, then
+    # reading on for a while), since closing outright while the client's
+    # body is still arriving makes TCP reset the connection, which destroys
+    # the answer before the client reads it. The loss is a race, so the
+    # request is sent ten times: each must be answered.
+    request = f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\n{head}\r\n\r\n".encode() + body
+    outcomes = []
+    for _ in range(10):
+        with (
+            socket.create_connection((HOST, live.port), timeout=5) as raw,
+            live.context().wrap_socket(raw, server_hostname=HOST) as tls,
+        ):
+            try:
+                tls.sendall(request)
+                answer = b""
+                while b"\r\n" not in answer and (chunk := tls.recv(4096)):
+                    answer += chunk
+                outcomes.append(answer.split(b"\r\n")[0].decode() or "closed without an answer")
+            except OSError as lost:
+                outcomes.append(repr(lost))
+
+    assert all(outcome.startswith(f"HTTP/1.1 {status} ") for outcome in outcomes), outcomes
+
+
+@pytest.mark.parametrize(
+    "length",
+    ["twelve", "-1", "+2", "0x10", "1 2", "\N{SUPERSCRIPT TWO}"],
+    ids=["a word", "negative", "signed", "hexadecimal", "two numbers", "superscript two"],
+)
+def test_a_content_length_that_is_no_number_is_400(live: Running, length: str) -> None:
+    # The superscript two is a digit to str.isdigit, and no number to int().
+    head, body = raw_exchange(
+        live, f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n{{}}".encode("latin-1")
+    )
+
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    error = json.loads(body)
+    assert error["error"] and error["message"]
+
+
+def test_a_request_line_that_is_no_http_is_400_in_json(live: Running) -> None:
+    head, body = raw_exchange(live, b"HELLO\r\n\r\n")
+
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["message"]
+
+
+def test_an_unknown_path_is_404(client: Client) -> None:
+    for path in ("/api/nothing", "/api/client-registry/register/more", "/api/client-registry/"):
+        assert_error(client.call("GET", path), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", REGISTER, "POST"),
+        ("PUT", REGISTER, "POST"),
+        ("DELETE", CA_PATH, "GET"),
+        ("POST", USERS, "GET"),
+        ("PATCH", UNLOCK, "POST"),
+        ("GET", f"{REQUESTS}/sensor-0003", "DELETE"),
+        ("OPTIONS", WHOAMI, "GET"),
+    ],
+)
+def test_a_known_path_with_another_method_is_405_with_allow(
+    client: Client, method: str, path: str, allowed: str
+) -> None:
+    assert client.call("GET", CA_PATH, kind=PEM).status == 200
+    first_socket = client.connected
+
+    reply = client.call(method, path, SENSOR)
+
+    assert_error(reply, 405, "method_not_allowed")
+    assert allowed in [name.strip() for name in reply.headers["Allow"].split(",")]
+    # The body of the refused request was read: the next request on the connection is understood.
+    assert client.call("GET", CA_PATH, kind=PEM).status == 200
+    assert client.connected is first_socket
+
+
+def test_put_does_not_register(client: Client) -> None:
+    unlocked(client)
+    assert_error(client.call("PUT", REGISTER, SENSOR), 405, "method_not_allowed")
+    assert client.admin("GET", REQUESTS).body == []
+
+
+def test_head_answers_like_get_without_a_body(live: Running, client: Client) -> None:
+    # RFC 9110 section 9.1: a general-purpose server supports GET and HEAD;
+    # section 9.3.2: HEAD is GET without the content.
+    pem_bytes = (live.data_dir / "ca.pem").read_bytes()
+
+    reply = client.call("HEAD", CA_PATH, kind=PEM)
+
+    assert reply.status == 200
+    assert reply.raw == b""
+    assert reply.headers["Content-Length"] == str(len(pem_bytes))
+    assert client.call("GET", CA_PATH, kind=PEM).raw == pem_bytes
+
+
+def test_head_of_an_administrator_call_without_the_token_is_401_without_a_body(client: Client) -> None:
+    reply = client.call("HEAD", STATUS)
+
+    assert reply.status in (401, 405) and reply.raw == b""
+    assert client.admin("GET", STATUS).status == 200  # and the connection goes on
+
+
+def test_an_unknown_method_is_501_in_json(client: Client) -> None:
+    assert_error(client.call("BREW", STATUS), 501)
+
+
+def test_several_requests_share_one_connection(client: Client) -> None:
+    assert client.call("GET", CA_PATH, kind=PEM).status == 200
+    first_socket = client.connected
+    assert first_socket is not None
+
+    statuses = [
+        client.admin("GET", STATUS).status,
+        client.register(SENSOR).status,
+        client.register(b"not json").status,
+        client.call("GET", "/api/nothing").status,
+        client.call("DELETE", USERS).status,
+        client.whoami().status,
+        client.admin("GET", STATUS, token="wrong").status,
+        client.admin("POST", UNLOCK).status,
+        client.register(SENSOR).status,
+    ]
+
+    assert statuses == [200, 423, 400, 404, 405, 401, 401, 200, 202]
+    assert client.connected is first_socket
+
+
+def test_answers_on_a_kept_alive_connection_are_not_delayed(start: Start) -> None:
+    client = start(nagle=True).client()
+    client.call("GET", CA_PATH, kind=PEM)
+    timings = []
+    for _ in range(15):
+        started = time.perf_counter()
+        client.admin("GET", STATUS)
+        timings.append(time.perf_counter() - started)
+
+    # An answer on the loopback takes about a millisecond; one that waits
+    # for a delayed ACK takes 40 (Linux's minimum delayed-ACK time).
+    assert sorted(timings)[len(timings) // 2] < 0.02, timings
+
+
+def test_the_ca_certificate_is_public_pem(live: Running, client: Client) -> None:
+    reply = client.call("GET", CA_PATH, kind=PEM)
+
+    assert reply.status == 200
+    assert reply.raw == (live.data_dir / "ca.pem").read_bytes()
+    assert x509.load_pem_x509_certificate(reply.raw).subject == live.authority().certificate.subject
+
+
+def test_no_route_of_the_table_answers_500(client: Client) -> None:
+    for route in server.ROUTES:
+        path = route.pattern.replace("{username}", "nobody").replace("{name}", "nothing.js")
+        reply = client.call(route.method, path, headers={"Authorization": f"Bearer {client.token}"}, kind=None)
+        assert reply.status < 500, (route.method, path, reply.raw)
+
+
+# --- SPEC section 4: the administrator --------------------------------------
+
+ADMIN_CALLS = [
+    ("GET", STATUS, None),
+    ("POST", UNLOCK, None),
+    ("POST", UNLOCK, {"duration": 600_000}),
+    ("POST", LOCK, None),
+    ("GET", REQUESTS, None),
+    ("POST", f"{REQUESTS}/sensor-0003/approve", None),
+    ("POST", f"{REQUESTS}/sensor-0003/approve", {"roles": [], "permissions": []}),
+    ("POST", f"{REQUESTS}/sensor-0003/deny", {"reason": "no"}),
+    ("DELETE", f"{REQUESTS}/sensor-0003", None),
+    ("GET", "/api/client-registry/roles", None),
+    ("GET", AUDIT, None),
+    ("GET", USERS, None),
+    ("DELETE", f"{USERS}/agent-0001", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_CALLS)
+def test_an_administrator_call_without_the_right_token_is_401_and_changes_nothing(
+    live: Running, client: Client, tmp_path: Path, method: str, path: str, body: object
+) -> None:
+    unlocked(client)
+    admitted_agent(live, client, tmp_path)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    client.admin("POST", UNLOCK, {"duration": 60_000})
+    live.clock.advance(seconds=10)  # so that an unlock would move the window
+    before = snapshot(client)
+    wrong = [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {client.token}x"},
+        {"Authorization": f"Bearer {client.token[:-1]}"},
+        {"Authorization": f"Basic {client.token}"},
+        {"Authorization": client.token},
+        {"X-Admin-Token": client.token},
+    ]
+
+    for headers in wrong:
+        reply = client.call(method, path, body, headers)
+        assert_error(reply, 401, "unauthorized")
+        assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+
+    assert snapshot(client) == before
+
+
+def test_status_unlock_and_lock(live: Running, client: Client) -> None:
+    now = live.clock()
+    assert client.admin("GET", STATUS).body == {"locked": True, "unlockedUntil": None, "pending": 0}
+
+    opened = client.admin("POST", UNLOCK).body
+    assert opened["locked"] is False and opened["pending"] == 0
+    assert datetime.fromisoformat(opened["unlockedUntil"]) == now + timedelta(minutes=5)
+
+    live.clock.advance(minutes=2)
+    short = client.admin("POST", UNLOCK, {"duration": 60_000}).body
+    assert datetime.fromisoformat(short["unlockedUntil"]) == now + timedelta(minutes=3)  # a new window from now
+
+    assert client.admin("POST", LOCK).body == {"locked": True, "unlockedUntil": None, "pending": 0}
+    assert client.admin("GET", STATUS).body["locked"] is True
+    assert_error(client.register(SENSOR), 423, "locked")
+
+
+def test_the_unlock_window_closes_by_itself(live: Running, client: Client) -> None:
+    client.admin("POST", UNLOCK, {"duration": 60_000})
+    live.clock.advance(seconds=59)
+    assert client.admin("GET", STATUS).body["locked"] is False
+
+    live.clock.advance(seconds=1)
+
+    assert client.admin("GET", STATUS).body == {"locked": True, "unlockedUntil": None, "pending": 0}
+    assert_error(client.register(SENSOR), 423, "locked")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"duration": 0},
+        {"duration": -1000},
+        {"duration": "60000"},
+        {"duration": 1.5},
+        {"duration": None},
+        {"duration": True},
+        {"duration": 24 * 3600 * 1000 + 1},
+        {"duration": 60_000, "extra": 1},
+        {"minutes": 5},
+        [60_000],
+        b"60000x",
+        b"{",
+    ],
+)
+def test_an_unlock_with_a_bad_duration_is_400_and_leaves_the_lock(refused: Client, body: object) -> None:
+    client = refused
+    before = snapshot(client)
+
+    assert_error(client.admin("POST", UNLOCK, body), 400)
+
+    assert snapshot(client) == before
+
+
+def test_requests_lists_every_field(live: Running, client: Client, tmp_path: Path) -> None:
+    unlocked(client)
+    created = live.clock()
+    assert_pending(client.register({**SENSOR, "permissions": [READ_TELEMETRY], "context": "cabinet 2"}), "sensor-0003")
+    live.clock.advance(seconds=30)
+    assert_pending(client.register({**SENSOR, "permissions": [READ_TELEMETRY]}), "sensor-0003")
+    agent = make_agent(tmp_path)
+    agent_pairing = assert_pending(client.register(agent.payload()), "agent-0001")
+
+    sensor, agent_request = client.admin("GET", REQUESTS).body
+
+    assert {
+        "username",
+        "state",
+        "pairingId",
+        "method",
+        "roles",
+        "permissions",
+        "context",
+        "createdAt",
+        "lastPollAt",
+        "pollCount",
+        "clientAddress",
+    } <= set(sensor)
+    assert sensor["username"] == "sensor-0003" and sensor["state"] == "pending"
+    assert sensor["method"] == "password" and PAIRING_ID.fullmatch(sensor["pairingId"])
+    assert sensor["roles"] == ["minimum"] and sensor["permissions"] == [READ_TELEMETRY]
+    assert sensor["context"] == "cabinet 2"
+    assert datetime.fromisoformat(sensor["createdAt"]) == created
+    assert datetime.fromisoformat(sensor["lastPollAt"]) == created + timedelta(seconds=30)
+    assert sensor["pollCount"] == 1
+    assert sensor["clientAddress"] == HOST
+    assert agent_request["username"] == "agent-0001" and agent_request["method"] == "csr"
+    assert agent_request["pairingId"] == agent_pairing
+    assert agent_request["roles"] == [] and agent_request["context"] is None
+    assert client.admin("GET", STATUS).body["pending"] == 2
+
+
+def test_approve_may_grant_narrower_rights(client: Client) -> None:
+    unlocked(client)
+    asked = {**SENSOR, "permissions": [READ_TELEMETRY, {**READ_TELEMETRY, "operation": "readWrite"}]}
+    assert_pending(client.register(asked), "sensor-0003")
+    client.admin("POST", LOCK)  # decisions work while locked
+
+    user = approve(client, "sensor-0003", {"roles": [], "permissions": [READ_TELEMETRY]})
+
+    assert user["username"] == "sensor-0003" and user["method"] == "password"
+    assert user["roles"] == [] and user["permissions"] == [READ_TELEMETRY]
+    granted = client.register(asked)
+    assert granted.status == 201
+    assert granted.body == {
+        "status": "approved",
+        "username": "sensor-0003",
+        "roles": [],
+        "permissions": [READ_TELEMETRY],
+    }
+    whoami = client.whoami(basic("sensor-0003", "s3cret-pass"))
+    assert whoami.body["roles"] == [] and whoami.body["permissions"] == [READ_TELEMETRY]
+
+
+@pytest.mark.parametrize(
+    ("grant", "status"),
+    [
+        ({"roles": ["administrator"]}, 422),
+        ({"roles": "minimum"}, 400),
+        ({"roles": [], "expires": 5}, 400),
+        ({"permissions": [{"resource": "x", "operation": "read", "context": "http"}]}, 400),
+        ([], 400),
+        (b"{", 400),
+    ],
+)
+def test_approve_with_a_bad_grant_is_refused_and_the_request_stays_pending(
+    client: Client, grant: object, status: int
+) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    before = snapshot(client)
+
+    assert_error(client.admin("POST", f"{REQUESTS}/sensor-0003/approve", grant), status)
+
+    assert snapshot(client) == before
+    assert_pending(client.register(SENSOR), "sensor-0003")
+
+
+def test_a_deny_with_a_bad_body_is_400_and_changes_nothing(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    before = snapshot(client)
+
+    for body in ({"reason": 5}, {"why": "no"}, {"reason": "x" * 1025}, b"{"):
+        assert_error(client.admin("POST", f"{REQUESTS}/sensor-0003/deny", body), 400)
+
+    assert snapshot(client) == before
+
+
+def test_deciding_an_unknown_username_is_404(client: Client) -> None:
+    before = snapshot(client)
+    for method, path in (
+        ("POST", f"{REQUESTS}/nobody/approve"),
+        ("POST", f"{REQUESTS}/nobody/deny"),
+        ("DELETE", f"{REQUESTS}/nobody"),
+        ("DELETE", f"{USERS}/nobody"),
+    ):
+        assert_error(client.admin(method, path), 404, "not_found")
+    assert snapshot(client) == before
+
+
+def test_deciding_a_request_that_is_not_pending_is_409(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    assert_pending(client.register({"username": "sensor-0004", "password": "s3cret-pass"}), "sensor-0004")
+    approve(client, "sensor-0003")
+    assert client.admin("POST", f"{REQUESTS}/sensor-0004/deny").status == 200
+    before = snapshot(client)
+
+    for method, path in (
+        ("POST", f"{REQUESTS}/sensor-0003/approve"),
+        ("POST", f"{REQUESTS}/sensor-0003/deny"),
+        ("DELETE", f"{REQUESTS}/sensor-0003"),
+        ("POST", f"{REQUESTS}/sensor-0004/approve"),
+        ("POST", f"{REQUESTS}/sensor-0004/deny"),
+    ):
+        assert_error(client.admin(method, path), 409, "not_pending")
+    assert snapshot(client) == before
+
+
+def test_forget_lets_the_username_ask_again(client: Client) -> None:
+    unlocked(client)
+    first = assert_pending(client.register(SENSOR), "sensor-0003")
+
+    reply = client.admin("DELETE", f"{REQUESTS}/sensor-0003")
+
+    assert reply.status == 200 and reply.body == {"status": "forgotten", "username": "sensor-0003"}
+    assert client.admin("GET", REQUESTS).body == []
+    assert_pending(client.register({**SENSOR, "password": "another-pass"}), "sensor-0003")
+    [stored] = client.admin("GET", REQUESTS).body
+    assert stored["pollCount"] == 0
+    assert stored["pairingId"] != first  # a new request, with its own salted hash
+
+
+def test_a_denied_request_may_be_forgotten(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    client.admin("POST", f"{REQUESTS}/sensor-0003/deny", {"reason": "no"})
+
+    assert client.admin("DELETE", f"{REQUESTS}/sensor-0003").status == 200
+
+    assert_pending(client.register(SENSOR), "sensor-0003")
+
+
+def test_users_and_removing_one(live: Running, client: Client, tmp_path: Path) -> None:
+    unlocked(client)
+    _, certificate = admitted_agent(live, client, tmp_path)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    approve(client, "sensor-0003")
+
+    users = client.admin("GET", USERS).body
+
+    assert [user["username"] for user in users] == ["agent-0001", "sensor-0003"]
+    agent_user, sensor_user = users
+    assert agent_user["method"] == "csr" and sensor_user["method"] == "password"
+    assert sensor_user["roles"] == ["minimum"] and sensor_user["permissions"] == []
+    issued = x509.load_pem_x509_certificate(certificate.encode())
+    assert int(agent_user["certificateSerial"], 16) == issued.serial_number
+    assert datetime.fromisoformat(agent_user["certificateNotAfter"]) == issued.not_valid_after_utc
+    assert datetime.fromisoformat(sensor_user["createdAt"]) == live.clock()
+
+    removed = client.admin("DELETE", f"{USERS}/agent-0001")
+
+    assert removed.status == 200 and removed.body == {"status": "removed", "username": "agent-0001"}
+    assert [user["username"] for user in client.admin("GET", USERS).body] == ["sensor-0003"]
+    assert [request["username"] for request in client.admin("GET", REQUESTS).body] == ["sensor-0003"]
+    # The username may register again, with another key.
+    (tmp_path / "again").mkdir()
+    assert_pending(client.register(make_agent(tmp_path / "again").payload()), "agent-0001")
+    assert_error(client.admin("DELETE", f"{USERS}/agent-0001"), 404, "not_found")
+
+
+def test_roles_is_the_catalog(client: Client) -> None:
+    reply = client.admin("GET", "/api/client-registry/roles")
+
+    assert reply.status == 200
+    assert [role["name"] for role in reply.body] == ["minimum"]
+    assert isinstance(reply.body[0]["description"], str)
+
+
+def test_audit_is_newest_first_and_pages(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    approve(client, "sensor-0003")
+    client.admin("POST", LOCK)
+
+    trail = client.admin("GET", AUDIT).body
+
+    assert [entry["action"] for entry in trail["entries"]] == ["lock", "approve", "request", "unlock"]
+    assert trail["next"] is None
+    assert {entry["username"] for entry in trail["entries"][1:3]} == {"sensor-0003"}
+    newest = client.admin("GET", f"{AUDIT}?limit=1").body
+    assert [entry["action"] for entry in newest["entries"]] == ["lock"]
+    older = client.admin("GET", f"{AUDIT}?limit=2&before={newest['next']}").body
+    assert [entry["action"] for entry in older["entries"]] == ["approve", "request"]
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=1001", "before=-1", "limit=%C2%B2", "before=%C2%B2"])
+def test_audit_with_a_bad_query_is_400(refused: Client, query: str) -> None:
+    # %C2%B2 is the superscript two: a digit to str.isdigit, and no number to int().
+    assert_error(refused.admin("GET", f"{AUDIT}?{query}"), 400, "malformed_request")
+
+
+def test_no_answer_holds_a_password(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    assert_pending(client.register({"username": "sensor-0004", "password": "0ther-s3cret"}), "sensor-0004")
+    approve(client, "sensor-0003")
+
+    for path in (REQUESTS, USERS, AUDIT, STATUS):
+        raw = client.admin("GET", path).raw
+        assert b"s3cret-pass" not in raw and b"0ther-s3cret" not in raw
+        assert b"scrypt" not in raw
+    assert b"s3cret-pass" not in client.register(SENSOR).raw
+
+
+# --- SPEC section 5: whoami -------------------------------------------------
+
+
+def test_whoami_by_http_basic(client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    assert_error(client.whoami(basic("sensor-0003", "s3cret-pass")), 401, "unauthorized")  # pending is not a user
+    approve(client, "sensor-0003")
+
+    reply = client.whoami(basic("sensor-0003", "s3cret-pass"))
+
+    assert reply.status == 200
+    assert reply.body == {"username": "sensor-0003", "roles": ["minimum"], "permissions": [], "method": "password"}
+    for headers in (
+        basic("sensor-0003", "wrong-pass"),
+        basic("sensor-0004", "s3cret-pass"),
+        {"Authorization": "Basic not-base64!"},
+        {"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()},
+        {"Authorization": f"Bearer {client.token}"},
+    ):
+        reply = assert_error(client.whoami(headers), 401, "unauthorized")
+
+
+def test_whoami_without_credentials_is_401_with_a_basic_challenge(client: Client) -> None:
+    reply = client.whoami()
+
+    assert_error(reply, 401, "unauthorized")
+    assert reply.headers["WWW-Authenticate"].startswith("Basic")
+
+
+def test_whoami_by_the_issued_certificate_over_mutual_tls(live: Running, client: Client, tmp_path: Path) -> None:
+    unlocked(client)
+    agent, certificate = admitted_agent(live, client, tmp_path)
+    mutual = live.client(agent.credentials(certificate))
+
+    reply = mutual.whoami()
+
+    assert reply.status == 200
+    assert reply.body == {"username": "agent-0001", "roles": [], "permissions": [], "method": "certificate"}
+    # README: a client certificate wins over Basic credentials.
+    assert mutual.whoami(basic("sensor-0003", "whatever")).body["method"] == "certificate"
+
+
+def test_a_certificate_not_from_the_registry_ca_gets_no_identity(live: Running, tmp_path: Path) -> None:
+    key = make_key()
+    key_path = tmp_path / "stranger.key"
+    key_path.write_bytes(key_pem(key))
+    cert_path = tmp_path / "stranger.pem"
+    cert_path.write_bytes(self_signed("agent-0001", key))
+    stranger = live.client((cert_path, key_path))
+
+    try:
+        reply = stranger.whoami()
+    except OSError:  # the handshake failed: the server does not trust the certificate
+        return
+    assert_error(reply, 401, "unauthorized")
+
+
+def test_the_certificate_of_a_removed_user_is_401(live: Running, client: Client, tmp_path: Path) -> None:
+    unlocked(client)
+    agent, certificate = admitted_agent(live, client, tmp_path)
+    assert client.admin("DELETE", f"{USERS}/agent-0001").status == 200
+
+    reply = live.client(agent.credentials(certificate)).whoami()
+
+    assert_error(reply, 401, "unauthorized")
+
+
+# --- SPEC sections 3 and 6: the data folder ---------------------------------
+
+
+def test_the_data_folder_and_its_secrets_are_the_owners_alone(start: Start, tmp_path: Path) -> None:
+    data = tmp_path / "fresh"
+    live = start(data, admin_token=None)
+
+    assert (data / "admin-token").read_text().strip() == live.token
+    assert len(live.token) >= 32
+    assert _mode(data) == 0o700
+    for secret in ("ca.key", "server.key", "admin-token"):
+        assert _mode(data / secret) == 0o600, secret
+    assert live.client().admin("GET", STATUS).status == 200
+
+
+def test_a_given_token_is_not_written_down(start: Start, tmp_path: Path) -> None:
+    data = tmp_path / "given"
+    live = start(data, admin_token="given-token-123")
+
+    assert not (data / "admin-token").exists()
+    assert live.client().admin("GET", STATUS).status == 200
+
+
+def test_a_restart_keeps_the_token_the_ca_the_lock_and_the_requests(start: Start, tmp_path: Path) -> None:
+    data = tmp_path / "kept"
+    first = start(data, admin_token=None)
+    client = unlocked(first.client())
+    pairing_id = assert_pending(client.register(SENSOR), "sensor-0003")
+    ca_pem = (data / "ca.pem").read_bytes()
+    first.stop()
+
+    second = start(data, clock=first.clock, admin_token=None)
+    client = second.client()
+
+    assert second.token == first.token
+    assert (data / "ca.pem").read_bytes() == ca_pem
+    assert client.admin("GET", STATUS).body["locked"] is False
+    assert assert_pending(client.register(SENSOR), "sensor-0003") == pairing_id
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+# --- The README's workflow, as printed, against `python3 server.py` ---------
+
+needs_tools = pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("openssl") is None, reason="needs curl and openssl"
+)
+
+
+def readme_workflow() -> list[str]:
+    """The ```sh blocks of the README's section "The workflow with curl"."""
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("\n## The workflow with curl\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```sh\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def json_documents(text: str) -> list[Any]:
+    """The JSON documents written one after another, as curl prints them."""
+    decoder, documents, at = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while at < len(text):
+        document, at = decoder.raw_decode(text, at)
+        documents.append(document)
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return documents
+
+
+def curl_answer(output: str) -> tuple[str, dict[str, str], Any]:
+    """What `curl -i` printed: the status line, the headers (lower-case names) and the JSON body."""
+    head, _, body = output.strip().replace("\r\n", "\n").partition("\n\n")
+    status, *lines = head.split("\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return status, headers, json.loads(body)
+
+
+@contextlib.contextmanager
+def server_process(data: Path, port: int, log: Path) -> Iterator[subprocess.Popen[str]]:
+    """``python3 server.py --port PORT --data-dir DATA`` from this folder, with a fresh data folder."""
+    environment = {name: value for name, value in os.environ.items() if name != "REGISTRY_ADMIN_TOKEN"}
+    with log.open("w") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "server.py", "--port", str(port), "--data-dir", str(data)],
+            cwd=HERE,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+
+
+def wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "server.py exited at start"
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    pytest.fail("server.py did not listen within 15 seconds")
+
+
+@needs_tools
+def test_the_readme_curl_workflow_runs_as_printed(tmp_path: Path) -> None:
+    blocks = readme_workflow()
+    assert len(blocks) == 8, "the README's workflow changed: update this test with it"
+    data, work, port = tmp_path / "registry-data", tmp_path / "client", free_port()
+    work.mkdir()
+    script = ["set -e -o pipefail"]
+    for number, block in enumerate(blocks):
+        script += [
+            f"printf '\\n@@ block {number}\\n'",
+            block.replace(":8443", f":{port}").replace("registry-data", str(data)),
+        ]
+
+    with server_process(data, port, tmp_path / "server.log") as process:
+        wait_for_port(port, process)
+        run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=work, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"the README's commands failed:\n{run.stderr}\n{run.stdout}"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0
+        printed = process.stdout.read()
+
+    # The token is printed once at start, and is the one kept in the data folder.
+    token = (data / "admin-token").read_text().strip()
+    assert printed.count(token) == 1 and printed.count("Administrator token:") == 1
+    outputs = re.split(r"\n@@ block \d+\n", run.stdout)[1:]
+    assert outputs[0].strip() == ""
+
+    status, headers, body = curl_answer(outputs[1])
+    assert status.startswith("HTTP/1.1 423") and headers["retry-after"] == "30" and body["error"] == "locked"
+
+    [opened] = json_documents(outputs[2])
+    assert opened["locked"] is False
+
+    status, headers, body = curl_answer(outputs[3])
+    assert status.startswith("HTTP/1.1 202") and headers["retry-after"] == "5"
+    assert body["status"] == "pending" and body["username"] == "sensor-0003"
+
+    [agent_pending] = json_documents(outputs[4])
+    agent_key = serialization.load_pem_private_key((work / "agent.key").read_bytes(), password=None)
+    assert agent_pending == {"status": "pending", "username": "agent-0001", "pairingId": spki_sha256(agent_key)[:6]}
+
+    listed, agent_user, sensor_user = json_documents(outputs[5])
+    assert {(r["username"], r["state"]) for r in listed} == {("sensor-0003", "pending"), ("agent-0001", "pending")}
+    assert agent_user["username"] == "agent-0001" and agent_user["certificateSerial"]
+    assert sensor_user["username"] == "sensor-0003" and sensor_user["roles"] == []
+
+    assert outputs[6].strip() == ""
+    authority = ca.CA.load_or_create(data, datetime.now(UTC))
+    assert_issued_from((work / "agent.csr").read_text(), (work / "agent.pem").read_text(), authority)
+
+    by_certificate, by_password = json_documents(outputs[7])
+    assert by_certificate == {"username": "agent-0001", "roles": [], "permissions": [], "method": "certificate"}
+    assert by_password == {"username": "sensor-0003", "roles": [], "permissions": [], "method": "password"}
