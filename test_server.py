@@ -548,6 +548,11 @@ def test_an_approved_csr_request_is_201_with_a_certificate_from_the_registry_ca(
     assert first.body["status"] == "approved" and first.body["username"] == "agent-0001"
     assert first.body["caCertificate"] == (live.data_dir / "ca.pem").read_text()
     assert_issued_from(agent.csr, first.body["certificate"], live.authority())
+    # README: a new CSR for the same key matches, and fetches the certificate issued at approval.
+    renewed = make_csr("agent-0001", agent.key, extensions=[x509.SubjectAlternativeName([x509.DNSName("agent")])])
+    assert client.register({"username": "agent-0001", "csr": renewed}).body == first.body
+    (tmp_path / "other").mkdir()
+    assert_error(client.register(make_agent(tmp_path / "other").payload()), 409, "username_taken")
 
 
 def test_a_denied_request_is_403_with_the_reason_and_a_different_one_is_409(client: Client) -> None:
@@ -640,10 +645,10 @@ def test_a_huge_announced_body_is_413_and_the_connection_is_closed_cleanly(live:
     connection.close()
 
 
-def raw_exchange(live: Running, data: bytes) -> tuple[bytes, bytes]:
+def raw_exchange(live: Running, data: bytes, timeout: float = 5) -> tuple[bytes, bytes]:
     """Send bytes on a fresh TLS connection and read until the server closes it: (head, body)."""
     with (
-        socket.create_connection((HOST, live.port), timeout=5) as raw,
+        socket.create_connection((HOST, live.port), timeout=timeout) as raw,
         live.context().wrap_socket(raw, server_hostname=HOST) as tls,
     ):
         tls.sendall(data)
@@ -714,9 +719,8 @@ def test_a_client_still_sending_its_body_receives_the_refusal(
 )
 def test_a_content_length_that_is_no_number_is_400(live: Running, length: str) -> None:
     # The superscript two is a digit to str.isdigit, and no number to int().
-    head, body = raw_exchange(
-        live, f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n{{}}".encode("latin-1")
-    )
+    request = f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n{{}}"
+    head, body = raw_exchange(live, request.encode("latin-1"), timeout=2)
 
     assert head.startswith(b"HTTP/1.1 400 "), head
     error = json.loads(body)
@@ -1368,8 +1372,14 @@ def test_the_readme_curl_workflow_runs_as_printed(tmp_path: Path) -> None:
         wait_for_port(port, process)
         run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=work, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"the README's commands failed:\n{run.stderr}\n{run.stdout}"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=5) == 0
+        # SIGTERM stops the server even while a client is halfway through a request.
+        with (
+            socket.create_connection((HOST, port), timeout=5) as raw,
+            ssl.create_default_context(cafile=data / "ca.pem").wrap_socket(raw, server_hostname=HOST) as idle,
+        ):
+            idle.sendall(f"GET {CA_PATH} HTTP/1.1\r\nHost: localhost\r\n".encode())
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=5) == 0
         printed = process.stdout.read()
 
     # The token is printed once at start, and is the one kept in the data folder.
