@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hmac
 import io
 import json
@@ -53,6 +54,7 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 DRAINABLE = 1 << 20  # an over-long body up to this size is read and dropped, keeping the connection
+LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends
 
 
 @dataclass(frozen=True)
@@ -183,12 +185,14 @@ class App:
 
     def _route(self, request: Request) -> tuple[Route, dict[str, str]]:
         allowed = []
+        # RFC 9110 section 9.3.2: HEAD is GET without the body.
+        method = "GET" if request.method == "HEAD" else request.method
         for route, regex in self._routes:
             found = regex.match(request.path)
             if found:
-                if route.method == request.method:
+                if route.method == method:
                     return route, {k: unquote(v) for k, v in found.groupdict().items()}
-                allowed.append(route.method)
+                allowed += ["GET", "HEAD"] if route.method == "GET" else [route.method]
         if allowed:
             raise MethodNotAllowed(
                 f"{request.method} is not allowed on {request.path}: use {', '.join(allowed)}",
@@ -290,10 +294,17 @@ def _json_body(request: Request, *, required: bool = False) -> Any:
     if not request.body.strip() and not required:
         return None
     try:
-        return json.loads(request.body)
+        # RFC 8259 section 8.1: JSON between systems is UTF-8; decoding
+        # first refuses the UTF-16 and UTF-32 that json.loads would guess.
+        return json.loads(request.body.decode())
     except (ValueError, RecursionError):
         # ValueError covers bad UTF-8 too (UnicodeDecodeError is one).
         raise registry.MalformedRequest("the body is not JSON") from None
+
+
+def _is_number(text: str) -> bool:
+    """Only ASCII digits: str.isdigit also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _actor(request: Request) -> dict[str, str]:
@@ -304,7 +315,7 @@ def _query_int(request: Request, name: str, default: int | None, low: int, high:
     values = request.query.get(name)
     if not values:
         return default
-    if not values[-1].isdigit() or not low <= int(values[-1]) <= high:
+    if not _is_number(values[-1]) or not low <= int(values[-1]) <= high:
         raise registry.MalformedRequest(f"'{name}' must be a whole number from {low} to {high}")
     return int(values[-1])
 
@@ -331,6 +342,10 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server: RegistryServer
+    # An answer leaves in one segment, at once: no wait for the client's
+    # delayed acknowledgement (Nagle's algorithm, RFC 896).
+    disable_nagle_algorithm = True
+    wbufsize = 1 << 16
 
     def setup(self) -> None:
         self.timeout = self.server.config.timeout
@@ -366,7 +381,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return _framing_error(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
         text = self.headers.get("Content-Length", "0").strip()
-        if not text.isdigit():
+        if not _is_number(text):
             self.close_connection = True
             return _framing_error(HTTPStatus.BAD_REQUEST, "the Content-Length is not a whole number")
         length = int(text)
@@ -471,7 +486,7 @@ class RegistryServer(ThreadingHTTPServer):
         # One thread a connection, and no more threads than slots.
         if not self._slots.acquire(blocking=False):
             log.warning("closing a connection from %s: %d are open", client_address[0], self.config.max_connections)
-            self.shutdown_request(request)
+            self.close_request(request)
             return
         super().process_request(request, client_address)
 
@@ -482,14 +497,31 @@ class RegistryServer(ThreadingHTTPServer):
             self._slots.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.tls is not None:
-            request.settimeout(self.config.timeout)
-            try:
-                request = self.tls.wrap_socket(request, server_side=True)
-            except (OSError, ssl.SSLError) as error:
-                log.debug("TLS handshake with %s failed: %s", client_address[0], error)
-                return
-        super().finish_request(request, client_address)
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(self.config.timeout)
+        try:
+            connection = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as error:
+            log.debug("TLS handshake with %s failed: %s", client_address[0], error)
+            return
+        try:
+            super().finish_request(connection, client_address)
+        finally:
+            self.shutdown_request(connection)
+
+    def shutdown_request(self, request: Any) -> None:
+        # RFC 9112 section 9.6: close in stages. Input the handler left unread
+        # (a refused body) would otherwise reset the connection, and the
+        # client would lose the answer sent just before.
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(LINGER_SECONDS)
+            deadline, left = time.monotonic() + LINGER_SECONDS, DRAINABLE
+            while left > 0 and time.monotonic() < deadline and (chunk := request.recv(65536)):
+                left -= len(chunk)
+        self.close_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
