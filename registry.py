@@ -298,6 +298,15 @@ class CertificateAuthority(Protocol):
 
 
 @dataclass(frozen=True)
+class _Poll:
+    """A body that was answered 202, known by its HMAC: what it asked for."""
+
+    username: str
+    pairing_id: str
+    registration: Registration
+
+
+@dataclass(frozen=True)
 class Outcome:
     """A successful answer to ``register``: 201 or 202."""
 
@@ -369,6 +378,19 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+class BoundedCache(collections.OrderedDict):
+    """A dict that forgets its oldest entries beyond ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key: object, value: object) -> None:
+        self[key] = value
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
 class PasswordVerifier:
     """Verifies passwords against scrypt hashes, paying for each hash once.
 
@@ -380,8 +402,7 @@ class PasswordVerifier:
 
     def __init__(self, capacity: int = 250_000) -> None:
         self._key = secrets.token_bytes(32)
-        self._known: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._capacity = capacity
+        self._known = BoundedCache(capacity)
 
     def check(self, password: str, stored: str) -> bool:
         tag = hmac.digest(self._key, password.encode(), "sha256")
@@ -390,20 +411,25 @@ class PasswordVerifier:
             return hmac.compare_digest(known, tag)
         if not check_password(password, stored):
             return False
-        self.remember(stored, tag)
+        self._known.put(stored, tag)
         return True
 
-    def remember_password(self, password: str, stored: str) -> None:
+    def remember(self, password: str, stored: str) -> None:
         """Record a password that is known to match ``stored`` (just hashed)."""
-        self.remember(stored, hmac.digest(self._key, password.encode(), "sha256"))
-
-    def remember(self, stored: str, tag: bytes) -> None:
-        self._known[stored] = tag
-        while len(self._known) > self._capacity:
-            self._known.popitem(last=False)
+        self._known.put(stored, hmac.digest(self._key, password.encode(), "sha256"))
 
 
 # --- Parsing and policy ---------------------------------------------------
+
+
+def parse_json(body: bytes) -> object:
+    """A body as JSON; ``MalformedRequest`` when it is not JSON in UTF-8."""
+    try:
+        # RFC 8259 section 8.1: JSON between systems is UTF-8; decoding first
+        # refuses the UTF-16 and UTF-32 that json.loads would guess.
+        return json.loads(body.decode())
+    except (ValueError, RecursionError):  # bad UTF-8 is a ValueError too
+        raise MalformedRequest("the body is not JSON") from None
 
 
 def parse_registration(payload: object) -> Registration:
@@ -627,7 +653,11 @@ class Registry:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._passwords = PasswordVerifier()
-        self._csrs: collections.OrderedDict[bytes, CsrInfo] = collections.OrderedDict()
+        self._csrs = BoundedCache(settings.max_pending)
+        # Bodies answered 202, by their HMAC under a key of this process only,
+        # since a body holds a password.
+        self._body_key = secrets.token_bytes(32)
+        self._polls_seen = BoundedCache(settings.max_pending)
         self._new_requests: dict[str, collections.deque[float]] = {}
         self._auth_failures: dict[str, collections.deque[float]] = {}
         self._polls: dict[str, tuple[float, int, str]] = {}
@@ -642,27 +672,66 @@ class Registry:
     # --- The client's request (SPEC section 2) ----------------------------
 
     def register(self, payload: object, client_address: str = "") -> Outcome:
-        """Answer a client's request: 201 or 202, or raise a ``RegistryError``."""
+        """Answer a client's request: 201 or 202, or raise a ``RegistryError``.
+
+        ``payload`` is the parsed JSON body, or the body itself as bytes: then
+        a poll that repeats a body answered 202 before skips the parsing.
+        """
+        fingerprint = None
+        if isinstance(payload, bytes):
+            fingerprint = hmac.digest(self._body_key, payload, "sha256")
+            outcome = self._repeated_poll(fingerprint, client_address)
+            if outcome is not None:
+                return outcome
+            payload = parse_json(payload)
         registration = parse_registration(payload)
         csr = self._inspect_csr(registration)
         problems = policy_problems(registration, self.roles, csr)
         if problems:
             raise _policy(problems)
+        outcome = self._answer(registration, csr, client_address)
+        if fingerprint is not None and outcome.status is HTTPStatus.ACCEPTED:
+            self._polls_seen.put(fingerprint, _Poll(registration.username, outcome.body["pairingId"], registration))
+        return outcome
+
+    def _answer(self, registration: Registration, csr: CsrInfo | None, address: str) -> Outcome:
+        """SPEC section 2.4 and 2.5 for a well-formed request within policy."""
         now = self.clock().timestamp()
         with self._lock:
-            outcome = self._answer_stored(registration, csr, client_address, now)
+            outcome = self._answer_stored(registration, csr, address, now)
             if outcome is not None:
                 return outcome
-            self._admit(client_address, now, count=False)
+            self._admit(address, now, count=False)
         # A new request: derive its hash outside the lock, then check again,
         # since another thread may have stored one for the same username.
         password_hash = self._hash(registration.password)
         with self._lock:
-            outcome = self._answer_stored(registration, csr, client_address, now)
+            outcome = self._answer_stored(registration, csr, address, now)
             if outcome is not None:
                 return outcome
-            self._admit(client_address, now, count=True)
-            return self._store_new(registration, csr, password_hash, client_address, now)
+            self._admit(address, now, count=True)
+            return self._store_new(registration, csr, password_hash, address, now)
+
+    def _repeated_poll(self, fingerprint: bytes, address: str) -> Outcome | None:
+        """The 202 again for a body seen before, while its request is the one pending."""
+        seen = self._polls_seen.get(fingerprint)
+        if seen is None:
+            return None
+        now = self.clock().timestamp()
+        with self._lock:
+            row = self._request_row(seen.username, now)
+            # A password request's pairing id comes from its salted hash, and
+            # a CSR request's from its key: with the rights, they say that the
+            # stored request is still the one this body matched.
+            if (
+                row is None
+                or row["state"] != State.PENDING.value
+                or row["pairing_id"] != seen.pairing_id
+                or row["requested"] != seen.registration.rights.dumps()
+            ):
+                return None
+            self._record_poll(seen.username, address, now)
+        return self._pending_outcome(seen.username, seen.pairing_id)
 
     def _inspect_csr(self, registration: Registration) -> CsrInfo | None:
         if registration.csr is None:
@@ -677,9 +746,7 @@ class Registry:
                 info = self.ca.inspect_csr(registration.csr)
             except ValueError as error:
                 raise MalformedRequest(f"'csr' {error}") from None
-            self._csrs[digest] = info
-            while len(self._csrs) > self.settings.max_pending:
-                self._csrs.popitem(last=False)
+            self._csrs.put(digest, info)
         if not info.common_name:
             raise MalformedRequest("the CSR's subject has no Common Name: it must be the username")
         if info.common_name != registration.username:
@@ -751,7 +818,7 @@ class Registry:
         if password is None:
             return None
         stored = hash_password(password, self.settings.scrypt_n)
-        self._passwords.remember_password(password, stored)
+        self._passwords.remember(password, stored)
         return stored
 
     def _store_new(

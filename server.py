@@ -27,6 +27,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -89,7 +90,7 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # http.server's headers: get() ignores case
     body: bytes = b""
     client_address: str = ""
     peer_certificate: bytes | None = None
@@ -212,7 +213,7 @@ class App:
     # --- Handlers: parse, call the core, serialize ------------------------
 
     def register(self, request: Request) -> Response:
-        outcome = self.core.register(_json_body(request, required=True), request.client_address)
+        outcome = self.core.register(request.body, request.client_address)
         return Response.json(outcome.status, outcome.body, outcome.headers)
 
     def status(self, request: Request) -> Response:
@@ -289,17 +290,9 @@ class PayloadTooLarge(registry.RegistryError):
     status, code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "payload_too_large"
 
 
-def _json_body(request: Request, *, required: bool = False) -> Any:
-    """The body as JSON; None for an empty optional body."""
-    if not request.body.strip() and not required:
-        return None
-    try:
-        # RFC 8259 section 8.1: JSON between systems is UTF-8; decoding
-        # first refuses the UTF-16 and UTF-32 that json.loads would guess.
-        return json.loads(request.body.decode())
-    except (ValueError, RecursionError):
-        # ValueError covers bad UTF-8 too (UnicodeDecodeError is one).
-        raise registry.MalformedRequest("the body is not JSON") from None
+def _json_body(request: Request) -> Any:
+    """An optional body as JSON; None when it is empty."""
+    return registry.parse_json(request.body) if request.body.strip() else None
 
 
 def _is_number(text: str) -> bool:
@@ -402,8 +395,8 @@ class Handler(BaseHTTPRequestHandler):
         return Request(
             method=self.command,
             path=url.path,
-            query=parse_qs(url.query),
-            headers={name.lower(): value for name, value in self.headers.items()},
+            query=parse_qs(url.query) if url.query else {},
+            headers=self.headers,
             body=body,
             client_address=self.client_address[0],
             peer_certificate=_peer_certificate(self.connection),
@@ -419,6 +412,7 @@ class Handler(BaseHTTPRequestHandler):
     def _write(self, response: Response) -> None:
         self.connection.settimeout(self.timeout)
         self.send_response_only(response.status)
+        self.send_header("Date", self.date_time_string())
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         self.send_header("Cache-Control", "no-store")
