@@ -9,6 +9,7 @@ extensions through. It also signs the HTTPS server's own certificate.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from collections.abc import Iterable
@@ -54,6 +55,8 @@ class CA:
         self.certificate = certificate
         self.certificate_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
         self.validity = timedelta(days=cert_days)
+        ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self._authority_key_identifier = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
     @classmethod
     def create(cls, now: datetime, *, cert_days: int = 365, name: str = "Client Registry CA") -> CA:
@@ -129,7 +132,7 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_end_entity_usage(key), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(self._authority_key_identifier(), critical=False)
+            .add_extension(self._authority_key_identifier, critical=False)
             .sign(self.key, hashes.SHA256())
         )
         der = certificate.public_bytes(serialization.Encoding.DER)
@@ -151,14 +154,10 @@ class CA:
             .add_extension(_end_entity_usage(key.public_key()), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in all_names]), critical=False)
-            .add_extension(self._authority_key_identifier(), critical=False)
+            .add_extension(self._authority_key_identifier, critical=False)
             .sign(self.key, hashes.SHA256())
         )
         return ServerCredentials(certificate.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
-
-    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
-        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _builder(
@@ -223,9 +222,7 @@ def _general_name(name: str) -> x509.GeneralName:
 
 
 def _sha256(data: bytes) -> str:
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(data)
-    return digest.finalize().hex()
+    return hashlib.sha256(data).hexdigest()
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:

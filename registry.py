@@ -622,6 +622,12 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 ADMIN = "administrator"
+# What the administrator's listings show: no hash, no CSR, no certificate.
+REQUEST_COLUMNS = (
+    "username, state, pairing_id, method, requested, context, created_at, last_poll_at, poll_count,"
+    " client_address, decided_at, reason"
+)
+USER_COLUMNS = "username, method, granted, created_at, serial, not_after"
 
 
 class Registry:
@@ -719,12 +725,15 @@ class Registry:
             return None
         now = self.clock().timestamp()
         with self._lock:
-            row = self._request_row(seen.username, now)
+            row = self._db.execute(
+                "SELECT state, pairing_id, requested, created_at FROM requests WHERE username = ?", (seen.username,)
+            ).fetchone()
             # A password request's pairing id comes from its salted hash, and
             # a CSR request's from its key: with the rights, they say that the
             # stored request is still the one this body matched.
             if (
                 row is None
+                or row["created_at"] <= self._cutoff(now)
                 or row["state"] != State.PENDING.value
                 or row["pairing_id"] != seen.pairing_id
                 or row["requested"] != seen.registration.rights.dumps()
@@ -935,7 +944,7 @@ class Registry:
         now = self.clock().timestamp()
         with self._lock:
             self._purge(now)
-            rows = self._db.execute("SELECT * FROM requests ORDER BY created_at, username").fetchall()
+            rows = self._db.execute(f"SELECT {REQUEST_COLUMNS} FROM requests ORDER BY created_at, username").fetchall()
         return [_request_json(row) for row in rows]
 
     def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
@@ -951,30 +960,30 @@ class Registry:
                 if self.ca is None:
                     raise PolicyViolation("this registry has no CA to sign the request's CSR")
                 issued = self.ca.issue_client_certificate(row["csr"], username, moment)
+            user = {
+                "username": username,
+                "method": row["method"],
+                "password_hash": row["password_hash"],
+                "granted": rights.dumps(),
+                "certificate": issued and issued.pem,
+                "certificate_sha256": issued and issued.sha256,
+                "serial": issued and format(issued.serial, "x"),
+                "not_after": issued and issued.not_after.timestamp(),
+                "created_at": now,
+            }
             with self._transaction():
                 self._db.execute(
                     "UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?", (now, username)
                 )
                 self._db.execute(
-                    "INSERT INTO users (username, method, password_hash, granted, certificate, certificate_sha256,"
-                    " serial, not_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        username,
-                        row["method"],
-                        row["password_hash"],
-                        rights.dumps(),
-                        issued and issued.pem,
-                        issued and issued.sha256,
-                        issued and format(issued.serial, "x"),
-                        issued and issued.not_after.timestamp(),
-                        now,
-                    ),
+                    f"INSERT INTO users ({', '.join(user)}) VALUES ({', '.join('?' * len(user))})",
+                    tuple(user.values()),
                 )
                 details = {"requested": json.loads(row["requested"]), "granted": rights.to_json()}
                 if issued:
-                    details["serial"] = format(issued.serial, "x")
+                    details["serial"] = user["serial"]
                 self._audit(now, actor, address, "approve", username, details)
-            return self._user_json(username)
+        return _user_json(user)
 
     def _grant(self, body: object) -> dict[str, Any]:
         """The rights the body grants instead of the requested ones: a field left out stays as requested."""
@@ -1023,8 +1032,8 @@ class Registry:
     def users(self) -> list[dict[str, Any]]:
         """Every registered user, by name."""
         with self._lock:
-            names = [row[0] for row in self._db.execute("SELECT username FROM users ORDER BY username")]
-            return [self._user_json(name) for name in names]
+            rows = self._db.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY username").fetchall()
+        return [_user_json(row) for row in rows]
 
     def remove_user(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
         """Remove a user and its request: the username may register again."""
@@ -1152,17 +1161,6 @@ class Registry:
             self._db.execute("DELETE FROM requests WHERE state = 'pending' AND created_at <= ?", (cutoff,))
             self._db.execute("DELETE FROM requests WHERE state = 'denied' AND decided_at <= ?", (cutoff,))
 
-    def _user_json(self, username: str) -> dict[str, Any]:
-        user = self._db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
-        return {
-            "username": username,
-            "method": user["method"],
-            **Rights.loads(user["granted"]).to_json(),
-            "createdAt": _iso(user["created_at"]),
-            "certificateSerial": user["serial"],
-            "certificateNotAfter": _iso(user["not_after"]) if user["not_after"] else None,
-        }
-
     def _audit(self, now: float, actor: str, address: str, action: str, username: str | None, details: object) -> None:
         self._db.execute(
             "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)",
@@ -1203,6 +1201,17 @@ def _window(windows: dict[str, collections.deque[float]], key: str, start: float
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def _user_json(user: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "username": user["username"],
+        "method": user["method"],
+        **Rights.loads(user["granted"]).to_json(),
+        "createdAt": _iso(user["created_at"]),
+        "certificateSerial": user["serial"],
+        "certificateNotAfter": _iso(user["not_after"]) if user["not_after"] else None,
+    }
 
 
 def _request_json(row: sqlite3.Row) -> dict[str, Any]:

@@ -41,6 +41,20 @@ import openapi
 import registry
 
 log = logging.getLogger("registry.server")
+access_log = logging.getLogger("registry.access")
+
+
+def write_access_line(text: str) -> None:
+    """One line a request on standard error, as http.server writes its own log.
+
+    Not through ``logging``: a record costs about 30 microseconds, a third of
+    a whole poll. The line has the shape of the other log lines, and the
+    ``registry.access`` logger's level turns it on and off.
+    """
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    sys.stderr.write(f"{stamp},{int(now % 1 * 1000):03d} INFO {text}\n")
+
 
 JSON = "application/json"
 PEM = "application/x-pem-file"
@@ -357,14 +371,10 @@ class Handler(BaseHTTPRequestHandler):
         request = self._read_request()
         response = self.server.app.handle(request) if isinstance(request, Request) else request
         self._write(response)
-        log.info(
-            "%s %s %d %.1fms %s",
-            self.command,
-            urlsplit(self.path).path,
-            response.status,
-            (time.perf_counter() - started) * 1000,
-            self.client_address[0],
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            elapsed = (time.perf_counter() - started) * 1000
+            path = self.path.partition("?")[0]
+            write_access_line(f"{self.command} {path} {response.status} {elapsed:.1f}ms {self.client_address[0]}")
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
 

@@ -458,7 +458,9 @@ def test_refused_requests_cost_no_key_derivation(tmp_path: Path, monkeypatch: py
 # --- Secrets -----------------------------------------------------------------
 
 
-def test_no_password_is_stored_logged_or_answered(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_password_is_stored_logged_or_answered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     passwords = [f"pw-{os.urandom(6).hex()}" for _ in range(4)]
     answers = []
@@ -473,12 +475,14 @@ def test_no_password_is_stored_logged_or_answered(tmp_path: Path, caplog: pytest
         answers += [register(address, {"username": "robot-0", "password": passwords[0]})]
         answers += [whoami(address, "robot-0", passwords[0]), whoami(address, "robot-0", passwords[1])]
         answers += [snapshot(address)]
-    everything = json.dumps(answers) + caplog.text
+    log = caplog.text + capfd.readouterr().err
+    assert "POST /api/client-registry/register 202" in log, "the access log must be part of what is searched"
+    everything = json.dumps(answers) + log
     stored = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.name.startswith("registry.db"))
     for password in passwords:
         assert password not in everything
         assert password.encode() not in stored
-    assert ADMIN_TOKEN not in caplog.text
+    assert ADMIN_TOKEN not in log
 
 
 def test_the_server_refuses_a_key_others_can_read(tmp_path: Path) -> None:
