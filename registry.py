@@ -303,7 +303,7 @@ class _Poll:
 
     username: str
     pairing_id: str
-    registration: Registration
+    requested: str  # the canonical text of the requested rights
 
 
 @dataclass(frozen=True)
@@ -697,7 +697,8 @@ class Registry:
             raise _policy(problems)
         outcome = self._answer(registration, csr, client_address)
         if fingerprint is not None and outcome.status is HTTPStatus.ACCEPTED:
-            self._polls_seen.put(fingerprint, _Poll(registration.username, outcome.body["pairingId"], registration))
+            seen = _Poll(registration.username, outcome.body["pairingId"], registration.rights.dumps())
+            self._polls_seen.put(fingerprint, seen)
         return outcome
 
     def _answer(self, registration: Registration, csr: CsrInfo | None, address: str) -> Outcome:
@@ -736,7 +737,7 @@ class Registry:
                 or row["created_at"] <= self._cutoff(now)
                 or row["state"] != State.PENDING.value
                 or row["pairing_id"] != seen.pairing_id
-                or row["requested"] != seen.registration.rights.dumps()
+                or row["requested"] != seen.requested
             ):
                 return None
             self._record_poll(seen.username, address, now)
