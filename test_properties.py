@@ -19,6 +19,8 @@ with one of them is fast enough to do inside an example.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
-from hypothesis import event, given, note, settings
+from hypothesis import event, example, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -47,6 +49,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Attribute's length must be:UserW
 
 Key = CertificateIssuerPrivateKeyTypes
 Payload = dict[str, Any]
+Rights = tuple[frozenset[str], frozenset[tuple[str, str, str]]]
 
 CATALOG = ("minimum", "operator")
 GOOD_PASSWORD = "correct horse"
@@ -55,10 +58,18 @@ RETENTION = timedelta(hours=24)
 DEFAULT_UNLOCK = timedelta(minutes=5)
 MQTT_READ = {"resource": "plant/+/temperature", "operation": "read", "context": "mqtt"}
 HTTP_WRITE = {"resource": "/api/telemetry", "operation": "write", "context": "http"}
+A_REQUEST = {"username": "sensor-0003", "password": GOOD_PASSWORD}
 
 # SPEC section 2.3: the keys the registry accepts, and some it refuses.
-ACCEPTED_KEYS = (make_key("ec"), make_key("ec"), make_key("p384"), make_key("ed25519"), make_key("rsa"))
-REFUSED_KEYS = (make_key("p521"), make_key("rsa1024"), ed448.Ed448PrivateKey.generate())
+ACCEPTED = {
+    "P-256": make_key("ec"),
+    "another P-256": make_key("ec"),
+    "P-384": make_key("p384"),
+    "Ed25519": make_key("ed25519"),
+    "RSA 2048": make_key("rsa"),
+}
+REFUSED = {"P-521": make_key("p521"), "RSA 1024": make_key("rsa1024"), "Ed448": ed448.Ed448PrivateKey.generate()}
+ACCEPTED_KEYS, REFUSED_KEYS = tuple(ACCEPTED.values()), tuple(REFUSED.values())
 
 
 # --- Oracles: the rules of SPEC sections 1 and 2, written from the SPEC ----
@@ -141,10 +152,22 @@ def request_for(username: str, method: str, key: Key) -> Payload:
     return payload | {"csr": csr_for(username, key)}
 
 
+def rights_of(roles: list[str], permissions: list[dict[str, str]]) -> Rights:
+    """Rights as the model compares them: order and repeats are immaterial."""
+    return frozenset(roles), frozenset((p["resource"], p["operation"], p["context"]) for p in permissions)
+
+
+def granted_by(requested: Rights, grant: dict[str, Any] | None) -> Rights:
+    """What an approval grants: the body's roles and permissions; a field left out stays as requested."""
+    grant = grant or {}
+    roles, permissions = rights_of(grant.get("roles", []), grant.get("permissions", []))
+    return (roles if "roles" in grant else requested[0]), (permissions if "permissions" in grant else requested[1])
+
+
 @contextmanager
-def opened(authority: ca.CA, *, locked: bool = False) -> Iterator[registry.Registry]:
+def opened(authority: ca.CA, *, locked: bool = False, clock: FakeClock | None = None) -> Iterator[registry.Registry]:
     """A fresh in-memory registry (conftest's catalog, fast scrypt), locked or unlocked."""
-    instance = registry.Registry(clock=FakeClock(), ca=authority, roles=CATALOG, settings=FAST)
+    instance = registry.Registry(clock=clock or FakeClock(), ca=authority, roles=CATALOG, settings=FAST)
     try:
         if not locked:
             instance.unlock()
@@ -154,7 +177,7 @@ def opened(authority: ca.CA, *, locked: bool = False) -> Iterator[registry.Regis
 
 
 def answer(reg: registry.Registry, payload: object) -> tuple[HTTPStatus, dict[str, Any], dict[str, str]]:
-    """What the server would answer to ``payload``: status, JSON body and headers."""
+    """What the server would answer to ``payload`` (parsed JSON, or the raw body): status, JSON body and headers."""
     try:
         outcome = reg.register(payload)
     except registry.RegistryError as error:
@@ -268,28 +291,36 @@ def test_exactly_one_of_password_and_csr(
         assert status == (HTTPStatus.LOCKED if locked else HTTPStatus.ACCEPTED), body
 
 
-def near_misses(username: str) -> list[str]:
-    """Common Names that a careless comparison would take for ``username``."""
-    return [
-        username.upper(),
-        username.lower(),
-        username + " ",
-        " " + username,
-        username + "\n",
-        username[:-1],
-        username + "0",
-        "x" + username[1:],
-    ]
+COMMON_NAMES: dict[str, Callable[[str, str], str | None]] = {
+    "missing": lambda username, other: None,
+    "empty": lambda username, other: "",
+    "the username": lambda username, other: username,
+    "upper case": lambda username, other: username.upper(),
+    "lower case": lambda username, other: username.lower(),
+    "with a trailing space": lambda username, other: username + " ",
+    "with a leading space": lambda username, other: " " + username,
+    "with a trailing newline": lambda username, other: username + "\n",
+    "one character short": lambda username, other: username[:-1],
+    "one character more": lambda username, other: username + "0",
+    "another first character": lambda username, other: "x" + username[1:],
+    "any text": lambda username, other: other,
+}
 
 
-@given(data=st.data(), key=accepted_keys, locked=st.booleans())
-def test_the_common_name_must_be_the_username(authority: ca.CA, data: st.DataObject, key: Key, locked: bool) -> None:
+@given(
+    username=usernames,
+    variant=st.sampled_from(sorted(COMMON_NAMES)),
+    other=st.text(),
+    key=accepted_keys,
+    locked=st.booleans(),
+)
+@example(username="", variant="the username", other="", key=ACCEPTED_KEYS[0], locked=False)
+@example(username="sensor-0003", variant="any text", other="sensor-0003", key=ACCEPTED_KEYS[0], locked=False)
+def test_the_common_name_must_be_the_username(
+    authority: ca.CA, username: str, variant: str, other: str, key: Key, locked: bool
+) -> None:
     """A missing, empty or different CN is 400; the username's own CN goes on to policy and the lock."""
-    username = data.draw(usernames, label="username")
-    common_name = data.draw(
-        st.one_of(st.none(), st.just(""), st.just(username), st.sampled_from(near_misses(username)), st.text()),
-        label="common_name",
-    )
+    common_name = COMMON_NAMES[variant](username, other)
     with opened(authority, locked=locked) as reg:
         status, body, _ = answer(reg, {"username": username, "csr": csr_for(common_name, key)})
     if not common_name or common_name != username:
@@ -338,26 +369,33 @@ ANSWER_TO_A_REPEAT = {
     "approved": HTTPStatus.CREATED,
     "denied": HTTPStatus.FORBIDDEN,
 }
+nonconforming_usernames = st.one_of(
+    st.sampled_from(["ab", "a" * 65, "-abc", ".abc", "_abc", "ab c", "abc/", "äbc"]),
+    st.text(min_size=1, max_size=70).filter(lambda name: not username_conforms(name)),
+)
 
 
-@given(data=st.data(), method=st.sampled_from(["password", "csr"]), locked=st.booleans())
-def test_the_first_rule_that_applies_decides(authority: ca.CA, data: st.DataObject, method: str, locked: bool) -> None:
-    """400 before 422 before the stored request before 423, whatever else is wrong and whether locked or not."""
-    username = data.draw(st.one_of(conforming_usernames, st.text(max_size=70)), label="username")
-    key, refused = data.draw(accepted_keys, label="key"), data.draw(refused_keys, label="refused key")
-    breaches = data.draw(st.lists(st.sampled_from(sorted(POLICY_BREACHES[method])), unique=True), label="breaches")
-    malformations = data.draw(st.lists(st.sampled_from(sorted(MALFORMATIONS)), unique=True), label="malformations")
-    # A conforming request for the username may be stored first: the
-    # request under test is then that request itself, or a broken one.
-    prior = (
-        data.draw(st.sampled_from([None, *ANSWER_TO_A_REPEAT]), label="prior") if username_conforms(username) else None
-    )
-    clean = request_for(username, method, key)
-    payload = clean
+def broken(
+    payload: Payload, username: str, breaches: list[str], malformations: list[str], data: st.DataObject
+) -> Payload:
+    """``payload`` with the policy ``breaches`` and then the ``malformations`` applied, in their order."""
+    method = "password" if "password" in payload else "csr"
+    refused = data.draw(refused_keys, label="refused key")
     for breach in breaches:
         payload = POLICY_BREACHES[method][breach](payload, username, refused)
+    key = data.draw(accepted_keys, label="key for malformations")
     for malformation in malformations:
         payload = MALFORMATIONS[malformation](payload, username, key)
+    return payload
+
+
+def answer_in_state(
+    authority: ca.CA, payload: Payload, clean: Payload, prior: str | None, locked: bool
+) -> tuple[HTTPStatus, dict[str, Any]]:
+    """The answer to ``payload`` from a registry holding ``clean`` as ``prior`` (or nothing), locked or not.
+
+    Whatever the answer, a refusal must have changed nothing.
+    """
     with opened(authority) as reg:
         if prior is not None:
             store(reg, clean, prior)
@@ -367,6 +405,69 @@ def test_the_first_rule_that_applies_decides(authority: ca.CA, data: st.DataObje
         status, body, _ = answer(reg, payload)
         if status >= HTTPStatus.BAD_REQUEST:
             assert snapshot(reg) == before
+    return status, body
+
+
+def some(data: st.DataObject, choices: dict[str, object], label: str) -> list[str]:
+    """Any of ``choices``' names, in any order."""
+    return data.draw(st.lists(st.sampled_from(sorted(choices)), unique=True), label=label)
+
+
+@pytest.mark.parametrize("malformation", sorted(MALFORMATIONS))
+@given(data=st.data(), method=st.sampled_from(["password", "csr"]), locked=st.booleans())
+def test_a_malformed_request_is_400_whatever_else_holds(
+    authority: ca.CA, malformation: str, data: st.DataObject, method: str, locked: bool
+) -> None:
+    """SPEC 2.2 comes first: whatever policy it breaks, whatever is stored, locked or not."""
+    username = data.draw(usernames, label="username")
+    clean = request_for(username, method, data.draw(accepted_keys, label="key"))
+    others = some(data, MALFORMATIONS, "other malformations")
+    breaches = some(data, POLICY_BREACHES[method], "breaches")
+    payload = broken(clean, username, breaches, [*others, malformation], data)
+    prior = (
+        data.draw(st.sampled_from([None, *ANSWER_TO_A_REPEAT]), label="prior") if username_conforms(username) else None
+    )
+    status, body = answer_in_state(authority, payload, clean, prior, locked)
+    assert status == HTTPStatus.BAD_REQUEST, body
+
+
+POLICY_RULES = [
+    *((method, breach) for method, breaches in POLICY_BREACHES.items() for breach in breaches),
+    ("password", "a username outside the policy"),
+    ("csr", "a username outside the policy"),
+]
+
+
+@pytest.mark.parametrize(("method", "breach"), POLICY_RULES)
+@given(data=st.data(), locked=st.booleans())
+def test_a_policy_breach_is_422_whatever_the_state(
+    authority: ca.CA, method: str, breach: str, data: st.DataObject, locked: bool
+) -> None:
+    """SPEC 2.3 comes next: a well-formed request that breaks policy is 422, whatever is stored, locked or not."""
+    outside = breach == "a username outside the policy"
+    username = data.draw(nonconforming_usernames if outside else conforming_usernames, label="username")
+    clean = request_for(username, method, data.draw(accepted_keys, label="key"))
+    breaches = [] if outside else [*some(data, POLICY_BREACHES[method], "other breaches"), breach]
+    payload = broken(clean, username, breaches, [], data)
+    prior = None if outside else data.draw(st.sampled_from([None, *ANSWER_TO_A_REPEAT]), label="prior")
+    status, body = answer_in_state(authority, payload, clean, prior, locked)
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY, body
+
+
+@given(data=st.data(), method=st.sampled_from(["password", "csr"]), locked=st.booleans())
+def test_the_first_rule_that_applies_decides(authority: ca.CA, data: st.DataObject, method: str, locked: bool) -> None:
+    """400 before 422 before the stored request before 423, over any mix of defects and states."""
+    username = data.draw(usernames, label="username")
+    clean = request_for(username, method, data.draw(accepted_keys, label="key"))
+    breaches = some(data, POLICY_BREACHES[method], "breaches")
+    malformations = some(data, MALFORMATIONS, "malformations")
+    payload = broken(clean, username, breaches, malformations, data)
+    # A conforming request for the username may be stored first: the
+    # request under test is then that request itself, or a broken one.
+    prior = (
+        data.draw(st.sampled_from([None, *ANSWER_TO_A_REPEAT]), label="prior") if username_conforms(username) else None
+    )
+    status, body = answer_in_state(authority, payload, clean, prior, locked)
     # An empty username makes an empty CN: that is malformed before it breaks policy.
     if malformations or (method == "csr" and not username):
         assert status == HTTPStatus.BAD_REQUEST, body
@@ -376,6 +477,26 @@ def test_the_first_rule_that_applies_decides(authority: ca.CA, data: st.DataObje
         assert status == ANSWER_TO_A_REPEAT[prior], body
     else:
         assert status == (HTTPStatus.LOCKED if locked else HTTPStatus.ACCEPTED), body
+
+
+@pytest.mark.parametrize(
+    ("key", "accepted"),
+    [pytest.param(key, True, id=name) for name, key in ACCEPTED.items()]
+    + [pytest.param(key, False, id=name) for name, key in REFUSED.items()],
+)
+def test_the_key_policy(reg: registry.Registry, key: Key, accepted: bool) -> None:
+    """SPEC 2.3: RSA of 2048 bits or more, EC P-256 or P-384, Ed25519; nothing else."""
+    reg.unlock()
+    status, body, _ = answer(reg, {"username": "sensor-0003", "csr": csr_for("sensor-0003", key)})
+    assert status == (HTTPStatus.ACCEPTED if accepted else HTTPStatus.UNPROCESSABLE_ENTITY), body
+
+
+@pytest.mark.parametrize(("length", "accepted"), [(0, True), (1024, True), (1025, False)])
+def test_the_context_limit(reg: registry.Registry, length: int, accepted: bool) -> None:
+    """SPEC 1: a context of at most 1024 characters; a longer one is malformed."""
+    reg.unlock()
+    status, body, _ = answer(reg, {"username": "sensor-0003", "password": GOOD_PASSWORD, "context": "é" * length})
+    assert status == (HTTPStatus.ACCEPTED if accepted else HTTPStatus.BAD_REQUEST), body
 
 
 # --- The username and password policies --------------------------------------
@@ -492,6 +613,30 @@ def test_a_body_that_is_not_an_object_is_malformed(authority: ca.CA, body: objec
         assert answer(reg, body)[0] == HTTPStatus.BAD_REQUEST
 
 
+@given(
+    body=st.one_of(
+        st.binary(max_size=40),
+        json_values.map(lambda value: json.dumps(value).encode()),
+        optional_fields.map(lambda extra: json.dumps(A_REQUEST | extra).encode()),
+        st.sampled_from([b"", b"{", json.dumps(A_REQUEST).encode("utf-16"), b'{"username": "\xff"}']),
+    )
+)
+def test_a_raw_body_is_answered_as_its_json(authority: ca.CA, body: bytes) -> None:
+    """SPEC 2.2: a body that is not JSON is 400; one that is gets the answer its parsed JSON gets."""
+    try:
+        parsed = json.loads(body.decode())
+    except ValueError:
+        parsed = None
+    with opened(authority) as raw_registry, opened(authority) as parsed_registry:
+        raw_answer = answer(raw_registry, body)
+        if parsed is None:
+            assert raw_answer[0] == HTTPStatus.BAD_REQUEST
+        else:
+            parsed_answer = answer(parsed_registry, parsed)
+            assert raw_answer[0] == parsed_answer[0]
+            assert raw_answer[1].get("error") == parsed_answer[1].get("error")
+
+
 @pytest.mark.parametrize("field", sorted(WRONG_TYPES))
 @given(data=st.data(), locked=st.booleans())
 def test_a_field_of_the_wrong_type_is_malformed(
@@ -553,6 +698,99 @@ def test_mqtt_wildcard_placement(reg: registry.Registry, resource: str, placed: 
     permission = {"resource": resource, "operation": "read", "context": "mqtt"}
     status, body, _ = answer(reg, {"username": "sensor-0003", "password": GOOD_PASSWORD, "permissions": [permission]})
     assert status == (HTTPStatus.ACCEPTED if placed else HTTPStatus.BAD_REQUEST), body
+
+
+# --- The lock, and what an approval grants -----------------------------------
+
+
+@given(duration=st.none() | st.integers(1, 86_400_000), data=st.data(), method=st.sampled_from(["password", "csr"]))
+def test_a_new_request_is_423_exactly_when_the_window_has_ended(
+    authority: ca.CA, duration: int | None, data: st.DataObject, method: str
+) -> None:
+    """SPEC 3: unlocking opens the registry until now + duration (default 5 minutes), then it is locked again."""
+    window = DEFAULT_UNLOCK if duration is None else timedelta(milliseconds=duration)
+    end = window // timedelta(milliseconds=1)
+    elapsed = data.draw(st.sampled_from([0, end - 1, end, end + 1]) | st.integers(0, 2 * end), label="elapsed ms")
+    clock = FakeClock()
+    with opened(authority, locked=True, clock=clock) as reg:
+        reg.unlock(None if duration is None else {"duration": duration})
+        clock.advance(milliseconds=elapsed)
+        ended = elapsed >= end
+        status, body, headers = answer(reg, request_for("sensor-0003", method, ACCEPTED_KEYS[0]))
+        assert status == (HTTPStatus.LOCKED if ended else HTTPStatus.ACCEPTED), body
+        assert headers["Retry-After"] == ("30" if ended else "5")
+        assert reg.status()["locked"] is ended
+
+
+@given(start=st.integers(1, 999), duration=st.integers(1, 86_400_000))
+@example(start=5, duration=3)
+def test_the_window_ends_at_now_plus_duration_at_any_instant(authority: ca.CA, start: int, duration: int) -> None:
+    """SPEC 3 from a clock that reads a fraction of a second: at now + duration exactly, the window has ended."""
+    clock = FakeClock(START + timedelta(milliseconds=start))
+    with opened(authority, locked=True, clock=clock) as reg:
+        reg.unlock({"duration": duration})
+        clock.advance(milliseconds=duration)
+        assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 0}
+        assert answer(reg, {"username": "sensor-0003", "password": GOOD_PASSWORD})[0] == HTTPStatus.LOCKED
+
+
+@given(
+    state=st.sampled_from(["pending", "denied", "approved"]),
+    decided_after=st.integers(0, 86_399),
+    elapsed=st.sampled_from([0, 86_399, 86_400, 86_401]) | st.integers(0, 3 * 86_400),
+    method=st.sampled_from(["password", "csr"]),
+)
+def test_pending_and_denied_requests_are_forgotten_after_the_retention_period(
+    authority: ca.CA, state: str, decided_after: int, elapsed: int, method: str
+) -> None:
+    """SPEC 2: a pending request is forgotten 24 hours after it was made, a denied one 24 hours after the
+    denial; an approved one is kept with its user. A forgotten request is new again: 423 while locked."""
+    clock = FakeClock()
+    payload = request_for("sensor-0003", method, ACCEPTED_KEYS[0])
+    with opened(authority, clock=clock) as reg:
+        assert answer(reg, payload)[0] == HTTPStatus.ACCEPTED
+        reg.lock()
+        if state != "pending":
+            clock.advance(seconds=decided_after)
+        if state == "approved":
+            reg.approve("sensor-0003")
+        elif state == "denied":
+            reg.deny("sensor-0003")
+        clock.advance(seconds=elapsed)
+        status, body, _ = answer(reg, payload)
+        forgotten = state != "approved" and elapsed >= 86_400
+        assert status == (HTTPStatus.LOCKED if forgotten else ANSWER_TO_A_REPEAT[state]), body
+        assert [listed["state"] for listed in reg.requests()] == ([] if forgotten else [state])
+
+
+grants = st.none() | st.fixed_dictionaries(
+    {},
+    optional={
+        "roles": st.lists(st.sampled_from(CATALOG), max_size=2),
+        "permissions": st.lists(st.sampled_from([MQTT_READ, HTTP_WRITE]), max_size=2),
+    },
+)
+
+
+@given(requested=optional_fields, grant=grants, method=st.sampled_from(["password", "csr"]), key=accepted_keys)
+def test_a_201_carries_what_was_granted(
+    authority: ca.CA, requested: Payload, grant: dict[str, Any] | None, method: str, key: Key
+) -> None:
+    """SPEC 2: the 201 body holds the granted rights (the request's, or what the approval names) and a certificate."""
+    payload = {**request_for("sensor-0003", method, key), "roles": [], "permissions": [], **requested}
+    with opened(authority) as reg:
+        assert answer(reg, payload)[0] == HTTPStatus.ACCEPTED
+        reg.approve("sensor-0003", grant)
+        reg.lock()
+        status, body, _ = answer(reg, payload)
+    assert status == HTTPStatus.CREATED, body
+    wanted = rights_of(payload["roles"], payload["permissions"])
+    assert rights_of(body["roles"], body["permissions"]) == granted_by(wanted, grant)
+    if method == "csr":
+        assert_issued_from(payload["csr"], body["certificate"], authority)
+        assert body["caCertificate"] == authority.certificate_pem
+    else:
+        assert "certificate" not in body
 
 
 # --- A rejected command changes nothing --------------------------------------
@@ -642,7 +880,6 @@ ROLE_SETS = ((), ("minimum",), ("operator", "minimum"))
 PERMISSION_SETS = ((), (MQTT_READ,), (HTTP_WRITE, MQTT_READ))
 GRANTS = (None, {}, {"roles": [], "permissions": []}, {"roles": ["minimum"]}, {"permissions": [MQTT_READ]})
 Credential = tuple[str, object]  # ("password", the password) or ("csr", an index into MACHINE_KEYS)
-Rights = tuple[frozenset[str], frozenset[tuple[str, str, str]]]
 
 CREDENTIALS = [("password", password) for password in PASSWORDS] + [("csr", key) for key in range(len(MACHINE_KEYS))]
 durations = st.one_of(
@@ -655,18 +892,6 @@ steps = st.one_of(
     st.sampled_from([299, 300, 301, 86_399, 86_400, 86_401]),
     st.integers(1, 30).map(lambda hours: hours * 3600),
 )
-
-
-def rights_of(roles: list[str], permissions: list[dict[str, str]]) -> Rights:
-    """Rights as the model compares them: order and repeats are immaterial."""
-    return frozenset(roles), frozenset((p["resource"], p["operation"], p["context"]) for p in permissions)
-
-
-def granted_by(requested: Rights, grant: dict[str, Any] | None) -> Rights:
-    """What an approval grants: the body's roles and permissions; a field left out stays as requested."""
-    grant = grant or {}
-    roles, permissions = rights_of(grant.get("roles", []), grant.get("permissions", []))
-    return (roles if "roles" in grant else requested[0]), (permissions if "permissions" in grant else requested[1])
 
 
 def payload_of(username: str, credential: Credential, rights: Rights, context: str | None) -> Payload:
@@ -735,10 +960,10 @@ class RegistryMachine(RuleBasedStateMachine):
 
     # --- The client --------------------------------------------------------
 
-    def send(self, username: str, credential: Credential, rights: Rights, payload: Payload) -> None:
-        """Send ``payload`` and check the answer against SPEC 2.4 as the model sees it."""
+    def send(self, username: str, credential: Credential, rights: Rights, payload: Payload, *, raw: bool) -> None:
+        """Send a request, parsed or as the server's raw body, and check the answer against SPEC 2.4."""
         self.expire()
-        status, body, headers = answer(self.registry, payload)
+        status, body, headers = answer(self.registry, json.dumps(payload).encode() if raw else payload)
         note(f"{username} {credential} -> {status} {body.get('error', body.get('status'))}")
         stored = self.model["requests"].get(username)
         event(f"a request for a {stored['state'] if stored else 'new'} username: {status.value}")
@@ -822,11 +1047,12 @@ class RegistryMachine(RuleBasedStateMachine):
         roles=st.sampled_from(ROLE_SETS),
         permissions=st.sampled_from(PERMISSION_SETS),
         context=st.none() | st.text(max_size=20),
+        raw=st.booleans(),
     )
     def register_with_a_password(
-        self, username: str, password: str, roles: tuple, permissions: tuple, context: str | None
+        self, username: str, password: str, roles: tuple, permissions: tuple, context: str | None, raw: bool
     ) -> None:
-        self.register(username, ("password", password), rights_of(list(roles), list(permissions)), context)
+        self.register(username, ("password", password), rights_of(list(roles), list(permissions)), context, raw=raw)
 
     @rule(
         username=st.sampled_from(USERNAMES),
@@ -834,22 +1060,26 @@ class RegistryMachine(RuleBasedStateMachine):
         roles=st.sampled_from(ROLE_SETS),
         permissions=st.sampled_from(PERMISSION_SETS),
         context=st.none() | st.text(max_size=20),
+        raw=st.booleans(),
     )
     def register_with_a_csr(
-        self, username: str, key: int, roles: tuple, permissions: tuple, context: str | None
+        self, username: str, key: int, roles: tuple, permissions: tuple, context: str | None, raw: bool
     ) -> None:
-        self.register(username, ("csr", key), rights_of(list(roles), list(permissions)), context)
+        self.register(username, ("csr", key), rights_of(list(roles), list(permissions)), context, raw=raw)
 
-    def register(self, username: str, credential: Credential, rights: Rights, context: str | None) -> None:
-        self.send(username, credential, rights, payload_of(username, credential, rights, context))
+    def register(
+        self, username: str, credential: Credential, rights: Rights, context: str | None, *, raw: bool = False
+    ) -> None:
+        self.send(username, credential, rights, payload_of(username, credential, rights, context), raw=raw)
 
     @precondition(lambda self: self.model["requests"])
-    @rule(data=st.data())
-    def poll(self, data: st.DataObject) -> None:
-        """Re-send a stored request exactly (it may have been forgotten since)."""
+    @rule(data=st.data(), raw=st.booleans(), times=st.integers(1, 3))
+    def poll(self, data: st.DataObject, raw: bool, times: int) -> None:
+        """Re-send a stored request exactly (it may have been forgotten since), parsed or as the server's raw body."""
         username = data.draw(st.sampled_from(sorted(self.model["requests"])), label="username")
         stored = self.model["requests"][username]
-        self.send(username, stored["credential"], stored["rights"], stored["payload"])
+        for _ in range(times):
+            self.send(username, stored["credential"], stored["rights"], stored["payload"], raw=raw)
 
     @precondition(lambda self: self.model["requests"])
     @rule(data=st.data(), context=st.none() | st.text(max_size=20))
@@ -897,6 +1127,24 @@ class RegistryMachine(RuleBasedStateMachine):
     @rule(seconds=steps)
     def advance_the_clock(self, seconds: int) -> None:
         self.clock.advance(seconds=seconds)
+
+    @precondition(lambda self: not self.locked)
+    @rule(offset=st.sampled_from([-1, 0, 1]))
+    def advance_to_the_end_of_the_window(self, offset: int) -> None:
+        """Step to the whole second before, at or after the end of the lock window."""
+        remaining = math.ceil((self.model["unlocked_until"] - self.clock.now).total_seconds())
+        self.clock.advance(seconds=max(remaining + offset, 0))
+
+    @precondition(lambda self: any(stored["state"] != "approved" for stored in self.model["requests"].values()))
+    @rule(data=st.data(), offset=st.sampled_from([-1, 0, 1]))
+    def advance_to_the_end_of_a_retention(self, data: st.DataObject, offset: int) -> None:
+        """Step to the second before, at or after a pending or denied request is to be forgotten."""
+        waiting = sorted(
+            username for username, stored in self.model["requests"].items() if stored["state"] != "approved"
+        )
+        stored = self.model["requests"][data.draw(st.sampled_from(waiting), label="username")]
+        remaining = (stored["since"] + RETENTION - self.clock.now).total_seconds()
+        self.clock.advance(seconds=max(remaining + offset, 0))
 
     # --- The administrator ------------------------------------------------
 
