@@ -66,6 +66,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -297,22 +298,30 @@ class CertificateAuthority(Protocol):
         """Sign a client certificate for ``username`` with the CSR's key."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Poll:
-    """A body that was answered 202, known by its HMAC: what it asked for."""
+    """A body that was answered 202, known by its keyed hash: what it asked for."""
 
     username: str
     pairing_id: str
     requested: str  # the canonical text of the requested rights
+    outcome: Outcome
+    created_at: float = 0.0
+    checked: int = -1  # the registry's version when the stored request was last seen to match
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """A successful answer to ``register``: 201 or 202."""
+    """A successful answer to ``register``: 201 or 202. Read-only: a repeated poll gets the same one."""
 
     status: HTTPStatus
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+
+    @functools.cached_property
+    def content(self) -> bytes:
+        """The body as JSON, encoded once."""
+        return json.dumps(self.body).encode()
 
 
 @dataclass(frozen=True)
@@ -660,10 +669,12 @@ class Registry:
         self._db.executescript(SCHEMA)
         self._passwords = PasswordVerifier()
         self._csrs = BoundedCache(settings.max_pending)
-        # Bodies answered 202, by their HMAC under a key of this process only,
-        # since a body holds a password.
+        # Bodies answered 202, by a hash keyed with a secret of this process
+        # only, since a body holds a password; ``_version`` counts the write
+        # transactions, so that a remembered poll knows when to look again.
         self._body_key = secrets.token_bytes(32)
         self._polls_seen = BoundedCache(settings.max_pending)
+        self._version = 0
         self._new_requests: dict[str, collections.deque[float]] = {}
         self._auth_failures: dict[str, collections.deque[float]] = {}
         self._polls: dict[str, tuple[float, int, str]] = {}
@@ -685,7 +696,7 @@ class Registry:
         """
         fingerprint = None
         if isinstance(payload, bytes):
-            fingerprint = hmac.digest(self._body_key, payload, "sha256")
+            fingerprint = hashlib.blake2b(payload, key=self._body_key, digest_size=16).digest()
             outcome = self._repeated_poll(fingerprint, client_address)
             if outcome is not None:
                 return outcome
@@ -697,7 +708,7 @@ class Registry:
             raise _policy(problems)
         outcome = self._answer(registration, csr, client_address)
         if fingerprint is not None and outcome.status is HTTPStatus.ACCEPTED:
-            seen = _Poll(registration.username, outcome.body["pairingId"], registration.rights.dumps())
+            seen = _Poll(registration.username, outcome.body["pairingId"], registration.rights.dumps(), outcome)
             self._polls_seen.put(fingerprint, seen)
         return outcome
 
@@ -726,22 +737,30 @@ class Registry:
             return None
         now = self.clock().timestamp()
         with self._lock:
-            row = self._db.execute(
-                "SELECT state, pairing_id, requested, created_at FROM requests WHERE username = ?", (seen.username,)
-            ).fetchone()
-            # A password request's pairing id comes from its salted hash, and
-            # a CSR request's from its key: with the rights, they say that the
-            # stored request is still the one this body matched.
-            if (
-                row is None
-                or row["created_at"] <= self._cutoff(now)
-                or row["state"] != State.PENDING.value
-                or row["pairing_id"] != seen.pairing_id
-                or row["requested"] != seen.requested
-            ):
+            if seen.checked != self._version and not self._still_pending(seen):
+                return None
+            if seen.created_at <= self._cutoff(now):
                 return None
             self._record_poll(seen.username, address, now)
-        return self._pending_outcome(seen.username, seen.pairing_id)
+        return seen.outcome
+
+    def _still_pending(self, seen: _Poll) -> bool:
+        """Whether the stored request is still the pending one ``seen`` matched."""
+        row = self._db.execute(
+            "SELECT state, pairing_id, requested, created_at FROM requests WHERE username = ?", (seen.username,)
+        ).fetchone()
+        # A password request's pairing id comes from its salted hash, and a
+        # CSR request's from its key: with the rights, they say that the
+        # stored request is still the one this body matched.
+        if (
+            row is None
+            or row["state"] != State.PENDING.value
+            or row["pairing_id"] != seen.pairing_id
+            or row["requested"] != seen.requested
+        ):
+            return False
+        seen.created_at, seen.checked = row["created_at"], self._version
+        return True
 
     def _inspect_csr(self, registration: Registration) -> CsrInfo | None:
         if registration.csr is None:
@@ -1115,6 +1134,8 @@ class Registry:
     # --- Storage ----------------------------------------------------------
 
     def _transaction(self) -> _Transaction:
+        """A write transaction that may change a request: remembered polls are checked again."""
+        self._version += 1
         return _Transaction(self._db, self._flush_polls)
 
     def _record_poll(self, name: str, address: str, now: float) -> None:
@@ -1126,7 +1147,7 @@ class Registry:
             self._save_polls()
 
     def _save_polls(self) -> None:
-        with self._transaction():
+        with _Transaction(self._db, self._flush_polls):
             pass  # a transaction writes the counted polls first
 
     def _flush_polls(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import email.utils
 import hmac
 import json
 import logging
@@ -227,7 +228,7 @@ class App:
 
     def register(self, request: Request) -> Response:
         outcome = self.core.register(request.body, request.client_address)
-        return Response.json(outcome.status, outcome.body, outcome.headers)
+        return Response(outcome.status, outcome.content, JSON, outcome.headers)
 
     def status(self, request: Request) -> Response:
         return Response.json(HTTPStatus.OK, self.core.status())
@@ -420,7 +421,7 @@ class Handler(BaseHTTPRequestHandler):
     def _write(self, response: Response) -> None:
         self.server.watchdog.arm(self.connection, self.server.config.timeout)
         self.send_response_only(response.status)
-        self.send_header("Date", self.date_time_string())
+        self.send_header("Date", http_date())
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         self.send_header("Cache-Control", "no-store")
@@ -485,6 +486,17 @@ class Watchdog:
                     # drop its state under the handler): the blocked read ends.
                     with contextlib.suppress(OSError):
                         socket.socket.shutdown(connection, socket.SHUT_RDWR)
+
+
+_dates = threading.local()
+
+
+def http_date() -> str:
+    """The Date header (RFC 9110 section 6.6.1), formatted once a second per thread."""
+    now = int(time.time())
+    if getattr(_dates, "second", None) != now:
+        _dates.second, _dates.text = now, email.utils.formatdate(now, usegmt=True)
+    return _dates.text
 
 
 def _framing_error(status: HTTPStatus, message: str) -> Response:
