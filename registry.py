@@ -665,6 +665,10 @@ class Registry:
         # killed process (https://www.sqlite.org/wal.html#durability).
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # In WAL mode a commit does not sync; a checkpoint does. Ten times
+        # SQLite's default of 1000 pages between checkpoints (a WAL of up to
+        # 40 MB) makes that cost a tenth as often.
+        self._db.execute("PRAGMA wal_autocheckpoint=10000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._passwords = PasswordVerifier()
