@@ -31,6 +31,17 @@ CLOCK_SKEW = timedelta(minutes=5)
 CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=365)
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
+KEY_USAGE_BITS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
 
 
 @dataclass(frozen=True)
@@ -68,20 +79,7 @@ class CA:
             # RFC 5280 section 4.2.1.9: a CA that signs only end-entity
             # certificates: path length 0.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             .sign(key, hashes.SHA256())
         )
         return cls(key, certificate, cert_days=cert_days)
@@ -179,20 +177,16 @@ def _builder(
     )
 
 
+def _key_usage(**granted: bool) -> x509.KeyUsage:
+    """A KeyUsage with only the ``granted`` bits set (RFC 5280 section 4.2.1.3)."""
+    bits = dict.fromkeys(KEY_USAGE_BITS, False) | granted
+    return x509.KeyUsage(**bits)
+
+
 def _end_entity_usage(key: object) -> x509.KeyUsage:
     # RFC 5280 section 4.2.1.3: TLS with an RSA key may encipher the
     # pre-master secret (keyEncipherment); every key signs.
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=isinstance(key, rsa.RSAPublicKey),
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return _key_usage(digital_signature=True, key_encipherment=isinstance(key, rsa.RSAPublicKey))
 
 
 def _describe(key: object) -> tuple[str, int, str | None]:

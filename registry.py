@@ -133,38 +133,56 @@ class RegistryError(Exception):
 
 
 class MalformedRequest(RegistryError):
+    """The request breaks the shape of SPEC section 1 (400)."""
+
     status, code = HTTPStatus.BAD_REQUEST, "malformed_request"
 
 
 class Unauthorized(RegistryError):
+    """No credentials, or wrong ones (401)."""
+
     status, code = HTTPStatus.UNAUTHORIZED, "unauthorized"
 
 
 class Denied(RegistryError):
+    """The administrator denied the request (403); ``reason`` says why."""
+
     status, code = HTTPStatus.FORBIDDEN, "denied"
 
 
 class NotFound(RegistryError):
+    """No such request, user or path (404)."""
+
     status, code = HTTPStatus.NOT_FOUND, "not_found"
 
 
 class Conflict(RegistryError):
+    """The request differs from the stored one, or the move is illegal in its state (409)."""
+
     status, code = HTTPStatus.CONFLICT, "conflict"
 
 
 class PolicyViolation(RegistryError):
+    """The request is well-formed but against policy (422)."""
+
     status, code = HTTPStatus.UNPROCESSABLE_ENTITY, "policy_violation"
 
 
 class Locked(RegistryError):
+    """A new request while the registry is locked (423)."""
+
     status, code = HTTPStatus.LOCKED, "locked"
 
 
 class TooManyRequests(RegistryError):
+    """Over a rate limit (429)."""
+
     status, code = HTTPStatus.TOO_MANY_REQUESTS, "too_many_requests"
 
 
 class Full(RegistryError):
+    """The pending requests are at their cap (503)."""
+
     status, code = HTTPStatus.SERVICE_UNAVAILABLE, "registry_full"
 
 
