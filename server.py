@@ -44,18 +44,6 @@ log = logging.getLogger("registry.server")
 access_log = logging.getLogger("registry.access")
 
 
-def write_access_line(text: str) -> None:
-    """One line a request on standard error, as http.server writes its own log.
-
-    Not through ``logging``: a record costs about 30 microseconds, a third of
-    a whole poll. The line has the shape of the other log lines, and the
-    ``registry.access`` logger's level turns it on and off.
-    """
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-    sys.stderr.write(f"{stamp},{int(now % 1 * 1000):03d} INFO {text}\n")
-
-
 JSON = "application/json"
 PEM = "application/x-pem-file"
 STATIC = Path(__file__).with_name("static")
@@ -74,7 +62,7 @@ LINGER_SECONDS = 1.0  # how long a closing connection reads what the client stil
 
 @dataclass(frozen=True)
 class Config:
-    """The server's settings; every field is a command-line flag."""
+    """The server's settings: each is a command-line flag but ``scrypt_n``, which tests lower."""
 
     host: str = "127.0.0.1"
     port: int = 8443
@@ -144,7 +132,6 @@ class Route:
         return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern) + "$")
 
 
-ADMIN_ERRORS = (401,)
 ROUTES = (
     Route("POST", "/api/client-registry/register", "register", "public", "Ask to be registered, or poll",
           (201, 202, 400, 403, 409, 413, 422, 423, 429, 503)),
@@ -297,10 +284,14 @@ class App:
 
 
 class MethodNotAllowed(registry.RegistryError):
+    """A known path, another method (405); ``Allow`` lists the methods it takes."""
+
     status, code = HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed"
 
 
 class PayloadTooLarge(registry.RegistryError):
+    """A body over the limit (413), refused before it is parsed."""
+
     status, code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "payload_too_large"
 
 
@@ -486,6 +477,18 @@ class Watchdog:
                     # drop its state under the handler): the blocked read ends.
                     with contextlib.suppress(OSError):
                         socket.socket.shutdown(connection, socket.SHUT_RDWR)
+
+
+def write_access_line(text: str) -> None:
+    """One line a request on standard error, as http.server writes its own log.
+
+    Not through ``logging``: a record costs about 30 microseconds, a third of
+    a whole poll. The line has the shape of the other log lines, and the
+    ``registry.access`` logger's level turns it on and off.
+    """
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    sys.stderr.write(f"{stamp},{int(now % 1 * 1000):03d} INFO {text}\n")
 
 
 _dates = threading.local()
