@@ -95,7 +95,12 @@ PERMISSION_FIELDS = frozenset({"resource", "operation", "context"})
 # cryptography's ``EllipticCurve.name``).
 ACCEPTED_CURVES = frozenset({"secp256r1", "secp384r1"})
 MIN_RSA_BITS = 2048
-POLL_FLUSH_SECONDS = 1.0
+# Times are whole microseconds since the epoch: exact, so that a window of
+# d milliseconds opened at t is over at t + d, not a rounding error later.
+SECOND = 1_000_000
+MINUTE = 60 * SECOND
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+POLL_FLUSH = SECOND
 
 
 # --- Errors ---------------------------------------------------------------
@@ -324,7 +329,7 @@ class _Poll:
     pairing_id: str
     requested: str  # the canonical text of the requested rights
     outcome: Outcome
-    created_at: float = 0.0
+    created_at: int = 0
     checked: int = -1  # the registry's version when the stored request was last seen to match
 
 
@@ -619,10 +624,10 @@ CREATE TABLE IF NOT EXISTS requests (
     requested TEXT NOT NULL,
     context TEXT,
     client_address TEXT,
-    created_at REAL NOT NULL,
-    last_poll_at REAL NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_poll_at INTEGER NOT NULL,
     poll_count INTEGER NOT NULL DEFAULT 0,
-    decided_at REAL,
+    decided_at INTEGER,
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_age ON requests (state, created_at);
@@ -634,12 +639,12 @@ CREATE TABLE IF NOT EXISTS users (
     certificate TEXT,
     certificate_sha256 TEXT UNIQUE,
     serial TEXT,
-    not_after REAL,
-    created_at REAL NOT NULL
+    not_after INTEGER,
+    created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
+    at INTEGER NOT NULL,
     actor TEXT NOT NULL,
     address TEXT,
     action TEXT NOT NULL,
@@ -697,10 +702,10 @@ class Registry:
         self._body_key = secrets.token_bytes(32)
         self._polls_seen = BoundedCache(settings.max_pending)
         self._version = 0
-        self._new_requests: dict[str, collections.deque[float]] = {}
-        self._auth_failures: dict[str, collections.deque[float]] = {}
-        self._polls: dict[str, tuple[float, int, str]] = {}
-        self._polls_flushed_at = clock().timestamp()
+        self._new_requests: dict[str, collections.deque[int]] = {}
+        self._auth_failures: dict[str, collections.deque[int]] = {}
+        self._polls: dict[str, tuple[int, int, str]] = {}
+        self._polls_flushed_at = _micros(clock())
 
     def close(self) -> None:
         """Write what is counted in memory and close the database."""
@@ -736,7 +741,7 @@ class Registry:
 
     def _answer(self, registration: Registration, csr: CsrInfo | None, address: str) -> Outcome:
         """SPEC section 2.4 and 2.5 for a well-formed request within policy."""
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             outcome = self._answer_stored(registration, csr, address, now)
             if outcome is not None:
@@ -757,7 +762,7 @@ class Registry:
         seen = self._polls_seen.get(fingerprint)
         if seen is None:
             return None
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             if seen.checked != self._version and not self._still_pending(seen):
                 return None
@@ -806,9 +811,7 @@ class Registry:
             )
         return info
 
-    def _answer_stored(
-        self, registration: Registration, csr: CsrInfo | None, address: str, now: float
-    ) -> Outcome | None:
+    def _answer_stored(self, registration: Registration, csr: CsrInfo | None, address: str, now: int) -> Outcome | None:
         """SPEC section 2.4 for a username that has a stored request."""
         row = self._request_row(registration.username, now)
         if row is None:
@@ -842,7 +845,7 @@ class Registry:
             return hmac.compare_digest(csr.public_key_sha256, row["key_sha256"])
         return self._passwords.check(registration.password or "", row["password_hash"])
 
-    def _admit(self, address: str, now: float, *, count: bool) -> None:
+    def _admit(self, address: str, now: int, *, count: bool) -> None:
         """The checks before a new request is stored: 423, 503, 429."""
         if self._locked(now):
             raise Locked(
@@ -856,11 +859,11 @@ class Registry:
             )
         limit = self.settings.rate_limit
         if limit:
-            window = _window(self._new_requests, address, now - 60)
+            window = _window(self._new_requests, address, now - MINUTE)
             if len(window) >= limit:
                 raise TooManyRequests(
                     f"more than {limit} new requests a minute from this address",
-                    headers={"Retry-After": str(max(1, int(window[0] + 61 - now)))},
+                    headers={"Retry-After": str((window[0] + MINUTE - now) // SECOND + 1)},
                 )
             if count:
                 window.append(now)
@@ -878,7 +881,7 @@ class Registry:
         csr: CsrInfo | None,
         password_hash: str | None,
         address: str,
-        now: float,
+        now: int,
     ) -> Outcome:
         name = registration.username
         credential = csr.public_key_sha256 if csr else hashlib.sha256((password_hash or "").encode()).hexdigest()
@@ -927,7 +930,7 @@ class Registry:
 
     def status(self) -> dict[str, Any]:
         """The lock state and the number of pending requests."""
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             until = self._unlocked_until()
             locked = until is None or now >= until
@@ -940,15 +943,15 @@ class Registry:
     def unlock(self, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
         """Open the registry from now for the body's ``duration`` (ms) or the default."""
         duration = self._duration(body)
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock, self._transaction():
-            self._set_unlocked_until(now + duration.total_seconds())
+            self._set_unlocked_until(now + duration // timedelta(microseconds=1))
             self._audit(now, actor, address, "unlock", None, {"durationMs": duration // timedelta(milliseconds=1)})
         return self.status()
 
     def lock(self, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
         """Close the registry at once."""
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock, self._transaction():
             self._set_unlocked_until(None)
             self._audit(now, actor, address, "lock", None, None)
@@ -965,25 +968,25 @@ class Registry:
             raise MalformedRequest(f"'duration' must be a whole number of milliseconds from 1 to {longest}")
         return timedelta(milliseconds=duration)
 
-    def _locked(self, now: float) -> bool:
+    def _locked(self, now: int) -> bool:
         until = self._unlocked_until()
         return until is None or now >= until
 
-    def _unlocked_until(self) -> float | None:
+    def _unlocked_until(self) -> int | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'unlocked_until'").fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        return None if row is None or row[0] is None else int(row[0])
 
-    def _set_unlocked_until(self, until: float | None) -> None:
+    def _set_unlocked_until(self, until: int | None) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('unlocked_until', ?)",
-            (None if until is None else repr(until),),
+            (None if until is None else str(until),),
         )
 
     # --- The administrator (SPEC section 4) -------------------------------
 
     def requests(self) -> list[dict[str, Any]]:
         """Every stored request, oldest first."""
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             self._purge(now)
             rows = self._db.execute(f"SELECT {REQUEST_COLUMNS} FROM requests ORDER BY created_at, username").fetchall()
@@ -993,7 +996,7 @@ class Registry:
         """Approve a pending request, granting the body's rights or the requested ones."""
         granted = self._grant(body)
         moment = self.clock()
-        now = moment.timestamp()
+        now = _micros(moment)
         with self._lock:
             row = self._decidable(username, Event.APPROVE, now)
             rights = dataclasses.replace(Rights.loads(row["requested"]), **granted)
@@ -1010,7 +1013,7 @@ class Registry:
                 "certificate": issued and issued.pem,
                 "certificate_sha256": issued and issued.sha256,
                 "serial": issued and format(issued.serial, "x"),
-                "not_after": issued and issued.not_after.timestamp(),
+                "not_after": issued and _micros(issued.not_after),
                 "created_at": now,
             }
             with self._transaction():
@@ -1051,7 +1054,7 @@ class Registry:
             reason = body["reason"]
             if len(reason) > REASON_LENGTH:
                 raise MalformedRequest(f"'reason' has more than {REASON_LENGTH} characters")
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             self._decidable(username, Event.DENY, now)
             with self._transaction():
@@ -1064,7 +1067,7 @@ class Registry:
 
     def forget(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
         """Forget a pending or denied request."""
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             self._decidable(username, Event.FORGET, now)
             with self._transaction():
@@ -1079,7 +1082,7 @@ class Registry:
 
     def remove_user(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
         """Remove a user and its request: the username may register again."""
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             if self._db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone() is None:
                 raise NotFound(f"there is no user {username!r}")
@@ -1110,7 +1113,7 @@ class Registry:
         ]
         return {"entries": entries, "next": entries[-1]["id"] if entries and len(entries) == limit else None}
 
-    def _decidable(self, username: str, event: Event, now: float) -> sqlite3.Row:
+    def _decidable(self, username: str, event: Event, now: int) -> sqlite3.Row:
         """The stored request for ``username``, if ``event`` may happen to it."""
         row = self._request_row(username, now)
         if row is None:
@@ -1122,14 +1125,14 @@ class Registry:
 
     def authenticate_password(self, username: str, password: str) -> Identity:
         """The user behind a username and password; ``Unauthorized`` otherwise."""
-        now = self.clock().timestamp()
-        window = self.settings.auth_failure_window.total_seconds()
+        now = self._now()
+        window = self.settings.auth_failure_window // timedelta(microseconds=1)
         with self._lock:
             failures = _window(self._auth_failures, username, now - window)
             if len(failures) >= self.settings.max_auth_failures:
                 raise TooManyRequests(
                     "too many failed sign-ins for this username: wait a minute",
-                    headers={"Retry-After": str(max(1, int(failures[0] + window - now) + 1))},
+                    headers={"Retry-After": str((failures[0] + window - now) // SECOND + 1)},
                 )
             user = self._db.execute(
                 "SELECT granted, password_hash FROM users WHERE username = ?", (username,)
@@ -1142,7 +1145,7 @@ class Registry:
     def authenticate_certificate(self, certificate_der: bytes) -> Identity:
         """The user a certificate was issued to; ``Unauthorized`` otherwise."""
         digest = hashlib.sha256(certificate_der).hexdigest()
-        now = self.clock().timestamp()
+        now = self._now()
         with self._lock:
             user = self._db.execute(
                 "SELECT username, granted, not_after FROM users WHERE certificate_sha256 = ?", (digest,)
@@ -1155,17 +1158,20 @@ class Registry:
 
     # --- Storage ----------------------------------------------------------
 
+    def _now(self) -> int:
+        return _micros(self.clock())
+
     def _transaction(self) -> _Transaction:
         """A write transaction that may change a request: remembered polls are checked again."""
         self._version += 1
         return _Transaction(self._db, self._flush_polls)
 
-    def _record_poll(self, name: str, address: str, now: float) -> None:
+    def _record_poll(self, name: str, address: str, now: int) -> None:
         # A poll is the hot path: it is counted in memory and written with
-        # the next transaction, or within a second (``POLL_FLUSH_SECONDS``).
+        # the next transaction, or within a second (``POLL_FLUSH``).
         _, count, _ = self._polls.get(name, (0.0, 0, ""))
         self._polls[name] = (now, count + 1, address)
-        if abs(now - self._polls_flushed_at) >= POLL_FLUSH_SECONDS:
+        if abs(now - self._polls_flushed_at) >= POLL_FLUSH:
             self._save_polls()
 
     def _save_polls(self) -> None:
@@ -1181,31 +1187,31 @@ class Registry:
                 [(at, count, address, name) for name, (at, count, address) in self._polls.items()],
             )
             self._polls.clear()
-        self._polls_flushed_at = self.clock().timestamp()
+        self._polls_flushed_at = self._now()
 
-    def _request_row(self, username: str, now: float) -> sqlite3.Row | None:
+    def _request_row(self, username: str, now: int) -> sqlite3.Row | None:
         """The live request for ``username``; an expired one counts as gone."""
         row = self._db.execute("SELECT * FROM requests WHERE username = ?", (username,)).fetchone()
         if row is None or (row["state"] != State.APPROVED.value and _since(row) <= self._cutoff(now)):
             return None
         return row
 
-    def _pending_count(self, now: float) -> int:
+    def _pending_count(self, now: int) -> int:
         return self._db.execute(
             "SELECT count(*) FROM requests WHERE state = 'pending' AND created_at > ?", (self._cutoff(now),)
         ).fetchone()[0]
 
-    def _cutoff(self, now: float) -> float:
-        return now - self.settings.retention.total_seconds()
+    def _cutoff(self, now: int) -> int:
+        return now - self.settings.retention // timedelta(microseconds=1)
 
-    def _purge(self, now: float) -> None:
+    def _purge(self, now: int) -> None:
         """Drop pending and denied requests older than the retention period."""
         cutoff = self._cutoff(now)
         with self._transaction():
             self._db.execute("DELETE FROM requests WHERE state = 'pending' AND created_at <= ?", (cutoff,))
             self._db.execute("DELETE FROM requests WHERE state = 'denied' AND decided_at <= ?", (cutoff,))
 
-    def _audit(self, now: float, actor: str, address: str, action: str, username: str | None, details: object) -> None:
+    def _audit(self, now: int, actor: str, address: str, action: str, username: str | None, details: object) -> None:
         self._db.execute(
             "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)",
             (now, actor, address, action, username, None if details is None else json.dumps(details)),
@@ -1227,12 +1233,12 @@ class _Transaction:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
-def _since(row: sqlite3.Row) -> float:
+def _since(row: sqlite3.Row) -> int:
     """When the retention period of a request started: its creation, or its denial."""
     return row["decided_at"] if row["state"] == State.DENIED.value else row["created_at"]
 
 
-def _window(windows: dict[str, collections.deque[float]], key: str, start: float) -> collections.deque[float]:
+def _window(windows: dict[str, collections.deque[int]], key: str, start: int) -> collections.deque[int]:
     """The times in ``windows[key]`` after ``start``, as a deque to append to."""
     if len(windows) > 10_000:
         for stale in [k for k, times in windows.items() if not times or times[-1] <= start]:
@@ -1243,8 +1249,12 @@ def _window(windows: dict[str, collections.deque[float]], key: str, start: float
     return window
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+def _micros(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def _iso(micros: int) -> str:
+    return (EPOCH + timedelta(microseconds=micros)).isoformat(timespec="milliseconds")
 
 
 def _user_json(user: Mapping[str, Any]) -> dict[str, Any]:
