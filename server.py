@@ -14,6 +14,7 @@ import argparse
 import base64
 import contextlib
 import email.utils
+import functools
 import hmac
 import json
 import logging
@@ -27,6 +28,7 @@ import ssl
 import sys
 import threading
 import time
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -411,24 +413,26 @@ class Handler(BaseHTTPRequestHandler):
 
     def _write(self, response: Response) -> None:
         self.server.watchdog.arm(self.connection, self.server.config.timeout)
-        self.send_response_only(response.status)
-        self.send_header("Date", http_date())
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in response.headers.items():
-            self.send_header(name, value)
+        status = HTTPStatus(response.status)
+        headers = {
+            "Date": http_date(),
+            "Content-Type": response.content_type,
+            "Content-Length": len(response.body),
+            "Cache-Control": "no-store",
+            **response.headers,
+        }
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+            headers["Connection"] = "close"
+        # The status line and the headers in one piece, as send_response_only
+        # and send_header would make them, and the body in the same write.
+        head = f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.wfile.write((head + "\r\n").encode("latin-1") + (b"" if self.command == "HEAD" else response.body))
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (a bad request line, headers too long) as JSON."""
         status = HTTPStatus(code)
         self.close_connection = True
-        self.request_version = "HTTP/1.1"  # not HTTP/0.9, which has no status line
         self._write(
             Response.json(status, {"error": status.phrase.lower().replace(" ", "_"), "message": message or explain})
         )
@@ -487,19 +491,21 @@ def write_access_line(text: str) -> None:
     ``registry.access`` logger's level turns it on and off.
     """
     now = time.time()
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-    sys.stderr.write(f"{stamp},{int(now % 1 * 1000):03d} INFO {text}\n")
-
-
-_dates = threading.local()
+    sys.stderr.write(f"{_per_second(int(now)).local},{int(now % 1 * 1000):03d} INFO {text}\n")
 
 
 def http_date() -> str:
-    """The Date header (RFC 9110 section 6.6.1), formatted once a second per thread."""
-    now = int(time.time())
-    if getattr(_dates, "second", None) != now:
-        _dates.second, _dates.text = now, email.utils.formatdate(now, usegmt=True)
-    return _dates.text
+    """The Date header (RFC 9110 section 6.6.1)."""
+    return _per_second(int(time.time())).http
+
+
+@functools.lru_cache(maxsize=2)
+def _per_second(second: int) -> types.SimpleNamespace:
+    """The texts of a second, made once: the Date header and the log's local time."""
+    return types.SimpleNamespace(
+        http=email.utils.formatdate(second, usegmt=True),
+        local=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)),
+    )
 
 
 def _framing_error(status: HTTPStatus, message: str) -> Response:
