@@ -981,8 +981,9 @@ class RegistryMachine(RuleBasedStateMachine):
     ``self.model`` holds what SPEC says the registry knows:
     ``unlocked_until`` (a datetime, or None when never unlocked or locked),
     ``requests`` (username -> state, credential, rights, reason, and the
-    time its retention started, its pairing id and the payload sent) and
-    ``users`` (username -> granted rights). Pending requests are forgotten
+    time its retention started, its pairing id, the payload first sent, its
+    creation and last poll, its poll count) and ``users`` (username ->
+    granted rights). Pending requests are forgotten
     24 hours after they were made, denied ones 24 hours after the denial.
     """
 
@@ -1043,6 +1044,7 @@ class RegistryMachine(RuleBasedStateMachine):
         elif stored["state"] == "pending":
             if matches:
                 self.check_pending(username, status, body, headers, stored["pairingId"])
+                stored.update(polls=stored["polls"] + 1, lastPoll=self.clock.now)
             else:
                 assert status == HTTPStatus.CONFLICT
                 assert_error_body(body, "duplicate_request")
@@ -1064,6 +1066,7 @@ class RegistryMachine(RuleBasedStateMachine):
         body: dict[str, Any],
         headers: dict[str, str],
     ) -> None:
+        """A request for a username with nothing stored: 423 while locked, else stored as pending."""
         if self.locked:
             assert status == HTTPStatus.LOCKED
             assert_error_body(body, "locked")
@@ -1083,6 +1086,9 @@ class RegistryMachine(RuleBasedStateMachine):
             "since": self.clock.now,
             "pairingId": body["pairingId"],
             "payload": payload,
+            "created": self.clock.now,
+            "polls": 0,
+            "lastPoll": self.clock.now,
         }
 
     def check_pending(
@@ -1145,9 +1151,10 @@ class RegistryMachine(RuleBasedStateMachine):
     def poll(self, data: st.DataObject, raw: bool, times: int, fresh: bool) -> None:
         """Re-send a stored request (it may have been forgotten since), parsed or as the server's raw body.
 
-        Exactly as it was sent, or with a fresh CSR for the same key and
-        another context: SPEC 2.4 matches the key, not the CSR's text, and
-        leaves the context out.
+        Exactly as it was sent, or with a fresh CSR for the same key, another
+        context, and its rights in another order with a repeat: SPEC 2.4
+        matches the key, not the CSR's text, leaves the context out, and
+        (README) compares rights as sets.
         """
         username = data.draw(st.sampled_from(sorted(self.model["requests"])), label="username")
         stored = self.model["requests"][username]
@@ -1155,6 +1162,10 @@ class RegistryMachine(RuleBasedStateMachine):
         if fresh:
             context = data.draw(st.none() | st.text(max_size=20), label="context")
             payload = payload_of(username, stored["credential"], stored["rights"], context)
+            for field in ("roles", "permissions"):
+                if field in payload:
+                    repeated = [*payload[field], payload[field][0]]
+                    payload[field] = data.draw(st.permutations(repeated), label=field)
         for _ in range(times):
             self.send(username, stored["credential"], stored["rights"], payload, raw=raw)
 
@@ -1204,7 +1215,8 @@ class RegistryMachine(RuleBasedStateMachine):
             ends.append(self.model["unlocked_until"])
         if ends and data.draw(st.booleans(), label="to an end"):
             end = data.draw(st.sampled_from(sorted(ends)), label="end")
-            seconds = math.ceil((end - self.clock.now).total_seconds()) + data.draw(st.sampled_from([-1, 0, 1]))
+            offset = data.draw(st.sampled_from([-1, 0, 1]), label="offset")
+            seconds = math.ceil((end - self.clock.now).total_seconds()) + offset
         else:
             seconds = data.draw(steps, label="seconds")
         self.clock.advance(seconds=max(seconds, 0))
@@ -1266,9 +1278,10 @@ class RegistryMachine(RuleBasedStateMachine):
     def forget(self, data: st.DataObject) -> None:
         username = self.someone(data, "pending", "denied")
         allowed = ("pending", "denied")
-        if self.decide(lambda: self.registry.forget(username), username, allowed=allowed) is not None:
-            raise AssertionError("forget answers nothing")
-        if self.model["requests"].get(username, {}).get("state") in allowed:
+        self.expire()
+        forgettable = self.model["requests"].get(username, {}).get("state") in allowed
+        assert self.decide(lambda: self.registry.forget(username), username, allowed=allowed) is None
+        if forgettable:
             del self.model["requests"][username]
 
     @precondition(lambda self: self.model["requests"])
@@ -1300,6 +1313,11 @@ class RegistryMachine(RuleBasedStateMachine):
             assert listed["pairingId"] == stored["pairingId"]
             assert listed["method"] == stored["credential"][0]
             assert rights_of(listed["roles"], listed["permissions"]) == stored["rights"]
+            # SPEC 4's list: the first request's context, its times and how often it was polled.
+            assert listed["context"] == stored["payload"].get("context")
+            assert datetime.fromisoformat(listed["createdAt"]) == stored["created"]
+            assert datetime.fromisoformat(listed["lastPollAt"]) == stored["lastPoll"]
+            assert listed["pollCount"] == stored["polls"]
             if stored["state"] == "denied":
                 assert listed["reason"] == stored["reason"]
         users = self.registry.users()
