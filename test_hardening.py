@@ -114,8 +114,18 @@ class ServerProcess:
         return self.process.wait(10)
 
 
-def test_killed_server_loses_nothing_it_answered(tmp_path: Path) -> None:
+@pytest.fixture
+def server_process(tmp_path: Path) -> ServerProcess:
+    """server.py in a subprocess, killed at the end whatever the test did."""
     process = ServerProcess(tmp_path)
+    yield process
+    if process.process is not None and process.process.poll() is None:
+        process.process.kill()
+        process.process.wait(10)
+
+
+def test_killed_server_loses_nothing_it_answered(tmp_path: Path, server_process: ServerProcess) -> None:
+    process = server_process
     process.start()
     ca_before = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca.key").read_bytes()
     admin(process.address, "POST", "/api/client-registry/unlock", {"duration": 3_600_000})
