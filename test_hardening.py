@@ -548,3 +548,14 @@ def test_the_audit_trail_of_a_lifecycle(tmp_path: Path) -> None:
     assert {entry["address"] for entry in trail} == {"127.0.0.1"}
     assert {entry["actor"] for entry in trail if entry["action"] != "request"} == {"administrator"}
     assert first_page["entries"] + second_page["entries"] == trail[:6]
+
+
+def test_the_administrator_token_is_compared_in_constant_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compared = []
+    real = server.hmac.compare_digest
+    monkeypatch.setattr(server.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    guess = {"Authorization": "Bearer guess"}
+    with serve(tmp_path) as srv:
+        assert call(srv.server_address, "GET", "/api/client-registry", None, guess)[0] == 401
+        assert call(srv.server_address, "GET", "/api/client-registry", None, ADMIN)[0] == 200
+    assert compared == [(b"guess", ADMIN_TOKEN.encode()), (ADMIN_TOKEN.encode(), ADMIN_TOKEN.encode())]
