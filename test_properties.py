@@ -723,31 +723,37 @@ def test_permissions_follow_the_table(authority: ca.CA, permissions: list[object
 
 
 @pytest.mark.parametrize(
-    ("resource", "placed"),
+    ("context", "resource", "allowed"),
     [
-        ("#", True),
-        ("+", True),
-        ("/#", True),
-        ("a/#", True),
-        ("a/+/b", True),
-        ("+/+", True),
-        ("a//b", True),
-        ("a#", False),
-        ("a/#/b", False),
-        ("#/", False),
-        ("a+", False),
-        ("a/b+/c", False),
-        ("++", False),
-        ("##", False),
-        ("", False),
+        ("mqtt", "#", True),
+        ("mqtt", "+", True),
+        ("mqtt", "/#", True),
+        ("mqtt", "a/#", True),
+        ("mqtt", "a/+/b", True),
+        ("mqtt", "+/+", True),
+        ("mqtt", "a//b", True),
+        ("mqtt", "a#", False),
+        ("mqtt", "a/#/b", False),
+        ("mqtt", "#/", False),
+        ("mqtt", "a+", False),
+        ("mqtt", "a/b+/c", False),
+        ("mqtt", "++", False),
+        ("mqtt", "##", False),
+        ("mqtt", "", False),
+        ("http", "/", True),
+        ("http", "/api/telemetry", True),
+        ("http", "/api/+/#", True),
+        ("http", "api/telemetry", False),
+        ("http", " /api", False),
+        ("http", "", False),
     ],
 )
-def test_mqtt_wildcard_placement(reg: registry.Registry, resource: str, placed: bool) -> None:
-    """MQTT 3.1.1 section 4.7.1 at its corners (and 4.7.3: a filter has at least one character)."""
+def test_resources_at_their_corners(reg: registry.Registry, context: str, resource: str, allowed: bool) -> None:
+    """An http resource starts with '/'; an MQTT filter follows MQTT 3.1.1 sections 4.7.1 and 4.7.3 (not empty)."""
     reg.unlock()
-    permission = {"resource": resource, "operation": "read", "context": "mqtt"}
+    permission = {"resource": resource, "operation": "read", "context": context}
     status, body, _ = answer(reg, {"username": "sensor-0003", "password": GOOD_PASSWORD, "permissions": [permission]})
-    assert status == (HTTPStatus.ACCEPTED if placed else HTTPStatus.BAD_REQUEST), body
+    assert status == (HTTPStatus.ACCEPTED if allowed else HTTPStatus.BAD_REQUEST), body
 
 
 # --- The lock, and what an approval grants -----------------------------------
