@@ -521,15 +521,17 @@ def _permission(index: int, value: object, problems: list[str]) -> Permission | 
     elif context == "http" and not resource.startswith("/"):
         problems.append(f"{where}.resource must start with '/' for the http context")
     elif context == "mqtt" and not _is_topic_filter(resource):
-        problems.append(f"{where}.resource is not an MQTT topic filter: '+' and '#' take a whole level, '#' the last")
+        problems.append(
+            f"{where}.resource is not an MQTT topic filter: '+' and '#' take a whole level, '#' the last; no NUL"
+        )
     return Permission(context, resource, operation) if len(problems) == before else None
 
 
 def _is_topic_filter(resource: str) -> bool:
     # MQTT 3.1.1 section 4.7.1: '#' stands alone as the last level, '+'
-    # stands alone in its level.
+    # stands alone in its level; section 4.7.3: no U+0000.
     levels = resource.split("/")
-    return all(
+    return "\0" not in resource and all(
         ("#" not in level or (level == "#" and i == len(levels) - 1)) and ("+" not in level or level == "+")
         for i, level in enumerate(levels)
     )

@@ -1261,3 +1261,10 @@ def test_a_remembered_body_is_denied_and_expires_like_any_other(open_reg, clock)
 def test_a_body_that_is_not_json_in_utf8_is_malformed(open_reg, raw):
     with pytest.raises(registry.MalformedRequest, match="not JSON"):
         open_reg.register(raw)
+
+
+def test_an_mqtt_resource_with_a_null_character_is_malformed(open_reg):
+    # MQTT 3.1.1 section 4.7.3: a topic holds no U+0000.
+    permission = {"resource": "plant/\0/line", "operation": "read", "context": "mqtt"}
+    with pytest.raises(registry.MalformedRequest, match="MQTT topic filter"):
+        open_reg.register(password_request(permissions=[permission]))
