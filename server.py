@@ -610,8 +610,10 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         max_pending=config.max_pending,
         scrypt_n=config.scrypt_n,
     )
+    database = data / "registry.db"
+    database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
     core = registry.Registry(
-        str(data / "registry.db"), clock=clock, roles=load_roles(config.roles), ca=authority, settings=settings
+        str(database), clock=clock, roles=load_roles(config.roles), ca=authority, settings=settings
     )
     app = App(core, admin_token(config), max_body=config.max_body)
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
