@@ -577,7 +577,7 @@ class ServerProcess:
         self.name = name
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         command = [sys.executable, "-c", BOOTSTRAP, kind, "--data-dir", str(data_dir)]
-        command += ["--http"] * http + ["--admin-token", token] * bool(token)
+        command += ["--http"] * http + [f"--admin-token={token}"] * bool(token)
         command += ["--profile", str(profile)] * bool(profile)
         self.log_path = data_dir / f"{kind}-server.log"
         with open(self.log_path, "ab") as log:
