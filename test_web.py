@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 import server
+from conftest import serve
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed: pip install playwright"
@@ -66,15 +66,8 @@ def running_server(folder: Path) -> Iterator[server.RegistryServer]:
     """A registry server over plain HTTP on a free port, with the catalog ``ROLES``, in a thread."""
     roles = folder / "roles.json"
     roles.write_text(json.dumps(ROLES))
-    config = server.Config(port=0, http=True, data_dir=folder / "data", admin_token=TOKEN, scrypt_n=16, roles=roles)
-    srv = server.build(config)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serve(folder / "data", admin_token=TOKEN, roles=roles) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        srv.app.core.close()
 
 
 @contextlib.contextmanager
