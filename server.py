@@ -554,17 +554,19 @@ class RegistryServer(ThreadingHTTPServer):
         if self.tls is None:
             super().finish_request(request, client_address)
             return
-        self.watchdog.arm(request, self.config.timeout)
+        # The handshake in this thread, under the watchdog: a client that
+        # never finishes it cannot hold the thread.
+        connection = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         try:
-            connection = self.tls.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as error:
-            log.debug("TLS handshake with %s failed: %s", client_address[0], error)
-            return
-        finally:
-            self.watchdog.forget(request)
-        try:
+            self.watchdog.arm(connection, self.config.timeout)
+            try:
+                connection.do_handshake()
+            except OSError as error:  # ssl.SSLError is one
+                log.debug("TLS handshake with %s failed: %s", client_address[0], error)
+                return
             super().finish_request(connection, client_address)
         finally:
+            self.watchdog.forget(connection)
             self.shutdown_request(connection)
 
     def shutdown_request(self, request: Any) -> None:

@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -396,6 +397,21 @@ def test_slow_clients_are_cut_off_and_never_block_others(tmp_path: Path) -> None
             assert receive_all(connection) == b"", "a silent client was answered instead of cut off"
         for connection in silent + trickling:
             connection.close()
+
+
+def test_tls_clients_that_stall_are_cut_off(tmp_path: Path) -> None:
+    with serve(tmp_path, http=False, timeout=1.0) as srv:
+        address = srv.server_address
+        trust = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        no_handshake = socket.create_connection(address, timeout=10)
+        silent = socket.create_connection(address, timeout=10)
+        silent_after_handshake = trust.wrap_socket(silent, server_hostname="localhost")
+        with no_handshake, silent_after_handshake:
+            assert receive_all(no_handshake) == b"", "a client that never shook hands held its connection"
+            assert receive_all(silent_after_handshake) == b"", "a silent TLS client held its connection"
+        with trust.wrap_socket(socket.create_connection(address, timeout=10), server_hostname="localhost") as other:
+            other.sendall(b"GET /api/client-registry/ca HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert other.recv(12) == b"HTTP/1.1 200"
 
 
 # --- Limits ------------------------------------------------------------------
