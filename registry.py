@@ -51,8 +51,17 @@ Invariants
 - No password is stored: users and requests hold a salted scrypt hash. A
   poll must not pay for a key derivation, so a password that verified once
   is remembered as an HMAC under a key that lives only in this process.
-- Time comes only from the injected clock; every state change is one
-  SQLite transaction, so a kill at any moment loses nothing answered.
+- Time comes only from the injected clock, kept as whole microseconds;
+  every state change is one SQLite transaction, so a kill at any moment
+  loses nothing answered.
+
+The hot path
+------------
+Thousands of clients poll every few seconds. A poll repeats a body that was
+answered 202 before: the registry remembers such bodies by a keyed hash and
+answers them again without parsing, checking the stored request only after
+a write transaction has changed something (``_version``). Poll statistics
+are counted in memory and written with the next transaction.
 
 The core touches no socket. Certificates are the business of an injected
 ``CertificateAuthority`` (``ca.py`` provides one); without it the registry
