@@ -4,7 +4,7 @@ Run ``python3 bench.py`` (under two minutes on two cores) for the table,
 ``--json FILE`` to keep the numbers too, ``--quick`` for a smoke run of a few
 seconds, ``--profile DIR`` for cProfile reports of the server under load.
 
-What is measured (issue 6), in one run, on loopback, with HTTP/1.1 keep-alive:
+What is measured, in one run, on loopback, with HTTP/1.1 keep-alive:
 
 a) the ceiling: a bare ``http.server`` handler that reads the body and answers
    a fixed 202 JSON body, over HTTP and over HTTPS;
