@@ -102,11 +102,16 @@ def register(base: str, username: str, **fields: object) -> tuple[int, Any]:
     return call(base, "POST", "/api/client-registry/register", body)
 
 
+def give_token(page: sync_api.Page, token: str = TOKEN) -> None:
+    """Type a token into the page's sign-in dialog and send it."""
+    page.fill("#token-input", token)
+    page.click("#token-submit")
+
+
 def sign_in(page: sync_api.Page, base: str) -> None:
     """Open the page and give it the administrator token."""
     page.goto(base + "/")
-    page.fill("#token-input", TOKEN)
-    page.click("#token-submit")
+    give_token(page)
     expect(page.locator("#token-dialog")).to_be_hidden()
     expect(page.locator("#lock-state")).to_have_text("Locked")
 
@@ -291,20 +296,17 @@ def test_a_refresh_keeps_rows_scroll_and_the_open_dialog(page: sync_api.Page, ba
 
 def test_a_refused_token_asks_for_it_again(page: sync_api.Page, base: str) -> None:
     page.goto(base + "/")
-    page.fill("#token-input", "wrong")
-    page.click("#token-submit")
+    give_token(page, "wrong")
     expect(page.locator("#token-error")).to_contain_text("The server refused this token")
     expect(page.locator("#banner")).to_be_hidden()
-    page.fill("#token-input", TOKEN)
-    page.click("#token-submit")
+    give_token(page)
     expect(page.locator("#token-dialog")).to_be_hidden()
     expect(page.locator("#banner")).to_be_hidden()
 
     page.evaluate("sessionStorage.setItem('clientRegistry.adminToken', 'expired')")
     expect(page.locator("#banner")).to_contain_text("token was refused")
     expect(page.locator("#token-dialog")).to_be_visible()
-    page.fill("#token-input", TOKEN)
-    page.click("#token-submit")
+    give_token(page)
     expect(page.locator("#token-dialog")).to_be_hidden()
     expect(page.locator("#banner")).to_be_hidden()
     assert page.evaluate("sessionStorage.getItem('clientRegistry.adminToken')") == TOKEN
