@@ -60,6 +60,12 @@ PAGE_HEADERS = {
 }
 DRAINABLE = 1 << 20  # an over-long body up to this size is read and dropped, keeping the connection
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends
+MAX_LINE = 65536  # the longest request line or header line, as http.server has it
+MAX_HEADERS = 100  # as http.client has it
+# RFC 9112 section 3: method SP request-target SP HTTP-version.
+REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/(\d)\.(\d)\r?\n")
+# RFC 9112 section 5: field-name ":" OWS field-value OWS; no space before the colon.
+HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?\n")
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]] = field(default_factory=dict)
-    headers: Mapping[str, str] = field(default_factory=dict)  # http.server's headers: get() ignores case
+    headers: Mapping[str, str] = field(default_factory=dict)  # by lower-case name
     body: bytes = b""
     client_address: str = ""
     peer_certificate: bytes | None = None
@@ -347,6 +353,65 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     wbufsize = 1 << 16
 
+    def parse_request(self) -> bool:
+        """The request line and the headers (RFC 9112 sections 3 and 5); False once refused.
+
+        http.server's own parse_request hands the headers to the email
+        package, which costs as much as the rest of a poll. This reads them
+        as plain lines into a dict by lower-case name, under http.server's
+        limits, and refuses what RFC 9112 says to refuse: a malformed request
+        line, a version other than 1.x (505), space before a colon, a folded
+        line.
+        """
+        self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
+        text = self.raw_requestline.decode("latin-1")
+        if text in ("\r\n", "\n"):  # RFC 9112 section 2.2: an empty line before a request is ignored
+            text = self.rfile.readline(MAX_LINE + 1).decode("latin-1")
+        self.requestline = text.rstrip("\r\n")
+        line = REQUEST_LINE.fullmatch(text)
+        if line is None:
+            self.send_error(HTTPStatus.BAD_REQUEST, "the request line is not a method, a path and a version")
+            return False
+        method, target, major, minor = line.groups()
+        if major != "1":
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{major}.{minor} is not served: use 1.x")
+            return False
+        # A target of '//host/...' would read as an authority (RFC 3986 section 4.2).
+        self.command, self.path = method, "/" + target.lstrip("/") if target.startswith("//") else target
+        self.request_version = f"HTTP/1.{minor}"
+        self.close_connection = minor == "0"
+        headers = self._read_headers()
+        if headers is None:
+            return False
+        self.headers = headers
+        connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
+        if "close" in connection:
+            self.close_connection = True
+        elif "keep-alive" in connection:
+            self.close_connection = False
+        if headers.get("expect", "").lower() == "100-continue" and minor != "0":
+            return self.handle_expect_100()
+        return True
+
+    def _read_headers(self) -> dict[str, str] | None:
+        """The header lines up to the empty one; a field sent twice has its values joined (RFC 9110 section 5.3)."""
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            raw = self.rfile.readline(MAX_LINE + 1)
+            if len(raw) > MAX_LINE:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"a header line has over {MAX_LINE} bytes")
+                return None
+            if raw in (b"\r\n", b"\n", b""):
+                return headers
+            found = HEADER_LINE.fullmatch(raw.decode("latin-1"))
+            if found is None:
+                self.send_error(HTTPStatus.BAD_REQUEST, "a header line is not 'Name: value'")
+                return None
+            name, value = found[1].lower(), found[2]
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"there are more than {MAX_HEADERS} headers")
+        return None
+
     def handle_one_request(self) -> None:
         # A whole request, from its first byte to its last, arrives within
         # the timeout: a client trickling a byte a second cannot hold a thread.
@@ -372,10 +437,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_request(self) -> Request | Response:
         """The request, or the answer to a request whose body cannot be read."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
             self.close_connection = True
             return _framing_error(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
-        text = self.headers.get("Content-Length", "0").strip()
+        text = self.headers.get("content-length", "0")
         if not _is_number(text):
             self.close_connection = True
             return _framing_error(HTTPStatus.BAD_REQUEST, "the Content-Length is not a whole number")
