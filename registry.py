@@ -331,6 +331,18 @@ class CertificateAuthority(Protocol):
 
 
 @dataclass
+class _Approval:
+    """An approval waiting to be decided, then its answer or its error."""
+
+    username: str
+    granted: dict[str, Any]
+    actor: str
+    address: str
+    user: dict[str, Any] | None = None
+    error: Exception | None = None
+
+
+@dataclass
 class _Poll:
     """A body that was answered 202, known by its keyed hash: what it asked for."""
 
@@ -654,7 +666,7 @@ CREATE TABLE IF NOT EXISTS users (
     created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,
     actor TEXT NOT NULL,
     address TEXT,
@@ -717,6 +729,7 @@ class Registry:
         self._auth_failures: dict[str, collections.deque[int]] = {}
         self._polls: dict[str, tuple[int, int, str]] = {}
         self._polls_flushed_at = _micros(clock())
+        self._approvals: collections.deque[_Approval] = collections.deque()
 
     def close(self) -> None:
         """Write what is counted in memory and close the database."""
@@ -1004,42 +1017,78 @@ class Registry:
         return [_request_json(row) for row in rows]
 
     def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Approve a pending request, granting the body's rights or the requested ones."""
-        granted = self._grant(body)
+        """Approve a pending request, granting the body's rights or the requested ones.
+
+        Approvals that arrive together are decided together: the first caller
+        to take the lock decides every one waiting, with one batch of
+        signatures and one transaction (a group commit), and each caller gets
+        its own answer or error.
+        """
+        approval = _Approval(username, self._grant(body), actor, address)
+        self._approvals.append(approval)
+        with self._lock:
+            if approval.user is None and approval.error is None:
+                self._approve_waiting()
+        if approval.error is not None:
+            raise approval.error
+        return approval.user
+
+    def _approve_waiting(self) -> None:
+        """Decide every queued approval; those that may happen are stored in one transaction."""
+        batch = [self._approvals.popleft() for _ in range(len(self._approvals))]
         moment = self.clock()
         now = _micros(moment)
-        with self._lock:
-            row = self._decidable(username, Event.APPROVE, now)
-            rights = dataclasses.replace(Rights.loads(row["requested"]), **granted)
-            issued = None
-            if row["csr"]:
-                if self.ca is None:
+        approved: dict[str, tuple[_Approval, sqlite3.Row]] = {}
+        for approval in batch:
+            try:
+                if approval.username in approved:  # by another caller, in this batch
+                    transition(State.APPROVED, Event.APPROVE)
+                row = self._decidable(approval.username, Event.APPROVE, now)
+                if row["csr"] and self.ca is None:
                     raise PolicyViolation("this registry has no CA to sign the request's CSR")
-                issued = self.ca.issue_client_certificate(row["csr"], username, moment)
-            user = {
-                "username": username,
-                "method": row["method"],
-                "password_hash": row["password_hash"],
-                "granted": rights.dumps(),
-                "certificate": issued and issued.pem,
-                "certificate_sha256": issued and issued.sha256,
-                "serial": issued and format(issued.serial, "x"),
-                "not_after": issued and _micros(issued.not_after),
-                "created_at": now,
-            }
+                approved[approval.username] = approval, row
+            except RegistryError as error:
+                approval.error = error
+        try:
+            users = [(approval, row, self._new_user(approval, row, moment)) for approval, row in approved.values()]
             with self._transaction():
-                self._db.execute(
-                    "UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?", (now, username)
-                )
-                self._db.execute(
-                    f"INSERT INTO users ({', '.join(user)}) VALUES ({', '.join('?' * len(user))})",
-                    tuple(user.values()),
-                )
-                details = {"requested": json.loads(row["requested"]), "granted": rights.to_json()}
-                if issued:
-                    details["serial"] = user["serial"]
-                self._audit(now, actor, address, "approve", username, details)
-        return _user_json(user)
+                for approval, row, user in users:
+                    self._store_approval(approval, row, user)
+        except Exception as error:  # nothing was stored: every caller of the batch hears of it
+            for approval, _ in approved.values():
+                approval.error = error
+        else:
+            for approval, _, user in users:
+                approval.user = _user_json(user)
+
+    def _new_user(self, approval: _Approval, row: sqlite3.Row, moment: datetime) -> dict[str, Any]:
+        """The user an approval makes, with its certificate signed when the request has a CSR."""
+        granted = row["requested"]  # a canonical text already
+        if approval.granted:
+            granted = dataclasses.replace(Rights.loads(granted), **approval.granted).dumps()
+        issued = row["csr"] and self.ca.issue_client_certificate(row["csr"], approval.username, moment)
+        return {
+            "username": approval.username,
+            "method": row["method"],
+            "password_hash": row["password_hash"],
+            "granted": granted,
+            "certificate": issued and issued.pem,
+            "certificate_sha256": issued and issued.sha256,
+            "serial": issued and format(issued.serial, "x"),
+            "not_after": issued and _micros(issued.not_after),
+            "created_at": _micros(moment),
+        }
+
+    def _store_approval(self, approval: _Approval, row: sqlite3.Row, user: dict[str, Any]) -> None:
+        name, now = user["username"], user["created_at"]
+        self._db.execute("UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?", (now, name))
+        self._db.execute(
+            f"INSERT INTO users ({', '.join(user)}) VALUES ({', '.join('?' * len(user))})", tuple(user.values())
+        )
+        details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
+        if user["serial"]:
+            details["serial"] = user["serial"]
+        self._audit(now, approval.actor, approval.address, "approve", name, details)
 
     def _grant(self, body: object) -> dict[str, Any]:
         """The rights the body grants instead of the requested ones: a field left out stays as requested."""
@@ -1272,7 +1321,7 @@ def _user_json(user: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "username": user["username"],
         "method": user["method"],
-        **Rights.loads(user["granted"]).to_json(),
+        **json.loads(user["granted"]),  # canonical: as Rights.to_json has it
         "createdAt": _iso(user["created_at"]),
         "certificateSerial": user["serial"],
         "certificateNotAfter": _iso(user["not_after"]) if user["not_after"] else None,

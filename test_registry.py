@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import warnings
 from datetime import datetime, timedelta
 
@@ -1143,6 +1144,118 @@ def test_concurrent_clients_leave_one_request_per_username(tmp_path, clock, auth
     # Three credentials raced for every username; the losers were told 409.
     assert set(answers) <= {201, 202, 409}
     assert 409 in answers
+    reg.close()
+
+
+class GatedCA:
+    """The session's CA, held at its first signature until the test opens the gate; it fails for ``broken``."""
+
+    def __init__(self, authority: ca.CA, broken: str = "") -> None:
+        self.authority = authority
+        self.certificate_pem = authority.certificate_pem
+        self.broken = broken
+        self.signing = threading.Event()
+        self.gate = threading.Event()
+
+    def inspect_csr(self, pem: str) -> registry.CsrInfo:
+        return self.authority.inspect_csr(pem)
+
+    def issue_client_certificate(self, csr_pem: str, username: str, now: datetime) -> registry.IssuedCertificate:
+        if not self.signing.is_set():
+            self.signing.set()
+            self.gate.wait(30)
+        if username == self.broken:
+            raise RuntimeError(f"the signing device refused {username}")
+        return self.authority.issue_client_certificate(csr_pem, username, now)
+
+
+def approve_while_held(reg: registry.Registry, gated: GatedCA, calls: list[tuple[str, dict | None]]) -> list[object]:
+    """Approve ``sensor-first``, and meanwhile make ``calls``: they wait, and are decided together.
+
+    Each answer is the user's JSON or the error raised.
+    """
+    answers: list[object] = [None] * (len(calls) + 1)
+
+    def approve(index: int, username: str, body: dict | None) -> None:
+        try:
+            answers[index] = reg.approve(username, body)
+        except Exception as error:
+            answers[index] = error
+
+    first = threading.Thread(target=approve, args=(0, "sensor-first", None))
+    first.start()
+    assert gated.signing.wait(30)
+    waiting = [threading.Thread(target=approve, args=(i + 1, *call)) for i, call in enumerate(calls)]
+    for thread in waiting:
+        thread.start()
+    # Each waiting call is queued before it asks for the lock the first one holds.
+    deadline = time.monotonic() + 30
+    while len(reg._approvals) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gated.gate.set()
+    for thread in [first, *waiting]:
+        thread.join(30)
+    return answers
+
+
+def test_approvals_that_arrive_together_are_decided_together_each_with_its_own_answer(clock, authority):
+    gated = GatedCA(authority)
+    reg = registry.Registry(clock=clock, ca=gated, roles=("minimum", "operator"), settings=FAST)
+    reg.unlock()
+    names = ["sensor-first", "sensor-a", "sensor-b", "sensor-c"]
+    requests = {name: csr_request(name, roles=["minimum", "operator"]) for name in names}
+    requests["meter-1"] = password_request("meter-1", roles=["minimum", "operator"])
+    for payload in requests.values():
+        assert reg.register(payload).status == 202
+    calls = [
+        ("sensor-a", None),
+        ("sensor-b", None),
+        ("sensor-a", None),  # twice: the second is too late
+        ("nobody", None),
+        ("meter-1", {"roles": ["minimum"]}),
+        ("sensor-c", {"roles": ["no-such-role"]}),
+    ]
+    answers = approve_while_held(reg, gated, calls)
+
+    first, a, b, a_again, nobody, meter, c = answers
+    assert [user["username"] for user in (first, a, b, meter)] == ["sensor-first", "sensor-a", "sensor-b", "meter-1"]
+    assert isinstance(a_again, registry.Conflict) and a_again.code == "not_pending"
+    assert isinstance(nobody, registry.NotFound)
+    assert isinstance(c, registry.PolicyViolation)
+    assert meter["roles"] == ["minimum"] and meter["certificateSerial"] is None
+    for name in ("sensor-first", "sensor-a", "sensor-b"):
+        outcome = reg.register(requests[name])
+        assert outcome.status == 201 and outcome.body["roles"] == ["minimum", "operator"]
+        assert_issued_from(requests[name]["csr"], outcome.body["certificate"], authority)
+    assert reg.register(requests["sensor-c"]).status == 202
+    entries = [entry for entry in reg.audit()["entries"] if entry["action"] == "approve"]
+    assert sorted(entry["username"] for entry in entries) == ["meter-1", "sensor-a", "sensor-b", "sensor-first"]
+    reg.close()
+
+
+def test_a_failure_in_a_batch_of_approvals_stores_none_of_it(clock, authority):
+    gated = GatedCA(authority, broken="sensor-b")
+    reg = registry.Registry(clock=clock, ca=gated, settings=FAST)
+    reg.unlock()
+    names = ["sensor-first", "sensor-a", "sensor-b", "sensor-c"]
+    requests = {name: csr_request(name) for name in names}
+    for payload in requests.values():
+        assert reg.register(payload).status == 202
+
+    first, *batch = approve_while_held(reg, gated, [("sensor-a", None), ("sensor-b", None), ("sensor-c", None)])
+
+    assert first["username"] == "sensor-first"
+    assert all(isinstance(answer, RuntimeError) for answer in batch), batch
+    assert [user["username"] for user in reg.users()] == ["sensor-first"]
+    assert {r["username"]: r["state"] for r in reg.requests()} == {
+        "sensor-first": "approved",
+        "sensor-a": "pending",
+        "sensor-b": "pending",
+        "sensor-c": "pending",
+    }
+    # Nothing is left half done: the others may be approved on their own.
+    assert reg.approve("sensor-a")["username"] == "sensor-a"
+    assert reg.register(requests["sensor-a"]).status == 201
     reg.close()
 
 
