@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import email.utils
 import functools
@@ -43,7 +44,7 @@ import openapi
 import registry
 
 log = logging.getLogger("registry.server")
-access_log = logging.getLogger("registry.access")
+access_logger = logging.getLogger("registry.access")
 
 
 JSON = "application/json"
@@ -60,6 +61,7 @@ PAGE_HEADERS = {
 }
 DRAINABLE = 1 << 20  # an over-long body up to this size is read and dropped, keeping the connection
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends
+ACCESS_LOG_SECONDS = 0.2  # the longest an access line waits to be written
 MAX_LINE = 65536  # the longest request line or header line, as http.server has it
 MAX_HEADERS = 100  # as http.client has it
 # RFC 9112 section 3: method SP request-target SP HTTP-version.
@@ -393,6 +395,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
+    def handle_expect_100(self) -> bool:
+        super().handle_expect_100()
+        self.wfile.flush()  # the 100 leaves now, not with the answer (wbufsize)
+        return True
+
     def _read_headers(self) -> dict[str, str] | None:
         """The header lines up to the empty one; a field sent twice has its values joined (RFC 9110 section 5.3)."""
         headers: dict[str, str] = {}
@@ -428,10 +435,12 @@ class Handler(BaseHTTPRequestHandler):
         self.server.watchdog.arm(self.connection, None)  # the answer is ours to make
         response = self.server.app.handle(request) if isinstance(request, Request) else request
         self._write(response)
-        if access_log.isEnabledFor(logging.INFO):
+        if access_logger.isEnabledFor(logging.INFO):
             elapsed = (time.perf_counter() - started) * 1000
             path = self.path.partition("?")[0]
-            write_access_line(f"{self.command} {path} {response.status} {elapsed:.1f}ms {self.client_address[0]}")
+            self.server.access_log.write(
+                f"{self.command} {path} {response.status} {elapsed:.1f}ms {self.client_address[0]}"
+            )
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
 
@@ -548,15 +557,42 @@ class Watchdog:
                         socket.socket.shutdown(connection, socket.SHUT_RDWR)
 
 
-def write_access_line(text: str) -> None:
-    """One line a request on standard error, as http.server writes its own log.
+class AccessLog:
+    """One line a request on standard error, as http.server writes its own log, a batch at a time.
 
     Not through ``logging``: a record costs about 30 microseconds, a third of
-    a whole poll. The line has the shape of the other log lines, and the
-    ``registry.access`` logger's level turns it on and off.
+    a whole poll. Nor a write a line: with every connection's thread writing,
+    that is a sixth of a poll. As nginx's ``access_log ... buffer= flush=``
+    does, lines wait in memory and leave together, at most ``period``
+    seconds later; a killed server may lose that much of its access log,
+    never a request. The lines have the shape of the other log lines, and
+    the ``registry.access`` logger's level turns them on and off.
     """
-    now = time.time()
-    sys.stderr.write(f"{_per_second(int(now)).local},{int(now % 1 * 1000):03d} INFO {text}\n")
+
+    def __init__(self, period: float) -> None:
+        self._lines: collections.deque[str] = collections.deque()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._flush_every, args=(period,), name="access-log", daemon=True)
+        self._thread.start()
+
+    def write(self, text: str) -> None:
+        now = time.time()
+        self._lines.append(f"{_per_second(int(now)).local},{int(now % 1 * 1000):03d} INFO {text}\n")
+
+    def flush(self) -> None:
+        lines = [self._lines.popleft() for _ in range(len(self._lines))]
+        if lines:
+            sys.stderr.write("".join(lines))
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self.flush()
+
+    def _flush_every(self, period: float) -> None:
+        while not self._stopped.wait(period):
+            self.flush()
 
 
 def http_date() -> str:
@@ -595,11 +631,13 @@ class RegistryServer(ThreadingHTTPServer):
         self.tls = tls
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self.watchdog = Watchdog(min(0.5, config.timeout / 4))
+        self.access_log = AccessLog(ACCESS_LOG_SECONDS)
         super().__init__((config.host, config.port), Handler)
 
     def server_close(self) -> None:
         super().server_close()
         self.watchdog.stop()
+        self.access_log.close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread a connection, and no more threads than slots.

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
 import secrets
@@ -722,6 +723,82 @@ def test_a_request_line_that_is_no_http_is_400_in_json(live: Running) -> None:
     assert json.loads(body)["message"]
 
 
+HEAD_LINE_CASES = {
+    "a space before the colon": b"Content-Length : 2\r\n",
+    "a folded line": b"X-Note: one\r\n two\r\n",
+    "a line without a colon": b"NoColonHere\r\n",
+    "a name with a space": b"Content Length: 2\r\n",
+    "two lengths that differ": b"Content-Length: 2\r\nContent-Length: 7\r\n",
+}
+
+
+@pytest.mark.parametrize("lines", HEAD_LINE_CASES.values(), ids=HEAD_LINE_CASES.keys())
+def test_a_header_line_rfc_9112_refuses_is_400_and_stores_nothing(live: Running, lines: bytes) -> None:
+    request = b"POST " + REGISTER.encode() + b" HTTP/1.1\r\nHost: localhost\r\n" + lines + b"\r\n{}"
+    head, body = raw_exchange(live, request)
+
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body)["message"]
+    assert live.client().admin("GET", "/api/client-registry/requests").body == []
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.0"])
+def test_a_request_in_http_2_or_later_is_505(live: Running, version: bytes) -> None:
+    head, body = raw_exchange(live, b"GET /api/client-registry/ca " + version + b"\r\n\r\n")
+
+    assert head.startswith(b"HTTP/1.1 505 "), head
+    assert json.loads(body)["error"] == "http_version_not_supported"
+
+
+def test_header_names_are_read_whatever_their_case(live: Running) -> None:
+    client = live.client()
+    request = (
+        f"GET /api/client-registry HTTP/1.1\r\nhost: localhost\r\nAUTHORIZATION: Bearer {client.token}\r\n"
+        "connection: CLOSE\r\n\r\n"
+    )
+    head, body = raw_exchange(live, request.encode())
+
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(body)["locked"] is True
+
+
+def test_an_empty_line_before_a_request_is_ignored(live: Running) -> None:
+    # RFC 9112 section 2.2: some clients send a CRLF after a POST body.
+    head, body = raw_exchange(live, b"\r\nGET /api/client-registry/ca HTTP/1.1\r\nConnection: close\r\n\r\n")
+
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert body.startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+def test_an_http_1_0_request_is_answered_and_its_connection_closed(live: Running) -> None:
+    # raw_exchange reads until the server closes: it returns only if the server does.
+    head, body = raw_exchange(live, b"GET /api/client-registry/ca HTTP/1.0\r\n\r\n")
+
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert b"Connection: close" in head.split(b"\r\n")
+    assert body.startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+def test_expect_100_continue_gets_a_100_before_the_answer(live: Running) -> None:
+    body = json.dumps(SENSOR).encode()
+    request = (
+        f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with (
+        socket.create_connection((HOST, live.port), timeout=5) as raw,
+        live.context().wrap_socket(raw, server_hostname=HOST) as tls,
+    ):
+        tls.sendall(request)
+        assert tls.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n")
+        tls.sendall(body)
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+
+    assert answer.startswith(b"HTTP/1.1 423 "), answer
+
+
 def test_an_unknown_path_is_404(client: Client) -> None:
     for path in ("/api/nothing", "/api/client-registry/register/more", "/api/client-registry/"):
         assert_error(client.call("GET", path), 404, "not_found")
@@ -819,6 +896,20 @@ def test_answers_leave_at_once_without_waiting_for_an_ack(live: Running) -> None
     live.server.RequestHandlerClass = type("Spy", (server.Handler,), {"setup": setup})
     live.client().call("GET", CA_PATH, kind=PEM)
     assert seen and all(seen)
+
+
+def test_the_access_log_is_written_while_the_server_runs(
+    client: Client, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="registry.access")
+    client.call("GET", "/api/client-registry/ca", kind=None)
+    written, deadline = "", time.monotonic() + 10
+    while "/api/client-registry/ca" not in written and time.monotonic() < deadline:
+        time.sleep(0.05)
+        written += capfd.readouterr().err
+
+    line = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO GET /api/client-registry/ca 200 \d+\.\dms 127\.0\.0\.1"
+    assert re.search(f"^{line}$", written, re.MULTILINE), written
 
 
 def test_the_ca_certificate_is_public_pem(live: Running, client: Client) -> None:
