@@ -44,6 +44,21 @@ KEY_USAGE_BITS = (
 )
 
 
+def _key_usage(**granted: bool) -> x509.KeyUsage:
+    """A KeyUsage with only the ``granted`` bits set (RFC 5280 section 4.2.1.3)."""
+    bits = dict.fromkeys(KEY_USAGE_BITS, False) | granted
+    return x509.KeyUsage(**bits)
+
+
+# The fixed parts of an end-entity certificate, made once.
+END_ENTITY = x509.BasicConstraints(ca=False, path_length=None)
+CLIENT_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+# RFC 5280 section 4.2.1.3: every key signs; TLS with an RSA key may also
+# encipher the pre-master secret (keyEncipherment).
+SIGNING_USAGE = _key_usage(digital_signature=True)
+RSA_USAGE = _key_usage(digital_signature=True, key_encipherment=True)
+
+
 @dataclass(frozen=True)
 class ServerCredentials:
     """The HTTPS server's certificate and key, as PEM."""
@@ -127,9 +142,9 @@ class CA:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)])
         certificate = (
             _builder(subject, self.certificate.subject, key, now, self.validity)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(END_ENTITY, critical=True)
             .add_extension(_end_entity_usage(key), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(CLIENT_AUTH, critical=False)
             .add_extension(self._authority_key_identifier, critical=False)
             .sign(self.key, hashes.SHA256())
         )
@@ -148,7 +163,7 @@ class CA:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, all_names[0])])
         certificate = (
             _builder(subject, self.certificate.subject, key.public_key(), now, SERVER_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(END_ENTITY, critical=True)
             .add_extension(_end_entity_usage(key.public_key()), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in all_names]), critical=False)
@@ -177,16 +192,8 @@ def _builder(
     )
 
 
-def _key_usage(**granted: bool) -> x509.KeyUsage:
-    """A KeyUsage with only the ``granted`` bits set (RFC 5280 section 4.2.1.3)."""
-    bits = dict.fromkeys(KEY_USAGE_BITS, False) | granted
-    return x509.KeyUsage(**bits)
-
-
 def _end_entity_usage(key: object) -> x509.KeyUsage:
-    # RFC 5280 section 4.2.1.3: TLS with an RSA key may encipher the
-    # pre-master secret (keyEncipherment); every key signs.
-    return _key_usage(digital_signature=True, key_encipherment=isinstance(key, rsa.RSAPublicKey))
+    return RSA_USAGE if isinstance(key, rsa.RSAPublicKey) else SIGNING_USAGE
 
 
 def _describe(key: object) -> tuple[str, int, str | None]:

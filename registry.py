@@ -676,6 +676,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
+AUDIT_INSERT = "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)"
 ADMIN = "administrator"
 # What the administrator's listings show: no hash, no CSR, no certificate.
 REQUEST_COLUMNS = (
@@ -1049,16 +1050,17 @@ class Registry:
                 approved[approval.username] = approval, row
             except RegistryError as error:
                 approval.error = error
+        if not approved:
+            return
         try:
-            users = [(approval, row, self._new_user(approval, row, moment)) for approval, row in approved.values()]
+            users = [self._new_user(approval, row, moment) for approval, row in approved.values()]
             with self._transaction():
-                for approval, row, user in users:
-                    self._store_approval(approval, row, user)
+                self._store_approvals(list(approved.values()), users, now)
         except Exception as error:  # nothing was stored: every caller of the batch hears of it
             for approval, _ in approved.values():
                 approval.error = error
         else:
-            for approval, _, user in users:
+            for (approval, _), user in zip(approved.values(), users, strict=True):
                 approval.user = _user_json(user)
 
     def _new_user(self, approval: _Approval, row: sqlite3.Row, moment: datetime) -> dict[str, Any]:
@@ -1079,16 +1081,26 @@ class Registry:
             "created_at": _micros(moment),
         }
 
-    def _store_approval(self, approval: _Approval, row: sqlite3.Row, user: dict[str, Any]) -> None:
-        name, now = user["username"], user["created_at"]
-        self._db.execute("UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?", (now, name))
-        self._db.execute(
-            f"INSERT INTO users ({', '.join(user)}) VALUES ({', '.join('?' * len(user))})", tuple(user.values())
+    def _store_approvals(
+        self, approved: list[tuple[_Approval, sqlite3.Row]], users: list[dict[str, Any]], now: int
+    ) -> None:
+        """Mark the requests approved, add their users and the audit entries: one statement each."""
+        self._db.executemany(
+            "UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?",
+            [(now, user["username"]) for user in users],
         )
-        details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
-        if user["serial"]:
-            details["serial"] = user["serial"]
-        self._audit(now, approval.actor, approval.address, "approve", name, details)
+        columns = ", ".join(users[0])
+        self._db.executemany(
+            f"INSERT INTO users ({columns}) VALUES ({', '.join('?' * len(users[0]))})",
+            [tuple(user.values()) for user in users],
+        )
+        entries = []
+        for (approval, row), user in zip(approved, users, strict=True):
+            details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
+            if user["serial"]:
+                details["serial"] = user["serial"]
+            entries.append((now, approval.actor, approval.address, "approve", user["username"], json.dumps(details)))
+        self._db.executemany(AUDIT_INSERT, entries)
 
     def _grant(self, body: object) -> dict[str, Any]:
         """The rights the body grants instead of the requested ones: a field left out stays as requested."""
@@ -1272,10 +1284,8 @@ class Registry:
             self._db.execute("DELETE FROM requests WHERE state = 'denied' AND decided_at <= ?", (cutoff,))
 
     def _audit(self, now: int, actor: str, address: str, action: str, username: str | None, details: object) -> None:
-        self._db.execute(
-            "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)",
-            (now, actor, address, action, username, None if details is None else json.dumps(details)),
-        )
+        entry = (now, actor, address, action, username, None if details is None else json.dumps(details))
+        self._db.execute(AUDIT_INSERT, entry)
 
 
 class _Transaction:
