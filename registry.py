@@ -52,8 +52,9 @@ Invariants
   poll must not pay for a key derivation, so a password that verified once
   is remembered as an HMAC under a key that lives only in this process.
 - Time comes only from the injected clock, kept as whole microseconds;
-  every state change is one SQLite transaction, so a kill at any moment
-  loses nothing answered.
+  every state change is committed in a SQLite transaction before it is
+  answered (approvals that arrive together share one), so a kill at any
+  moment loses nothing answered.
 
 The hot path
 ------------
