@@ -66,8 +66,9 @@ MAX_LINE = 65536  # the longest request line or header line, as http.server has 
 MAX_HEADERS = 100  # as http.client has it
 # RFC 9112 section 3: method SP request-target SP HTTP-version.
 REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/(\d)\.(\d)\r?\n")
-# RFC 9112 section 5: field-name ":" OWS field-value OWS; no space before the colon.
-HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?\n")
+# RFC 9112 section 5: field-name ":" OWS field-value OWS; no space before the
+# colon, and no CR, LF or NUL in the value (RFC 9110 section 5.5).
+HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\0]*?)[ \t]*\r?\n")
 
 
 @dataclass(frozen=True)
@@ -581,9 +582,11 @@ class AccessLog:
 
     def flush(self) -> None:
         lines = [self._lines.popleft() for _ in range(len(self._lines))]
-        if lines:
-            sys.stderr.write("".join(lines))
-            sys.stderr.flush()
+        # A closed standard error loses the lines, not the server.
+        with contextlib.suppress(OSError, ValueError):
+            if lines:
+                sys.stderr.write("".join(lines))
+                sys.stderr.flush()
 
     def close(self) -> None:
         self._stopped.set()

@@ -729,6 +729,8 @@ HEAD_LINE_CASES = {
     "a line without a colon": b"NoColonHere\r\n",
     "a name with a space": b"Content Length: 2\r\n",
     "two lengths that differ": b"Content-Length: 2\r\nContent-Length: 7\r\n",
+    "a bare CR in a value": b"X-Note: one\rtwo\r\n",
+    "a NUL in a value": b"X-Note: one\x00two\r\n",
 }
 
 
