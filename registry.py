@@ -1051,17 +1051,18 @@ class Registry:
                 approved[approval.username] = approval, row
             except RegistryError as error:
                 approval.error = error
-        if not approved:
+        decided = list(approved.values())
+        if not decided:
             return
         try:
-            users = [self._new_user(approval, row, moment) for approval, row in approved.values()]
+            users = [self._new_user(approval, row, moment) for approval, row in decided]
             with self._transaction():
-                self._store_approvals(list(approved.values()), users, now)
+                self._store_approvals(decided, users, now)
         except Exception as error:  # nothing was stored: every caller of the batch hears of it
-            for approval, _ in approved.values():
+            for approval, _ in decided:
                 approval.error = error
         else:
-            for (approval, _), user in zip(approved.values(), users, strict=True):
+            for (approval, _), user in zip(decided, users, strict=True):
                 approval.user = _user_json(user)
 
     def _new_user(self, approval: _Approval, row: sqlite3.Row, moment: datetime) -> dict[str, Any]:
