@@ -23,6 +23,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ca
 import registry
@@ -259,6 +261,70 @@ def test_client_certificate_carries_exactly_the_profile(
     authority_identifier = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ca_identifier = authority.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert authority_identifier.key_identifier == ca_identifier.digest
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(sorted(KEY_DESCRIPTIONS)),
+    username=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}", fullmatch=True),  # registry.USERNAME, 3 to 64 long
+    now=st.datetimes(datetime(1990, 1, 1), datetime(2200, 1, 1), timezones=st.just(UTC)),
+    days=st.integers(1, 36500),
+)
+def test_client_certificate_is_byte_for_byte_what_certificate_builder_makes(
+    authority: ca.CA, client_keys: dict[str, object], kind: str, username: str, now: datetime, days: int
+) -> None:
+    """ca.py assembles the DER itself; cryptography's builder, given the same fields, agrees on every byte."""
+    key = client_keys[kind].public_key()
+    issuing = ca.CA(authority.key, authority.certificate, cert_days=days)
+
+    issued = issuing.issue_client_certificate(make_csr("asked-for", client_keys[kind]), username, now)
+
+    certificate = load(issued.pem)
+    certificate.verify_directly_issued_by(authority.certificate)
+    usage = ca.RSA_USAGE if kind == "rsa" else ca.SIGNING_USAGE
+    authority_identifier = authority.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    expected = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)]))
+        .issuer_name(authority.certificate.subject)
+        .public_key(key)
+        .serial_number(certificate.serial_number)
+        .not_valid_before(now - ca.CLOCK_SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority_identifier), critical=False
+        )
+        .sign(authority.key, hashes.SHA256())
+    )
+    assert certificate.tbs_certificate_bytes == expected.tbs_certificate_bytes
+    assert certificate.signature_algorithm_oid == expected.signature_algorithm_oid
+    assert issued.pem == certificate.public_bytes(serialization.Encoding.PEM).decode()
+    assert issued.not_after == certificate.not_valid_after_utc
+
+
+@pytest.mark.parametrize(
+    ("encoded", "expected"),
+    [
+        (ca._integer(0), "020100"),
+        (ca._integer(127), "02017f"),
+        (ca._integer(128), "02020080"),  # a zero octet first, or it would read as negative
+        (ca._integer(256), "02020100"),
+        (ca._der(0x04, bytes(127)), "047f" + "00" * 127),
+        (ca._der(0x04, bytes(128)), "048180" + "00" * 128),  # long form from 128 on
+        (ca._der(0x04, bytes(300)), "0482012c" + "00" * 300),
+        (ca._object_identifier("1.2.840.10045.4.3.2"), "06082a8648ce3d040302"),  # ecdsa-with-SHA256
+        (ca._object_identifier("2.5.29.19"), "0603551d13"),  # basicConstraints
+        (ca._time(datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC)), "170d" + b"491231235959Z".hex()),
+        (ca._time(datetime(2050, 1, 1, tzinfo=UTC)), "180f" + b"20500101000000Z".hex()),
+    ],
+)
+def test_der_encodings_of_x690(encoded: bytes, expected: str) -> None:
+    """Cases the certificates above rarely reach: random serials never set the high bit of their first octet."""
+    assert encoded.hex() == expected
 
 
 @needs_openssl
