@@ -162,11 +162,12 @@ class CA:
         makes of the same fields.
         """
         key = x509.load_pem_x509_csr(csr_pem.encode()).public_key()
+        spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         start = now.astimezone(UTC).replace(microsecond=0)
         serial = x509.random_serial_number()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)])
         extensions = (
-            _extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+            _extension(x509.SubjectKeyIdentifier(_key_identifier(spki)), critical=False)
             + self._client_extensions_der[isinstance(key, rsa.RSAPublicKey)]
         )
         tbs = _der(
@@ -177,7 +178,7 @@ class CA:
             + self._issuer_der
             + _der(SEQUENCE, _time(start - CLOCK_SKEW) + _time(start + self.validity))
             + subject.public_bytes()
-            + key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            + spki
             + _der(EXTENSIONS, _der(SEQUENCE, extensions)),
         )
         signature = self.key.sign(tbs, ECDSA_SHA256)
@@ -247,6 +248,23 @@ def _integer(value: int) -> bytes:
     return _der(INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
+def _content(der: bytes, at: int) -> tuple[int, int]:
+    """Where the content of the element at ``at`` starts and ends."""
+    size, start = der[at + 1], at + 2
+    if size & 0x80:  # the long form: the next (size & 0x7F) octets hold the length
+        start += size & 0x7F
+        size = int.from_bytes(der[at + 2 : start], "big")
+    return start, start + size
+
+
+def _key_identifier(spki: bytes) -> bytes:
+    """RFC 5280 section 4.2.1.2, method (1): the SHA-1 of the subjectPublicKey, the SPKI's second element."""
+    inside, _ = _content(spki, 0)
+    _, algorithm_end = _content(spki, inside)
+    start, end = _content(spki, algorithm_end)
+    return hashlib.sha1(spki[start + 1 : end], usedforsecurity=False).digest()  # after the unused-bits octet
+
+
 @functools.cache
 def _object_identifier(dotted: str) -> bytes:
     """The first two arcs as one number, then each number in base 128, high groups flagged."""
@@ -262,9 +280,10 @@ def _object_identifier(dotted: str) -> bytes:
 
 def _time(moment: datetime) -> bytes:
     """RFC 5280 section 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050, whole seconds in UTC."""
+    rest = (moment.month, moment.day, moment.hour, moment.minute, moment.second)
     if moment.year < 2050:
-        return _der(UTC_TIME, moment.strftime("%y%m%d%H%M%SZ").encode())
-    return _der(GENERALIZED_TIME, moment.strftime("%Y%m%d%H%M%SZ").encode())
+        return _der(UTC_TIME, b"%02d%02d%02d%02d%02d%02dZ" % (moment.year % 100, *rest))
+    return _der(GENERALIZED_TIME, b"%04d%02d%02d%02d%02d%02dZ" % (moment.year, *rest))
 
 
 def _extension(value: x509.ExtensionType, *, critical: bool) -> bytes:
