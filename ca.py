@@ -166,10 +166,7 @@ class CA:
         start = now.astimezone(UTC).replace(microsecond=0)
         serial = x509.random_serial_number()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)])
-        extensions = (
-            _extension(x509.SubjectKeyIdentifier(_key_identifier(spki)), critical=False)
-            + self._client_extensions_der[isinstance(key, rsa.RSAPublicKey)]
-        )
+        fixed_extensions = self._client_extensions_der[isinstance(key, rsa.RSAPublicKey)]
         tbs = _der(
             SEQUENCE,
             VERSION_3
@@ -179,7 +176,7 @@ class CA:
             + _der(SEQUENCE, _time(start - CLOCK_SKEW) + _time(start + self.validity))
             + subject.public_bytes()
             + spki
-            + _der(EXTENSIONS, _der(SEQUENCE, extensions)),
+            + _der(EXTENSIONS, _der(SEQUENCE, SUBJECT_KEY_IDENTIFIER + _key_identifier(spki) + fixed_extensions)),
         )
         signature = self.key.sign(tbs, ECDSA_SHA256)
         der = _der(SEQUENCE, tbs + SIGNATURE_ALGORITHM + _der(BIT_STRING, b"\x00" + signature))
@@ -294,6 +291,8 @@ def _extension(value: x509.ExtensionType, *, critical: bool) -> bytes:
 
 VERSION_3 = _der(VERSION, _integer(2))
 SIGNATURE_ALGORITHM = _der(SEQUENCE, _object_identifier(SignatureAlgorithmOID.ECDSA_WITH_SHA256.dotted_string))
+# The subject key identifier extension but its last 20 octets, the SHA-1 of the key.
+SUBJECT_KEY_IDENTIFIER = _extension(x509.SubjectKeyIdentifier(bytes(20)), critical=False)[:-20]
 
 
 def _end_entity_usage(key: object) -> x509.KeyUsage:
