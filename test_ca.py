@@ -327,6 +327,15 @@ def test_der_encodings_of_x690(encoded: bytes, expected: str) -> None:
     assert encoded.hex() == expected
 
 
+def test_a_common_name_longer_than_rfc_5280_allows_is_refused(authority: ca.CA) -> None:
+    """ub-common-name is 64: the registry's usernames fit, a caller of the CA may not."""
+    csr = make_csr("sensor-0003")
+    assert load(authority.issue_client_certificate(csr, "s" * 64, START).pem)
+
+    with pytest.raises(ValueError, match="1 to 64 characters"):
+        authority.issue_client_certificate(csr, "s" * 65, START)
+
+
 @needs_openssl
 def test_openssl_verifies_a_client_certificate_for_client_authentication(tmp_path: Path, authority: ca.CA) -> None:
     csr = make_csr("sensor-0003")
