@@ -110,6 +110,7 @@ MIN_RSA_BITS = 2048
 SECOND = 1_000_000
 MINUTE = 60 * SECOND
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 POLL_FLUSH = SECOND
 
 
@@ -971,7 +972,7 @@ class Registry:
         duration = self._duration(body)
         now = self._now()
         with self._lock, self._transaction():
-            self._set_unlocked_until(now + duration // timedelta(microseconds=1))
+            self._set_unlocked_until(now + duration // MICROSECOND)
             self._audit(now, actor, address, "unlock", None, {"durationMs": duration // timedelta(milliseconds=1)})
         return self.status()
 
@@ -1200,7 +1201,7 @@ class Registry:
     def authenticate_password(self, username: str, password: str) -> Identity:
         """The user behind a username and password; ``Unauthorized`` otherwise."""
         now = self._now()
-        window = self.settings.auth_failure_window // timedelta(microseconds=1)
+        window = self.settings.auth_failure_window // MICROSECOND
         with self._lock:
             failures = _window(self._auth_failures, username, now - window)
             if len(failures) >= self.settings.max_auth_failures:
@@ -1276,7 +1277,7 @@ class Registry:
         ).fetchone()[0]
 
     def _cutoff(self, now: int) -> int:
-        return now - self.settings.retention // timedelta(microseconds=1)
+        return now - self.settings.retention // MICROSECOND
 
     def _purge(self, now: int) -> None:
         """Drop pending and denied requests older than the retention period."""
@@ -1322,7 +1323,7 @@ def _window(windows: dict[str, collections.deque[int]], key: str, start: int) ->
 
 
 def _micros(moment: datetime) -> int:
-    return (moment - EPOCH) // timedelta(microseconds=1)
+    return (moment - EPOCH) // MICROSECOND
 
 
 def _iso(micros: int) -> str:
