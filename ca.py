@@ -163,6 +163,7 @@ class CA:
         """
         spki = _subject_public_key_info(csr_pem)
         start = now.astimezone(UTC).replace(microsecond=0)
+        not_after = start + self.validity
         serial = x509.random_serial_number()
         algorithm, public_key = _algorithm_and_key(spki)
         # RFC 5280 section 4.2.1.2, method (1): the SHA-1 of the public key.
@@ -174,7 +175,7 @@ class CA:
             + _integer(serial)
             + SIGNATURE_ALGORITHM
             + self._issuer_der
-            + _der(SEQUENCE, _time(start - CLOCK_SKEW) + _time(start + self.validity))
+            + _der(SEQUENCE, _time(start - CLOCK_SKEW) + _time(not_after))
             + _subject(username)
             + spki
             + _der(EXTENSIONS, _der(SEQUENCE, SUBJECT_KEY_IDENTIFIER + key_identifier + fixed_extensions)),
@@ -184,7 +185,7 @@ class CA:
         return IssuedCertificate(
             pem=ssl.DER_cert_to_PEM_cert(der),
             serial=serial,
-            not_after=start + self.validity,
+            not_after=not_after,
             sha256=_sha256(der),
         )
 

@@ -1099,7 +1099,9 @@ class Registry:
         )
         entries = []
         for (approval, row), user in zip(approved, users, strict=True):
-            details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
+            requested = json.loads(row["requested"])
+            granted = requested if user["granted"] == row["requested"] else json.loads(user["granted"])
+            details = {"requested": requested, "granted": granted}
             if user["serial"]:
                 details["serial"] = user["serial"]
             entries.append((now, approval.actor, approval.address, "approve", user["username"], json.dumps(details)))
@@ -1244,7 +1246,7 @@ class Registry:
     def _record_poll(self, name: str, address: str, now: int) -> None:
         # A poll is the hot path: it is counted in memory and written with
         # the next transaction, or within a second (``POLL_FLUSH``).
-        _, count, _ = self._polls.get(name, (0.0, 0, ""))
+        _, count, _ = self._polls.get(name, (0, 0, ""))
         self._polls[name] = (now, count + 1, address)
         if abs(now - self._polls_flushed_at) >= POLL_FLUSH:
             self._save_polls()
