@@ -678,7 +678,11 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-AUDIT_INSERT = "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)"
+AUDIT_INSERT_HEAD = "INSERT INTO audit (at, actor, address, action, username, details) VALUES"
+AUDIT_INSERT = f"{AUDIT_INSERT_HEAD} (?, ?, ?, ?, ?, ?)"
+# The most approvals decided in one transaction; with the users' nine
+# columns, under the 999 parameters a statement had before SQLite 3.32.
+MAX_BATCH = 100
 ADMIN = "administrator"
 # What the administrator's listings show: no hash, no CSR, no certificate.
 REQUEST_COLUMNS = (
@@ -1038,15 +1042,16 @@ class Registry:
 
     def _approve_waiting(self) -> None:
         """Decide every queued approval; those that may happen are stored in one transaction."""
-        batch = [self._approvals.popleft() for _ in range(len(self._approvals))]
+        batch = [self._approvals.popleft() for _ in range(min(len(self._approvals), MAX_BATCH))]
         moment = self.clock()
         now = _micros(moment)
+        rows = self._request_rows([approval.username for approval in batch], now)
         approved: dict[str, tuple[_Approval, sqlite3.Row]] = {}
         for approval in batch:
             try:
                 if approval.username in approved:  # by another caller, in this batch
                     transition(State.APPROVED, Event.APPROVE)
-                row = self._decidable(approval.username, Event.APPROVE, now)
+                row = _decidable(rows.get(approval.username), approval.username, Event.APPROVE)
                 if row["csr"] and self.ca is None:
                     raise PolicyViolation("this registry has no CA to sign the request's CSR")
                 approved[approval.username] = approval, row
@@ -1087,25 +1092,30 @@ class Registry:
     def _store_approvals(
         self, approved: list[tuple[_Approval, sqlite3.Row]], users: list[dict[str, Any]], now: int
     ) -> None:
-        """Mark the requests approved, add their users and the audit entries: one statement each."""
-        self._db.executemany(
-            "UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?",
-            [(now, user["username"]) for user in users],
+        """Mark the requests approved, add their users and the audit entries: one statement each.
+
+        Each statement is one step for SQLite, whatever the batch's size: the
+        sqlite3 module lets go of the GIL at every step, and each time the
+        threads that wait for it take turns.
+        """
+        names = [user["username"] for user in users]
+        self._db.execute(
+            f"UPDATE requests SET state = 'approved', decided_at = ? WHERE username IN ({_marks(len(names))})",
+            (now, *names),
         )
         columns = ", ".join(users[0])
-        self._db.executemany(
-            f"INSERT INTO users ({columns}) VALUES ({', '.join('?' * len(users[0]))})",
-            [tuple(user.values()) for user in users],
+        row_marks = f"({_marks(len(users[0]))})"
+        self._db.execute(
+            f"INSERT INTO users ({columns}) VALUES {', '.join([row_marks] * len(users))}",
+            [value for user in users for value in user.values()],
         )
         entries = []
         for (approval, row), user in zip(approved, users, strict=True):
-            requested = json.loads(row["requested"])
-            granted = requested if user["granted"] == row["requested"] else json.loads(user["granted"])
-            details = {"requested": requested, "granted": granted}
-            if user["serial"]:
-                details["serial"] = user["serial"]
-            entries.append((now, approval.actor, approval.address, "approve", user["username"], json.dumps(details)))
-        self._db.executemany(AUDIT_INSERT, entries)
+            # Both texts are canonical JSON already (Rights.dumps).
+            details = f'{{"requested": {row["requested"]}, "granted": {user["granted"]}'
+            details += f', "serial": "{user["serial"]}"}}' if user["serial"] else "}"
+            entries += (now, approval.actor, approval.address, "approve", user["username"], details)
+        self._db.execute(f"{AUDIT_INSERT_HEAD} {', '.join(['(?, ?, ?, ?, ?, ?)'] * len(users))}", entries)
 
     def _grant(self, body: object) -> dict[str, Any]:
         """The rights the body grants instead of the requested ones: a field left out stays as requested."""
@@ -1192,11 +1202,7 @@ class Registry:
 
     def _decidable(self, username: str, event: Event, now: int) -> sqlite3.Row:
         """The stored request for ``username``, if ``event`` may happen to it."""
-        row = self._request_row(username, now)
-        if row is None:
-            raise NotFound(f"there is no request for {username!r}")
-        transition(State(row["state"]), event)
-        return row
+        return _decidable(self._request_row(username, now), username, event)
 
     # --- After registration (SPEC section 5) ------------------------------
 
@@ -1268,10 +1274,14 @@ class Registry:
 
     def _request_row(self, username: str, now: int) -> sqlite3.Row | None:
         """The live request for ``username``; an expired one counts as gone."""
-        row = self._db.execute("SELECT * FROM requests WHERE username = ?", (username,)).fetchone()
-        if row is None or (row["state"] != State.APPROVED.value and _since(row) <= self._cutoff(now)):
-            return None
-        return row
+        return self._request_rows([username], now).get(username)
+
+    def _request_rows(self, usernames: list[str], now: int) -> dict[str, sqlite3.Row]:
+        """The live requests of ``usernames``, by username, in one statement."""
+        names = list(dict.fromkeys(usernames))
+        rows = self._db.execute(f"SELECT * FROM requests WHERE username IN ({_marks(len(names))})", names)
+        cutoff = self._cutoff(now)
+        return {row["username"]: row for row in rows if row["state"] == State.APPROVED.value or _since(row) > cutoff}
 
     def _pending_count(self, now: int) -> int:
         return self._db.execute(
@@ -1306,6 +1316,19 @@ class _Transaction:
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _decidable(row: sqlite3.Row | None, username: str, event: Event) -> sqlite3.Row:
+    """``row``, the stored request for ``username``, if ``event`` may happen to it."""
+    if row is None:
+        raise NotFound(f"there is no request for {username!r}")
+    transition(State(row["state"]), event)
+    return row
+
+
+def _marks(count: int) -> str:
+    """The placeholders of ``count`` parameters: ``?, ?, ?``."""
+    return ", ".join("?" * count)
 
 
 def _since(row: sqlite3.Row) -> int:

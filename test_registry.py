@@ -1233,6 +1233,28 @@ def test_approvals_that_arrive_together_are_decided_together_each_with_its_own_a
     reg.close()
 
 
+def test_approvals_beyond_the_largest_batch_are_decided_by_the_next_caller(clock, authority, monkeypatch):
+    monkeypatch.setattr(registry, "MAX_BATCH", 2)
+    gated = GatedCA(authority)
+    reg = registry.Registry(clock=clock, ca=gated, settings=FAST)
+    reg.unlock()
+    names = ["sensor-first", *(f"sensor-{i}" for i in range(7))]
+    for name in names:
+        assert reg.register(csr_request(name)).status == 202
+    transactions = []
+    store = reg._store_approvals
+    monkeypatch.setattr(
+        reg, "_store_approvals", lambda approved, *rest: transactions.append(len(approved)) or store(approved, *rest)
+    )
+
+    answers = approve_while_held(reg, gated, [(name, None) for name in names[1:]])
+
+    assert [answer["username"] for answer in answers] == names
+    assert sum(transactions) == len(names) and max(transactions) <= 2
+    assert {r["state"] for r in reg.requests()} == {"approved"}
+    reg.close()
+
+
 def test_a_failure_in_a_batch_of_approvals_stores_none_of_it(clock, authority):
     gated = GatedCA(authority, broken="sensor-b")
     reg = registry.Registry(clock=clock, ca=gated, settings=FAST)
