@@ -9,10 +9,12 @@ extensions through. It also signs the HTTPS server's own certificate.
 
 from __future__ import annotations
 
+import binascii
 import functools
 import hashlib
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +35,11 @@ CLOCK_SKEW = timedelta(minutes=5)
 CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=365)
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
+SERIALS_AT_ONCE = 64
+# RFC 7468 section 7: a PEM CSR, under its label or the older one with NEW.
+CSR_PEM = re.compile(
+    r"-----BEGIN ((?:NEW )?)CERTIFICATE REQUEST-----([A-Za-z0-9+/=\s]*)-----END \1CERTIFICATE REQUEST-----"
+)
 KEY_USAGE_BITS = (
     "digital_signature",
     "content_commitment",
@@ -90,6 +97,7 @@ class CA:
         # What every client certificate shares, in DER: the issuer, and the
         # extensions after the subject key identifier, by whether the key is RSA.
         self._issuer_der = certificate.subject.public_bytes()
+        self._serials: list[int] = []
         self._client_extensions_der = {
             is_rsa: _extension(END_ENTITY, critical=True)
             + _extension(RSA_USAGE if is_rsa else SIGNING_USAGE, critical=True)
@@ -164,7 +172,7 @@ class CA:
         spki = _subject_public_key_info(csr_pem)
         start = now.astimezone(UTC).replace(microsecond=0)
         not_after = start + self.validity
-        serial = x509.random_serial_number()
+        serial = self._serial()
         algorithm, public_key = _algorithm_and_key(spki)
         # RFC 5280 section 4.2.1.2, method (1): the SHA-1 of the public key.
         key_identifier = hashlib.sha1(public_key, usedforsecurity=False).digest()
@@ -188,6 +196,21 @@ class CA:
             not_after=not_after,
             sha256=_sha256(der),
         )
+
+    def _serial(self) -> int:
+        """RFC 5280 section 4.1.2.2: positive, at most 20 octets, unpredictable.
+
+        As ``x509.random_serial_number`` draws them (159 bits of
+        ``os.urandom``), but 64 at a time: ``os.urandom`` lets go of the GIL,
+        and under a batch of approvals each such hand-off between threads
+        costs more than the bytes do.
+        """
+        while True:
+            try:
+                return self._serials.pop()
+            except IndexError:  # empty: draw the next ones
+                data = os.urandom(20 * SERIALS_AT_ONCE)
+                self._serials += [int.from_bytes(data[i : i + 20], "big") >> 1 for i in range(0, len(data), 20)]
 
     def issue_server_certificate(self, now: datetime, names: Iterable[str] = ()) -> ServerCredentials:
         """A TLS server certificate for localhost, 127.0.0.1, ::1 and ``names``."""
@@ -257,8 +280,20 @@ def _content(der: bytes, at: int) -> tuple[int, int]:
 
 
 def _subject_public_key_info(csr_pem: str) -> bytes:
-    """The key as the CSR has it: the third element of its CertificationRequestInfo (RFC 2986 section 4.1)."""
-    info = x509.load_pem_x509_csr(csr_pem.encode()).tbs_certrequest_bytes
+    """The key as the CSR has it: the third element of its CertificationRequestInfo (RFC 2986 section 4.1).
+
+    The CSR was read and its signature checked when it was registered
+    (``inspect_csr``); here its PEM is only decoded again. A text the
+    pattern does not take goes through ``cryptography`` instead.
+    """
+    pem = CSR_PEM.search(csr_pem)
+    if pem is None:
+        info = x509.load_pem_x509_csr(csr_pem.encode()).tbs_certrequest_bytes
+    else:
+        der = binascii.a2b_base64(pem[2])
+        start, _ = _content(der, 0)  # the CertificationRequest's first element, its info
+        _, end = _content(der, start)
+        info = der[start:end]
     version, _ = _content(info, 0)
     _, subject = _content(info, version)
     _, spki = _content(info, subject)

@@ -375,6 +375,48 @@ def test_serials_are_random_positive_and_fit_in_twenty_octets(authority: ca.CA) 
     assert all(0 < serial < 2**159 for serial in serials)
 
 
+def test_serials_stay_distinct_and_in_range_across_draws_of_randomness(authority: ca.CA) -> None:
+    csr = make_csr("sensor-0003")
+    count = 2 * ca.SERIALS_AT_ONCE + 5  # two refills and some
+
+    serials = [authority.issue_client_certificate(csr, "sensor-0003", START).serial for _ in range(count)]
+
+    assert len(set(serials)) == count
+    assert all(0 < serial < 2**159 for serial in serials)
+    assert max(serials).bit_length() > 150  # 159 random bits, not fewer
+
+
+def _pem_variants(pem: str) -> dict[str, str]:
+    """The same CSR written as other tools write PEM; ``cryptography`` reads each of them."""
+    lines = pem.strip().split("\n")
+    return {
+        "as made": pem,
+        "NEW label": pem.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"),
+        "CRLF": pem.replace("\n", "\r\n"),
+        "one body line": "\n".join([lines[0], "".join(lines[1:-1]), lines[-1]]),
+        "no line breaks": pem.replace("\n", ""),
+        "trailing spaces": pem.replace("\n", " \n"),
+        "text around": f"Subject: sensor-0003\n{pem}-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n",
+        "a key first": f"-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n{pem}",
+        # RFC 1421 headers: outside ca.CSR_PEM, so read by cryptography itself.
+        "headers": "\n".join([lines[0], "Proc-Type: 4,ENCRYPTED", "", *lines[1:]]),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_pem_variants(make_csr("sensor-0003"))))
+def test_client_certificate_takes_the_key_however_the_csr_pem_is_written(
+    authority: ca.CA, client_keys: dict[str, object], variant: str
+) -> None:
+    key = client_keys["rsa"]
+    text = _pem_variants(make_csr("sensor-0003", key))[variant]
+    assert (ca.CSR_PEM.search(text) is None) == (variant == "headers")
+    x509.load_pem_x509_csr(text.encode())  # what registration accepts
+
+    issued = authority.issue_client_certificate(text, "sensor-0003", START)
+
+    assert load(issued.pem).public_key() == key.public_key()
+
+
 def test_validity_starts_before_now_for_clock_skew_and_lasts_a_year(authority: ca.CA) -> None:
     certificate = load(authority.issue_client_certificate(make_csr("sensor-0003"), "sensor-0003", START).pem)
 
