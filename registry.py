@@ -84,7 +84,7 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -678,8 +678,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-AUDIT_INSERT_HEAD = "INSERT INTO audit (at, actor, address, action, username, details) VALUES"
-AUDIT_INSERT = f"{AUDIT_INSERT_HEAD} (?, ?, ?, ?, ?, ?)"
+AUDIT_COLUMNS = ("at", "actor", "address", "action", "username", "details")
 # The most approvals decided in one transaction; with the users' nine
 # columns, under the 999 parameters a statement had before SQLite 3.32.
 MAX_BATCH = 100
@@ -1051,7 +1050,7 @@ class Registry:
             try:
                 if approval.username in approved:  # by another caller, in this batch
                     transition(State.APPROVED, Event.APPROVE)
-                row = _decidable(rows.get(approval.username), approval.username, Event.APPROVE)
+                row = _decidable_row(rows.get(approval.username), approval.username, Event.APPROVE)
                 if row["csr"] and self.ca is None:
                     raise PolicyViolation("this registry has no CA to sign the request's CSR")
                 approved[approval.username] = approval, row
@@ -1103,19 +1102,14 @@ class Registry:
             f"UPDATE requests SET state = 'approved', decided_at = ? WHERE username IN ({_marks(len(names))})",
             (now, *names),
         )
-        columns = ", ".join(users[0])
-        row_marks = f"({_marks(len(users[0]))})"
-        self._db.execute(
-            f"INSERT INTO users ({columns}) VALUES {', '.join([row_marks] * len(users))}",
-            [value for user in users for value in user.values()],
-        )
+        self._db.execute(*_insert("users", list(users[0]), [list(user.values()) for user in users]))
         entries = []
         for (approval, row), user in zip(approved, users, strict=True):
             # Both texts are canonical JSON already (Rights.dumps).
             details = f'{{"requested": {row["requested"]}, "granted": {user["granted"]}'
             details += f', "serial": "{user["serial"]}"}}' if user["serial"] else "}"
-            entries += (now, approval.actor, approval.address, "approve", user["username"], details)
-        self._db.execute(f"{AUDIT_INSERT_HEAD} {', '.join(['(?, ?, ?, ?, ?, ?)'] * len(users))}", entries)
+            entries.append((now, approval.actor, approval.address, "approve", user["username"], details))
+        self._db.execute(*_insert("audit", AUDIT_COLUMNS, entries))
 
     def _grant(self, body: object) -> dict[str, Any]:
         """The rights the body grants instead of the requested ones: a field left out stays as requested."""
@@ -1202,7 +1196,7 @@ class Registry:
 
     def _decidable(self, username: str, event: Event, now: int) -> sqlite3.Row:
         """The stored request for ``username``, if ``event`` may happen to it."""
-        return _decidable(self._request_row(username, now), username, event)
+        return _decidable_row(self._request_row(username, now), username, event)
 
     # --- After registration (SPEC section 5) ------------------------------
 
@@ -1300,7 +1294,7 @@ class Registry:
 
     def _audit(self, now: int, actor: str, address: str, action: str, username: str | None, details: object) -> None:
         entry = (now, actor, address, action, username, None if details is None else json.dumps(details))
-        self._db.execute(AUDIT_INSERT, entry)
+        self._db.execute(*_insert("audit", AUDIT_COLUMNS, [entry]))
 
 
 class _Transaction:
@@ -1318,7 +1312,7 @@ class _Transaction:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
-def _decidable(row: sqlite3.Row | None, username: str, event: Event) -> sqlite3.Row:
+def _decidable_row(row: sqlite3.Row | None, username: str, event: Event) -> sqlite3.Row:
     """``row``, the stored request for ``username``, if ``event`` may happen to it."""
     if row is None:
         raise NotFound(f"there is no request for {username!r}")
@@ -1329,6 +1323,12 @@ def _decidable(row: sqlite3.Row | None, username: str, event: Event) -> sqlite3.
 def _marks(count: int) -> str:
     """The placeholders of ``count`` parameters: ``?, ?, ?``."""
     return ", ".join("?" * count)
+
+
+def _insert(table: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> tuple[str, list[object]]:
+    """One INSERT of every row, and its parameters: one SQLite step, however many rows."""
+    values = ", ".join([f"({_marks(len(columns))})"] * len(rows))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}", [value for row in rows for value in row]
 
 
 def _since(row: sqlite3.Row) -> int:
