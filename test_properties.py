@@ -115,7 +115,9 @@ def permission_conforms(permission: object) -> bool:
         return False
     if not isinstance(resource, str) or not resource:
         return False
-    return resource.startswith("/") if context == "http" else wildcards_placed(resource)
+    if context == "http":
+        return resource.startswith("/")
+    return "\0" not in resource and wildcards_placed(resource)  # MQTT 3.1.1 section 4.7.3: no U+0000
 
 
 # --- Helpers ---------------------------------------------------------------
@@ -707,8 +709,9 @@ def sorted_items(permission: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 @given(permissions=st.lists(permission_objects, min_size=1, max_size=3), locked=st.booleans())
+@example(permissions=[{"resource": "site/\0/+", "operation": "read", "context": "mqtt"}], locked=False)
 def test_permissions_follow_the_table(authority: ca.CA, permissions: list[object], locked: bool) -> None:
-    """Operation, context, an http resource starting with '/', MQTT wildcards per MQTT 3.1.1 section 4.7.1."""
+    """Operation, context, an http resource starting with '/', MQTT 3.1.1 topic filters (sections 4.7.1, 4.7.3)."""
     with opened(authority, locked=locked) as reg:
         status, body, _ = answer(
             reg, {"username": "sensor-0003", "password": GOOD_PASSWORD, "permissions": permissions}
