@@ -1252,6 +1252,8 @@ class Registry:
             self._save_polls()
 
     def _save_polls(self) -> None:
+        # Not ``_transaction()``: poll counts change no request's state, so
+        # the remembered polls need not be checked again.
         with _Transaction(self._db, self._flush_polls):
             pass  # a transaction writes the counted polls first
 
