@@ -76,6 +76,11 @@ def make_csr(common_name: str | None, key: object = None, *, extensions: list[x5
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM).decode()
 
 
+def issue(authority: ca.CA, csr_pem: str, username: str, now: datetime) -> registry.IssuedCertificate:
+    """A certificate for ``username`` and the key of ``csr_pem``, read and verified as registration reads it."""
+    return authority.issue_client_certificate(authority.inspect_csr(csr_pem).public_key, username, now)
+
+
 def assert_issued_from(csr_pem: str, certificate_pem: str, authority: ca.CA) -> x509.Certificate:
     """The certificate was signed by ``authority`` for the CSR's key, under SPEC section 5's profile."""
     csr = x509.load_pem_x509_csr(csr_pem.encode())

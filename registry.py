@@ -51,10 +51,13 @@ Invariants
 - No password is stored: users and requests hold a salted scrypt hash. A
   poll must not pay for a key derivation, so a password that verified once
   is remembered as an HMAC under a key that lives only in this process.
+- A CSR is read once, by the CA, when it is registered: the registry keeps
+  the public key of the very request whose signature was verified, and an
+  approval issues the certificate for that key.
 - Time comes only from the injected clock, kept as whole microseconds;
   every state change is committed in a SQLite transaction before it is
-  answered (approvals that arrive together share one), so a kill at any
-  moment loses nothing answered.
+  answered, one transaction per command, so a kill at any moment loses
+  nothing answered.
 
 The hot path
 ------------
@@ -84,7 +87,7 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -307,7 +310,14 @@ class CsrInfo:
     key_algorithm: str  # "RSA", "EC", "Ed25519", or another name
     key_size: int
     curve: str | None
-    public_key_sha256: str  # hex digest of the SubjectPublicKeyInfo DER
+    # The SubjectPublicKeyInfo (DER) of the very request whose signature was
+    # verified: the key a certificate is issued for, kept from that moment.
+    public_key: bytes
+
+    @functools.cached_property
+    def public_key_sha256(self) -> str:
+        """The hex SHA-256 of the key: how a poll with the same key is recognised."""
+        return hashlib.sha256(self.public_key).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -328,20 +338,8 @@ class CertificateAuthority(Protocol):
     def inspect_csr(self, pem: str) -> CsrInfo:
         """Parse and verify a CSR; ``ValueError`` when it is malformed."""
 
-    def issue_client_certificate(self, csr_pem: str, username: str, now: datetime) -> IssuedCertificate:
-        """Sign a client certificate for ``username`` with the CSR's key."""
-
-
-@dataclass
-class _Approval:
-    """An approval waiting to be decided, then its answer or its error."""
-
-    username: str
-    granted: dict[str, Any]
-    actor: str
-    address: str
-    user: dict[str, Any] | None = None
-    error: Exception | None = None
+    def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> IssuedCertificate:
+        """Sign a client certificate for ``username`` and ``public_key``, the verified SPKI DER of its CSR."""
 
 
 @dataclass
@@ -643,7 +641,7 @@ CREATE TABLE IF NOT EXISTS requests (
     state TEXT NOT NULL,
     method TEXT NOT NULL,
     password_hash TEXT,
-    csr TEXT,
+    public_key BLOB,
     key_sha256 TEXT,
     pairing_id TEXT NOT NULL,
     requested TEXT NOT NULL,
@@ -678,10 +676,6 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-AUDIT_COLUMNS = ("at", "actor", "address", "action", "username", "details")
-# The most approvals decided in one transaction; with the users' nine
-# columns, under the 999 parameters a statement had before SQLite 3.32.
-MAX_BATCH = 100
 ADMIN = "administrator"
 # What the administrator's listings show: no hash, no CSR, no certificate.
 REQUEST_COLUMNS = (
@@ -735,7 +729,38 @@ class Registry:
         self._auth_failures: dict[str, collections.deque[int]] = {}
         self._polls: dict[str, tuple[int, int, str]] = {}
         self._polls_flushed_at = _micros(clock())
-        self._approvals: collections.deque[_Approval] = collections.deque()
+        self._keep_verified_keys()
+
+    def _keep_verified_keys(self) -> None:
+        """Upgrade a database that kept each CSR's text (column ``csr``) to one that keeps its verified key.
+
+        Each pending CSR is read once more by the CA, the reader that
+        verified it at registration; one that it now refuses (a text of more
+        than one PEM block, say) is forgotten, since no key of it was proved.
+        """
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
+        if "csr" not in columns:
+            return
+        with self._transaction():
+            if "public_key" not in columns:
+                self._db.execute("ALTER TABLE requests ADD COLUMN public_key BLOB")
+            if self.ca is None:
+                return
+            rows = self._db.execute(
+                "SELECT username, csr, key_sha256 FROM requests"
+                " WHERE state = 'pending' AND csr IS NOT NULL AND public_key IS NULL"
+            ).fetchall()
+            for row in rows:
+                try:
+                    info = self.ca.inspect_csr(row["csr"])
+                except ValueError:
+                    info = None
+                if info is None or info.public_key_sha256 != row["key_sha256"]:
+                    self._db.execute("DELETE FROM requests WHERE username = ?", (row["username"],))
+                else:
+                    self._db.execute(
+                        "UPDATE requests SET public_key = ? WHERE username = ?", (info.public_key, row["username"])
+                    )
 
     def close(self) -> None:
         """Write what is counted in memory and close the database."""
@@ -920,14 +945,14 @@ class Registry:
             # An expired request may still be on disk: it is forgotten now.
             self._db.execute("DELETE FROM requests WHERE username = ?", (name,))
             self._db.execute(
-                "INSERT INTO requests (username, state, method, password_hash, csr, key_sha256, pairing_id,"
+                "INSERT INTO requests (username, state, method, password_hash, public_key, key_sha256, pairing_id,"
                 " requested, context, client_address, created_at, last_poll_at)"
                 " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     name,
                     registration.method,
                     password_hash,
-                    registration.csr,
+                    csr.public_key if csr else None,
                     csr.public_key_sha256 if csr else None,
                     pairing_id,
                     registration.rights.dumps(),
@@ -1023,93 +1048,48 @@ class Registry:
         return [_request_json(row) for row in rows]
 
     def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Approve a pending request, granting the body's rights or the requested ones.
-
-        Approvals that arrive together are decided together: the first caller
-        to take the lock decides every one waiting, with one batch of
-        signatures and one transaction (a group commit), and each caller gets
-        its own answer or error.
-        """
-        approval = _Approval(username, self._grant(body), actor, address)
-        self._approvals.append(approval)
-        with self._lock:
-            if approval.user is None and approval.error is None:
-                self._approve_waiting()
-        if approval.error is not None:
-            raise approval.error
-        return approval.user
-
-    def _approve_waiting(self) -> None:
-        """Decide every queued approval; those that may happen are stored in one transaction."""
-        batch = [self._approvals.popleft() for _ in range(min(len(self._approvals), MAX_BATCH))]
+        """Approve a pending request, granting the body's rights or the requested ones; sign its CSR."""
+        granted = self._grant(body)
         moment = self.clock()
         now = _micros(moment)
-        rows = self._request_rows([approval.username for approval in batch], now)
-        approved: dict[str, tuple[_Approval, sqlite3.Row]] = {}
-        for approval in batch:
-            try:
-                if approval.username in approved:  # by another caller, in this batch
-                    transition(State.APPROVED, Event.APPROVE)
-                row = _decidable_row(rows.get(approval.username), approval.username, Event.APPROVE)
-                if row["csr"] and self.ca is None:
-                    raise PolicyViolation("this registry has no CA to sign the request's CSR")
-                approved[approval.username] = approval, row
-            except RegistryError as error:
-                approval.error = error
-        decided = list(approved.values())
-        if not decided:
-            return
-        try:
-            users = [self._new_user(approval, row, moment) for approval, row in decided]
+        with self._lock:
+            row = self._decidable(username, Event.APPROVE, now)
+            if row["method"] == "csr" and self.ca is None:
+                raise PolicyViolation("this registry has no CA to sign the request's CSR")
+            user = self._new_user(row, granted, moment)
             with self._transaction():
-                self._store_approvals(decided, users, now)
-        except Exception as error:  # nothing was stored: every caller of the batch hears of it
-            for approval, _ in decided:
-                approval.error = error
-        else:
-            for (approval, _), user in zip(decided, users, strict=True):
-                approval.user = _user_json(user)
+                self._db.execute(
+                    "UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?", (now, username)
+                )
+                self._db.execute(
+                    f"INSERT INTO users ({', '.join(user)}) VALUES ({', '.join('?' * len(user))})", tuple(user.values())
+                )
+                details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
+                if user["serial"]:
+                    details["serial"] = user["serial"]
+                self._audit(now, actor, address, "approve", username, details)
+        return _user_json(user)
 
-    def _new_user(self, approval: _Approval, row: sqlite3.Row, moment: datetime) -> dict[str, Any]:
-        """The user an approval makes, with its certificate signed when the request has a CSR."""
-        granted = row["requested"]  # a canonical text already
-        if approval.granted:
-            granted = dataclasses.replace(Rights.loads(granted), **approval.granted).dumps()
-        issued = row["csr"] and self.ca.issue_client_certificate(row["csr"], approval.username, moment)
+    def _new_user(self, row: sqlite3.Row, granted: dict[str, Any], moment: datetime) -> dict[str, Any]:
+        """The user an approval makes, with a certificate for the request's verified key, if it has one."""
+        rights = row["requested"]  # a canonical text already
+        if granted:
+            rights = dataclasses.replace(Rights.loads(rights), **granted).dumps()
+        issued = None
+        if row["method"] == "csr":
+            assert self.ca is not None
+            issued = self.ca.issue_client_certificate(row["public_key"], row["username"], moment)
         return {
-            "username": approval.username,
+            "username": row["username"],
             "method": row["method"],
             "password_hash": row["password_hash"],
-            "granted": granted,
+            "granted": rights,
             "certificate": issued and issued.pem,
             "certificate_sha256": issued and issued.sha256,
             "serial": issued and format(issued.serial, "x"),
             "not_after": issued and _micros(issued.not_after),
             "created_at": _micros(moment),
         }
-
-    def _store_approvals(
-        self, approved: list[tuple[_Approval, sqlite3.Row]], users: list[dict[str, Any]], now: int
-    ) -> None:
-        """Mark the requests approved, add their users and the audit entries: one statement each.
-
-        Each statement is one step for SQLite, whatever the batch's size: the
-        sqlite3 module lets go of the GIL at every step, and each time the
-        threads that wait for it take turns.
-        """
-        names = [user["username"] for user in users]
-        self._db.execute(
-            f"UPDATE requests SET state = 'approved', decided_at = ? WHERE username IN ({_marks(len(names))})",
-            (now, *names),
-        )
-        self._db.execute(*_insert("users", list(users[0]), [list(user.values()) for user in users]))
-        entries = []
-        for (approval, row), user in zip(approved, users, strict=True):
-            # Both texts are canonical JSON already (Rights.dumps).
-            details = f'{{"requested": {row["requested"]}, "granted": {user["granted"]}'
-            details += f', "serial": "{user["serial"]}"}}' if user["serial"] else "}"
-            entries.append((now, approval.actor, approval.address, "approve", user["username"], details))
-        self._db.execute(*_insert("audit", AUDIT_COLUMNS, entries))
 
     def _grant(self, body: object) -> dict[str, Any]:
         """The rights the body grants instead of the requested ones: a field left out stays as requested."""
@@ -1196,7 +1176,11 @@ class Registry:
 
     def _decidable(self, username: str, event: Event, now: int) -> sqlite3.Row:
         """The stored request for ``username``, if ``event`` may happen to it."""
-        return _decidable_row(self._request_row(username, now), username, event)
+        row = self._request_row(username, now)
+        if row is None:
+            raise NotFound(f"there is no request for {username!r}")
+        transition(State(row["state"]), event)
+        return row
 
     # --- After registration (SPEC section 5) ------------------------------
 
@@ -1270,14 +1254,10 @@ class Registry:
 
     def _request_row(self, username: str, now: int) -> sqlite3.Row | None:
         """The live request for ``username``; an expired one counts as gone."""
-        return self._request_rows([username], now).get(username)
-
-    def _request_rows(self, usernames: list[str], now: int) -> dict[str, sqlite3.Row]:
-        """The live requests of ``usernames``, by username, in one statement."""
-        names = list(dict.fromkeys(usernames))
-        rows = self._db.execute(f"SELECT * FROM requests WHERE username IN ({_marks(len(names))})", names)
-        cutoff = self._cutoff(now)
-        return {row["username"]: row for row in rows if row["state"] == State.APPROVED.value or _since(row) > cutoff}
+        row = self._db.execute("SELECT * FROM requests WHERE username = ?", (username,)).fetchone()
+        if row is None or (row["state"] != State.APPROVED.value and _since(row) <= self._cutoff(now)):
+            return None
+        return row
 
     def _pending_count(self, now: int) -> int:
         return self._db.execute(
@@ -1295,8 +1275,10 @@ class Registry:
             self._db.execute("DELETE FROM requests WHERE state = 'denied' AND decided_at <= ?", (cutoff,))
 
     def _audit(self, now: int, actor: str, address: str, action: str, username: str | None, details: object) -> None:
-        entry = (now, actor, address, action, username, None if details is None else json.dumps(details))
-        self._db.execute(*_insert("audit", AUDIT_COLUMNS, [entry]))
+        self._db.execute(
+            "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)",
+            (now, actor, address, action, username, None if details is None else json.dumps(details)),
+        )
 
 
 class _Transaction:
@@ -1312,25 +1294,6 @@ class _Transaction:
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
-
-
-def _decidable_row(row: sqlite3.Row | None, username: str, event: Event) -> sqlite3.Row:
-    """``row``, the stored request for ``username``, if ``event`` may happen to it."""
-    if row is None:
-        raise NotFound(f"there is no request for {username!r}")
-    transition(State(row["state"]), event)
-    return row
-
-
-def _marks(count: int) -> str:
-    """The placeholders of ``count`` parameters: ``?, ?, ?``."""
-    return ", ".join("?" * count)
-
-
-def _insert(table: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> tuple[str, list[object]]:
-    """One INSERT of every row, and its parameters: one SQLite step, however many rows."""
-    values = ", ".join([f"({_marks(len(columns))})"] * len(rows))
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}", [value for row in rows for value in row]
 
 
 def _since(row: sqlite3.Row) -> int:

@@ -508,6 +508,48 @@ def test_the_context_limit(reg: registry.Registry, length: int, accepted: bool) 
     assert status == (HTTPStatus.ACCEPTED if accepted else HTTPStatus.BAD_REQUEST), body
 
 
+# --- A certificate for the key that was verified (issue 13) ------------------
+
+# Ways to write one PEM block that readers agree on (RFC 7468 section 3 and 7).
+PEM_WRITINGS: dict[str, Callable[[str], str]] = {
+    "as made": lambda pem: pem,
+    "older label": lambda pem: pem.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"),
+    "CRLF": lambda pem: pem.replace("\n", "\r\n"),
+    "no line breaks": lambda pem: pem.replace("\n", ""),
+    "trailing spaces": lambda pem: pem.replace("\n", " \n"),
+    "body on one line": lambda pem: "{}\n{}\n{}".format(
+        pem.split("\n")[0], "".join(pem.strip().split("\n")[1:-1]), pem.strip().split("\n")[-1]
+    ),
+}
+
+
+def spki(key: object) -> bytes:
+    """The SubjectPublicKeyInfo DER of a public key (RFC 5280 section 4.1.2.7)."""
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@given(
+    key=accepted_keys,
+    writing=st.sampled_from(sorted(PEM_WRITINGS)),
+    before=st.text(" \t\r\n", max_size=3),
+    after=st.text(" \t\r\n", max_size=3),
+)
+def test_the_certificate_carries_the_key_of_the_csr_that_was_verified(
+    authority: ca.CA, key: Key, writing: str, before: str, after: str
+) -> None:
+    text = before + PEM_WRITINGS[writing](csr_for("sensor-0003", key)) + after
+    verified = x509.load_pem_x509_csr(text.encode())
+    assert verified.is_signature_valid
+    with opened(authority) as reg:
+        assert reg.register({"username": "sensor-0003", "csr": text}).status == HTTPStatus.ACCEPTED
+        reg.approve("sensor-0003")
+        outcome = reg.register({"username": "sensor-0003", "csr": text})
+
+    certificate = x509.load_pem_x509_certificate(outcome.body["certificate"].encode())
+    assert spki(certificate.public_key()) == spki(verified.public_key()) == spki(key.public_key())
+    certificate.verify_directly_issued_by(authority.certificate)
+
+
 # --- The username and password policies --------------------------------------
 
 USERNAME_CASES = [

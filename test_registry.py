@@ -6,8 +6,10 @@ Every test drives the sans-IO core directly, with the fake clock of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import sqlite3
 import threading
 import time
 import warnings
@@ -20,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 import ca
 import registry
-from conftest import FAST, START, assert_issued_from, make_csr, make_key
+from conftest import FAST, START, assert_issued_from, issue, make_csr, make_key
 
 PASSWORD = "correct horse battery staple"
 READ_TELEMETRY = {"resource": "plant/+/telemetry/#", "operation": "read", "context": "mqtt"}
@@ -999,7 +1001,7 @@ def test_authenticate_certificate_knows_the_issued_certificate_from_a_foreign_on
     }
 
     foreign = ca.CA.create(START, name="Someone Else's CA")
-    issued = foreign.issue_client_certificate(make_csr("sensor-0001"), "sensor-0001", START)
+    issued = issue(foreign, make_csr("sensor-0001"), "sensor-0001", START)
     with pytest.raises(registry.Unauthorized) as refused:
         open_reg.authenticate_certificate(certificate_der(issued.pem))
     assert refused.value.status == 401
@@ -1147,137 +1149,175 @@ def test_concurrent_clients_leave_one_request_per_username(tmp_path, clock, auth
     reg.close()
 
 
-class GatedCA:
-    """The session's CA, held at its first signature until the test opens the gate; it fails for ``broken``."""
+class CountingLock:
+    """The registry's lock, counting the calls that have asked for it."""
 
-    def __init__(self, authority: ca.CA, broken: str = "") -> None:
-        self.authority = authority
-        self.certificate_pem = authority.certificate_pem
-        self.broken = broken
-        self.signing = threading.Event()
-        self.gate = threading.Event()
+    def __init__(self, lock: threading.RLock) -> None:
+        self.lock = lock
+        self.asked = 0
 
-    def inspect_csr(self, pem: str) -> registry.CsrInfo:
-        return self.authority.inspect_csr(pem)
+    def __enter__(self) -> None:
+        self.asked += 1
+        self.lock.acquire()
 
-    def issue_client_certificate(self, csr_pem: str, username: str, now: datetime) -> registry.IssuedCertificate:
-        if not self.signing.is_set():
-            self.signing.set()
-            self.gate.wait(30)
-        if username == self.broken:
-            raise RuntimeError(f"the signing device refused {username}")
-        return self.authority.issue_client_certificate(csr_pem, username, now)
+    def __exit__(self, *error: object) -> None:
+        self.lock.release()
 
 
-def approve_while_held(reg: registry.Registry, gated: GatedCA, calls: list[tuple[str, dict | None]]) -> list[object]:
-    """Approve ``sensor-first``, and meanwhile make ``calls``: they wait, and are decided together.
-
-    Each answer is the user's JSON or the error raised.
-    """
-    answers: list[object] = [None] * (len(calls) + 1)
-
-    def approve(index: int, username: str, body: dict | None) -> None:
-        try:
-            answers[index] = reg.approve(username, body)
-        except Exception as error:
-            answers[index] = error
-
-    first = threading.Thread(target=approve, args=(0, "sensor-first", None))
-    first.start()
-    assert gated.signing.wait(30)
-    waiting = [threading.Thread(target=approve, args=(i + 1, *call)) for i, call in enumerate(calls)]
-    for thread in waiting:
-        thread.start()
-    # Each waiting call is queued before it asks for the lock the first one holds.
-    deadline = time.monotonic() + 30
-    while len(reg._approvals) < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    gated.gate.set()
-    for thread in [first, *waiting]:
-        thread.join(30)
-    return answers
-
-
-def test_approvals_that_arrive_together_are_decided_together_each_with_its_own_answer(clock, authority):
-    gated = GatedCA(authority)
-    reg = registry.Registry(clock=clock, ca=gated, roles=("minimum", "operator"), settings=FAST)
-    reg.unlock()
-    names = ["sensor-first", "sensor-a", "sensor-b", "sensor-c"]
-    requests = {name: csr_request(name, roles=["minimum", "operator"]) for name in names}
-    requests["meter-1"] = password_request("meter-1", roles=["minimum", "operator"])
-    for payload in requests.values():
-        assert reg.register(payload).status == 202
-    calls = [
-        ("sensor-a", None),
-        ("sensor-b", None),
-        ("sensor-a", None),  # twice: the second is too late
-        ("nobody", None),
-        ("meter-1", {"roles": ["minimum"]}),
-        ("sensor-c", {"roles": ["no-such-role"]}),
-    ]
-    answers = approve_while_held(reg, gated, calls)
-
-    first, a, b, a_again, nobody, meter, c = answers
-    assert [user["username"] for user in (first, a, b, meter)] == ["sensor-first", "sensor-a", "sensor-b", "meter-1"]
-    assert isinstance(a_again, registry.Conflict) and a_again.code == "not_pending"
-    assert isinstance(nobody, registry.NotFound)
-    assert isinstance(c, registry.PolicyViolation)
-    assert meter["roles"] == ["minimum"] and meter["certificateSerial"] is None
-    for name in ("sensor-first", "sensor-a", "sensor-b"):
-        outcome = reg.register(requests[name])
-        assert outcome.status == 201 and outcome.body["roles"] == ["minimum", "operator"]
-        assert_issued_from(requests[name]["csr"], outcome.body["certificate"], authority)
-    assert reg.register(requests["sensor-c"]).status == 202
-    entries = [entry for entry in reg.audit()["entries"] if entry["action"] == "approve"]
-    assert sorted(entry["username"] for entry in entries) == ["meter-1", "sensor-a", "sensor-b", "sensor-first"]
-    reg.close()
-
-
-def test_approvals_beyond_the_largest_batch_are_decided_by_the_next_caller(clock, authority, monkeypatch):
-    monkeypatch.setattr(registry, "MAX_BATCH", 2)
-    gated = GatedCA(authority)
-    reg = registry.Registry(clock=clock, ca=gated, settings=FAST)
-    reg.unlock()
-    names = ["sensor-first", *(f"sensor-{i}" for i in range(7))]
+def test_every_approval_answers_its_own_user_however_many_wait(open_reg):
+    """Issue 13: with more approvals waiting than a batch held, the last caller got 200 with null."""
+    names = [f"user-{i}" for i in range(111)]
     for name in names:
-        assert reg.register(csr_request(name)).status == 202
-    transactions = []
-    store = reg._store_approvals
-    monkeypatch.setattr(
-        reg, "_store_approvals", lambda approved, *rest: transactions.append(len(approved)) or store(approved, *rest)
-    )
+        assert open_reg.register(password_request(name)).status == 202
+    counting = open_reg._lock = CountingLock(open_reg._lock)
+    answers: dict[str, object] = {}
 
-    answers = approve_while_held(reg, gated, [(name, None) for name in names[1:]])
+    def approve(name: str) -> None:
+        answers[name] = open_reg.approve(name)
 
-    assert [answer["username"] for answer in answers] == names
-    assert sum(transactions) == len(names) and max(transactions) <= 2
-    assert {r["state"] for r in reg.requests()} == {"approved"}
-    reg.close()
+    with counting.lock:
+        threads = [threading.Thread(target=approve, args=(name,)) for name in names[:-1]]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while counting.asked < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert counting.asked == len(threads)
+        # The last caller, while 110 others wait for the lock (this thread holds it, and may take it again).
+        last = open_reg.approve(names[-1])
+    for thread in threads:
+        thread.join(30)
+
+    assert last["username"] == names[-1]
+    assert {name: answer["username"] for name, answer in answers.items()} == {name: name for name in names[:-1]}
+    assert [user["username"] for user in open_reg.users()] == sorted(names)
+    assert {request["state"] for request in open_reg.requests()} == {"approved"}
+    assert sum(entry["action"] == "approve" for entry in open_reg.audit(limit=1000)["entries"]) == len(names)
 
 
-def test_a_failure_in_a_batch_of_approvals_stores_none_of_it(clock, authority):
-    gated = GatedCA(authority, broken="sensor-b")
-    reg = registry.Registry(clock=clock, ca=gated, settings=FAST)
-    reg.unlock()
-    names = ["sensor-first", "sensor-a", "sensor-b", "sensor-c"]
-    requests = {name: csr_request(name) for name in names}
-    for payload in requests.values():
-        assert reg.register(payload).status == 202
+class FailingCA:
+    """The session's CA, whose signing device refuses to sign."""
 
-    first, *batch = approve_while_held(reg, gated, [("sensor-a", None), ("sensor-b", None), ("sensor-c", None)])
+    def __init__(self, authority: ca.CA) -> None:
+        self.certificate_pem = authority.certificate_pem
+        self.inspect_csr = authority.inspect_csr
 
-    assert first["username"] == "sensor-first"
-    assert all(isinstance(answer, RuntimeError) for answer in batch), batch
-    assert [user["username"] for user in reg.users()] == ["sensor-first"]
-    assert {r["username"]: r["state"] for r in reg.requests()} == {
-        "sensor-first": "approved",
-        "sensor-a": "pending",
-        "sensor-b": "pending",
-        "sensor-c": "pending",
+    def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> registry.IssuedCertificate:
+        raise RuntimeError(f"the signing device refused {username}")
+
+
+def test_an_approval_whose_signature_fails_changes_nothing(clock, authority):
+    failing = registry.Registry(clock=clock, ca=FailingCA(authority), settings=FAST)
+    failing.unlock()
+    request = csr_request("sensor-0001")
+    assert failing.register(request).status == 202
+    before = snapshot(failing)
+
+    with pytest.raises(RuntimeError, match="refused sensor-0001"):
+        failing.approve("sensor-0001")
+
+    assert snapshot(failing) == before
+    assert failing.register(request).status == 202
+    failing.ca = authority  # the device is back: the same request is approved as if nothing had happened
+    assert failing.approve("sensor-0001")["username"] == "sensor-0001"
+    assert_issued_from(request["csr"], failing.register(request).body["certificate"], authority)
+    failing.close()
+
+
+# --- A certificate for the verified key, and no other (issue 13) -----------
+
+
+def with_header(csr_pem: str, header: str = "Comment: hello") -> str:
+    """The CSR with RFC 1421 header lines after its BEGIN line, which some PEM readers skip."""
+    begin, rest = csr_pem.split("\n", 1)
+    return f"{begin}\n{header}\n\n{rest}"
+
+
+def refused_csr_texts(username: str) -> dict[str, str]:
+    """Texts of a ``csr`` field that hold more than one PEM block of a CSR: each must be a 400."""
+    first, second = make_csr(username, make_key("ec")), make_csr(username, make_key("rsa1024"))
+    return {
+        "the reported attack": with_header(first) + second,
+        "two requests": first + second,
+        "a header": with_header(first),
+        "text before": f"my key:\n{first}",
+        "text after": f"{first}-- \nsent by the agent\n",
+        "a second key of another label": first + second.replace("CERTIFICATE REQUEST", "PUBLIC KEY"),
     }
-    # Nothing is left half done: the others may be approved on their own.
-    assert reg.approve("sensor-a")["username"] == "sensor-a"
-    assert reg.register(requests["sensor-a"]).status == 201
+
+
+@pytest.mark.parametrize("case", list(refused_csr_texts("sensor-0001")))
+def test_a_csr_field_of_more_than_one_pem_block_is_malformed_and_nothing_is_stored(open_reg, case):
+    text = refused_csr_texts("sensor-0001")[case]
+    before = snapshot(open_reg)
+
+    with pytest.raises(registry.MalformedRequest) as refused:
+        open_reg.register({"username": "sensor-0001", "csr": text})
+
+    assert refused.value.status == 400 and refused.value.code == "malformed_request"
+    assert refused.value.message == (
+        "'csr' must be one PKCS#10 certificate signing request in exactly one PEM block, from"
+        " '-----BEGIN CERTIFICATE REQUEST-----' to"
+        " '-----END CERTIFICATE REQUEST-----', with nothing before or after it and no header lines"
+    )
+    assert snapshot(open_reg) == before
+
+
+def test_the_certificate_carries_the_key_whose_signature_was_verified(open_reg, authority):
+    """The reported attack, had its text been taken: the certificate would carry the RSA 1024 key."""
+    key = make_key("ec")
+    request = {"username": "sensor-0001", "csr": make_csr("sensor-0001", key)}
+
+    outcome = approved(open_reg, request)
+
+    certificate = x509.load_pem_x509_certificate(outcome.body["certificate"].encode())
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    expected = key.public_key().public_bytes(serialization.Encoding.DER, spki)
+    assert certificate.public_key().public_bytes(serialization.Encoding.DER, spki) == expected
+
+
+OLD_REQUESTS_TABLE = """
+CREATE TABLE requests (
+    username TEXT PRIMARY KEY, state TEXT NOT NULL, method TEXT NOT NULL, password_hash TEXT, csr TEXT,
+    key_sha256 TEXT, pairing_id TEXT NOT NULL, requested TEXT NOT NULL, context TEXT, client_address TEXT,
+    created_at INTEGER NOT NULL, last_poll_at INTEGER NOT NULL, poll_count INTEGER NOT NULL DEFAULT 0,
+    decided_at INTEGER, reason TEXT
+)
+"""
+
+
+def test_a_database_that_kept_csr_texts_keeps_their_verified_keys_and_forgets_an_unproved_one(
+    tmp_path, clock, authority
+):
+    """A database of the version before issue 13 stored each CSR's text: its pending requests carry on."""
+    database = tmp_path / "old.db"
+    key = make_key("ec")
+    sound = make_csr("sensor-0001", key)
+    attack = refused_csr_texts("sensor-0002")["the reported attack"]
+    now = int((START - registry.EPOCH) / registry.MICROSECOND)
+    with sqlite3.connect(database) as old:
+        old.execute(OLD_REQUESTS_TABLE)
+        for name, text in (("sensor-0001", sound), ("sensor-0002", attack)):
+            # The fingerprint and pairing id that registration gave each: that of the first block's key.
+            digest = hashlib.sha256(
+                x509.load_pem_x509_csr(text.encode())
+                .public_key()
+                .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            ).hexdigest()
+            old.execute(
+                "INSERT INTO requests (username, state, method, csr, key_sha256, pairing_id, requested,"
+                " created_at, last_poll_at) VALUES (?, 'pending', 'csr', ?, ?, ?, ?, ?, ?)",
+                (name, text, digest, digest[:6], registry.Rights().dumps(), now, now),
+            )
+    old.close()
+
+    reg = registry.Registry(str(database), clock=clock, ca=authority, settings=FAST)
+
+    assert [request["username"] for request in reg.requests()] == ["sensor-0001"]
+    assert reg.register({"username": "sensor-0001", "csr": sound}).status == 202  # still the same request
+    reg.approve("sensor-0001")
+    outcome = reg.register({"username": "sensor-0001", "csr": sound})
+    assert_issued_from(sound, outcome.body["certificate"], authority)
     reg.close()
 
 
