@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,6 @@ MEASUREMENTS = {
     "d_small": (*POLLS, "users", "pending"),
     "d_large": (*POLLS, "users", "pending"),
     "e_server": ("approvals_per_second", "approvals", "seconds"),
-    "e_plain": ("approvals_per_second", "approvals", "seconds"),
     "f": ("peak_rss_mb", "users"),
 }
 
@@ -36,14 +36,25 @@ def test_quick_run_measures_every_target(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     report = json.loads(output.read_text())
     measurements = report["measurements"]
+    assert set(measurements) == set(MEASUREMENTS)
     for key, numbers in MEASUREMENTS.items():
         for name in numbers:
             assert measurements[key][name] > 0, f"{key}.{name} is {measurements[key][name]}"
-    # The CPU shares are there, though a short run may see no clock tick.
-    for key in ("a_http", "b_http", "c_http", "a_https", "b_https", "d_small", "d_large"):
-        assert measurements[key]["server_cpu"] >= 0 and measurements[key]["client_cpu"] >= 0
+    # The CPU shares: the client's clock (process_time) is fine enough to see
+    # every run; the server's counts clock ticks, which one short run may not
+    # see, but the runs together do.
+    loads = ("a_http", "b_http", "c_http", "a_https", "b_https", "d_small", "d_large")
+    for key in loads:
+        for side in ("server_cpu", "client_cpu"):
+            share = measurements[key][side]
+            assert isinstance(share, float) and math.isfinite(share) and share >= 0, f"{key}.{side} is {share!r}"
+        assert measurements[key]["client_cpu"] > 0, f"{key}.client_cpu is 0"
+    assert sum(measurements[key]["server_cpu"] for key in loads) > 0
+    # e) is reported without a bound: the targets are the polls' and the memory's.
+    assert "approvals/s" in run.stdout
     targets = report["targets"]
-    assert len(targets) == 6
+    assert len(targets) == 5
+    assert not any("approv" in target["name"] for target in targets)
     assert all(target["value"] > 0 and isinstance(target["pass"], bool) for target in targets)
     for target in targets:
         assert target["name"] in run.stdout
