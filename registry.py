@@ -1,4 +1,4 @@
-"""The client registry: a sans-IO core for client self-registration.
+"""The client registry: the domain core of client self-registration.
 
 Theory of operation
 ===================
@@ -18,27 +18,30 @@ A stored request is in one of three states::
     PENDING, DENIED --forget--> gone   (the username may ask again)
     APPROVED --remove user--> gone     (the username may ask again)
 
-The table ``TRANSITIONS`` holds these moves; any other move is a single
-failed lookup that raises ``Conflict`` naming the event and the state.
+The table ``TRANSITIONS`` holds these moves, and the registry takes each new
+state from it; any other move is a single failed lookup that raises
+``Conflict`` naming the event and the state.
 
 The registry itself is either locked or unlocked. It starts locked;
-``unlock`` opens it until now + a duration, after which it is locked again
-with no action from anyone; ``lock`` closes it at once. The lock keeps out
-only *new* requests: polls and the administrator's decisions go on.
+``unlock`` opens it until now + a duration (its ``LockWindow``), after which
+it is locked again with no action from anyone; ``lock`` closes it at once.
+The lock keeps out only *new* requests: polls and the administrator's
+decisions go on.
 
 The order of the checks (SPEC section 2)
 ----------------------------------------
 ``register`` decides by the first rule that applies:
 
 1. 400 ``MalformedRequest``: the payload breaks the shape of SPEC section 1,
-   or its CSR does not parse, does not verify, or names another CN.
+   or its CSR is not one PEM block, does not parse, does not verify, or
+   names another CN.
 2. 422 ``PolicyViolation``: username, password, role or CSR key policy.
-3. The stored request for the username, if any: 201 again for a client of
-   an approved request that repeats it, 202 for a poll of a pending one,
-   403 for a denied one; 409 when the request differs from the stored one.
-4. 423 ``Locked`` when the registry is locked; 503 when the pending queue
-   is full; 429 when the client address asks too often (when limited).
-5. Otherwise the request is stored as pending: 202.
+3. ``decide``: the stored request for the username, if any, by its state
+   and whether the request matches it (201 again, 202 for a poll, 403 for a
+   denied one, 409 when it differs); for a username with none, 423 when the
+   registry is locked, 503 when the pending queue is full, 429 when the
+   client address asks too often (when limited); otherwise it is stored as
+   pending: 202.
 
 A request *matches* a stored one when the credential (the same password,
 or a CSR with the same public key) and the requested rights are equal.
@@ -48,9 +51,7 @@ Invariants
 - A rejected command changes nothing.
 - At most one request, and at most one user, per username; a user always
   has its approved request beside it.
-- No password is stored: users and requests hold a salted scrypt hash. A
-  poll must not pay for a key derivation, so a password that verified once
-  is remembered as an HMAC under a key that lives only in this process.
+- No password is stored: users and requests hold a salted scrypt hash.
 - A CSR is read once, by the CA, when it is registered: the registry keeps
   the public key of the very request whose signature was verified, and an
   approval issues the certificate for that key.
@@ -59,13 +60,26 @@ Invariants
   answered, one transaction per command, so a kill at any moment loses
   nothing answered.
 
-The hot path
-------------
-Thousands of clients poll every few seconds. A poll repeats a body that was
-answered 202 before: the registry remembers such bodies by a keyed hash and
-answers them again without parsing, checking the stored request only after
-a write transaction has changed something (``_version``). Poll statistics
-are counted in memory and written with the next transaction.
+The layers
+----------
+The module reads in three layers, each under its own heading:
+
+1. **The rules**: values, tables and pure functions (parsing, policy,
+   ``decide``, ``transition``). No database, thread, secret or clock.
+2. **The store**: the SQLite schema, and each read and write as a method of
+   ``Store``.
+3. **The registry**: ``Registry``, the thread-safe facade that reads the
+   clock, asks the rules, and writes what they decided.
+
+Thousands of clients poll every few seconds, so the registry keeps a fast
+path beside the reference one: bodies answered 202 are answered again
+without parsing, passwords and CSRs that verified once are remembered, and
+poll statistics are counted in memory and written with the next
+transaction. It lives in named helpers (``RepeatedPolls``,
+``PasswordVerifier``, ``PollCounter`` and a ``BoundedCache`` of CSRs), and
+``Settings(fast_path=False)`` turns all of it off; a stateful property test
+(``test_fast_path.py``) checks that both give the same answers and store
+the same state.
 
 The core touches no socket. Certificates are the business of an injected
 ``CertificateAuthority`` (``ca.py`` provides one); without it the registry
@@ -87,13 +101,17 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any, Protocol
 
 Clock = Callable[[], datetime]
+
+# =============================================================================
+# 1. The rules: values, tables and pure functions over them
+# =============================================================================
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 USERNAME_LENGTH = range(3, 65)
@@ -114,8 +132,8 @@ SECOND = 1_000_000
 MINUTE = 60 * SECOND
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
-POLL_FLUSH = SECOND
-
+MILLISECOND = timedelta(milliseconds=1)
+ADMIN = "administrator"
 
 # --- Errors ---------------------------------------------------------------
 
@@ -342,18 +360,6 @@ class CertificateAuthority(Protocol):
         """Sign a client certificate for ``username`` and ``public_key``, the verified SPKI DER of its CSR."""
 
 
-@dataclass
-class _Poll:
-    """A body that was answered 202, known by its keyed hash: what it asked for."""
-
-    username: str
-    pairing_id: str
-    requested: str  # the canonical text of the requested rights
-    outcome: Outcome
-    created_at: int = 0
-    checked: int = -1  # the registry's version when the stored request was last seen to match
-
-
 @dataclass(frozen=True)
 class Outcome:
     """A successful answer to ``register``: 201 or 202. Read-only: a repeated poll gets the same one."""
@@ -399,80 +405,126 @@ class Settings:
     # scrypt's cost n (RFC 7914 section 2): 2**14 is the interactive-login
     # choice of the RFC's authors; tests lower it to stay fast.
     scrypt_n: int = 2**14
+    # The poll cache, the password and CSR caches and the in-memory poll
+    # counters (layer 3); False answers every request the reference way.
+    fast_path: bool = True
 
 
-# --- Passwords ------------------------------------------------------------
+@dataclass(frozen=True)
+class LockWindow:
+    """When the registry takes new requests: until ``until`` (microseconds since the epoch); never when None."""
+
+    until: int | None = None
+
+    def is_open(self, now: int) -> bool:
+        return self.until is not None and now < self.until
+
+    def to_json(self, now: int) -> dict[str, Any]:
+        is_open = self.is_open(now)
+        return {"locked": not is_open, "unlockedUntil": _iso(self.until) if is_open else None}
 
 
-def hash_password(password: str, n: int = 2**14) -> str:
-    """A salted scrypt hash, with its parameters, as one text."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=8, p=1, maxmem=2**26, dklen=32)
-    return f"scrypt${n}$8$1${_b64(salt)}${_b64(digest)}"
+class Decision(enum.Enum):
+    """What a well-formed registration within policy comes to (SPEC section 2.4), with its status."""
+
+    REDELIVER = "the approved request again", HTTPStatus.CREATED
+    POLL = "a poll of the pending request", HTTPStatus.ACCEPTED
+    STORE = "a new pending request", HTTPStatus.ACCEPTED
+    USERNAME_TAKEN = "another request for a user's name", HTTPStatus.CONFLICT
+    DUPLICATE = "another request beside a stored one", HTTPStatus.CONFLICT
+    DENIED = "the denied request again", HTTPStatus.FORBIDDEN
+    LOCKED = "a new request while locked", HTTPStatus.LOCKED
+    FULL = "a new request while the queue is full", HTTPStatus.SERVICE_UNAVAILABLE
+    LIMITED = "a new request over the address's rate", HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, meaning: str, status: HTTPStatus) -> None:
+        self.meaning = meaning
+        self.status = status
 
 
-def check_password(password: str, stored: str) -> bool:
-    """Whether ``password`` is the one behind the ``stored`` hash."""
-    _, n, r, p, salt, digest = stored.split("$")
-    expected = base64.b64decode(digest)
-    actual = hashlib.scrypt(
-        password.encode(),
-        salt=base64.b64decode(salt),
-        n=int(n),
-        r=int(r),
-        p=int(p),
-        maxmem=2**26,
-        dklen=len(expected),
-    )
-    return hmac.compare_digest(actual, expected)
+# SPEC section 2.4: a stored request decides, by its state and whether the
+# request matches it.
+STORED: dict[tuple[State, bool], Decision] = {
+    (State.APPROVED, True): Decision.REDELIVER,
+    (State.APPROVED, False): Decision.USERNAME_TAKEN,
+    (State.PENDING, True): Decision.POLL,
+    (State.PENDING, False): Decision.DUPLICATE,
+    (State.DENIED, True): Decision.DENIED,
+    (State.DENIED, False): Decision.DUPLICATE,
+}
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def decide(
+    stored: State | None, matches: bool, *, locked: bool = False, full: bool = False, limited: bool = False
+) -> Decision:
+    """The answer to a registration for a username whose stored request is ``stored`` (None: none).
 
-
-class BoundedCache(collections.OrderedDict):
-    """A dict that forgets its oldest entries beyond ``capacity``."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-
-    def put(self, key: object, value: object) -> None:
-        self[key] = value
-        while len(self) > self.capacity:
-            self.popitem(last=False)
-
-
-class PasswordVerifier:
-    """Verifies passwords against scrypt hashes, paying for each hash once.
-
-    A password that verified against a hash is remembered as its HMAC under
-    a key that lives only in this process: the next check of the same hash
-    is one HMAC. A wrong password never enters, and a remembered hash tells
-    a different password apart without scrypt, since the HMAC differs.
+    ``locked``, ``full`` and ``limited`` count only for a username with no
+    stored request, in that order (SPEC section 2.4: the lock keeps out only
+    new requests).
     """
-
-    def __init__(self, capacity: int = 250_000) -> None:
-        self._key = secrets.token_bytes(32)
-        self._known = BoundedCache(capacity)
-
-    def check(self, password: str, stored: str) -> bool:
-        tag = hmac.digest(self._key, password.encode(), "sha256")
-        known = self._known.get(stored)
-        if known is not None:
-            return hmac.compare_digest(known, tag)
-        if not check_password(password, stored):
-            return False
-        self._known.put(stored, tag)
-        return True
-
-    def remember(self, password: str, stored: str) -> None:
-        """Record a password that is known to match ``stored`` (just hashed)."""
-        self._known.put(stored, hmac.digest(self._key, password.encode(), "sha256"))
+    if stored is not None:
+        return STORED[stored, matches]
+    if locked:
+        return Decision.LOCKED
+    if full:
+        return Decision.FULL
+    if limited:
+        return Decision.LIMITED
+    return Decision.STORE
 
 
-# --- Parsing and policy ---------------------------------------------------
+def refusal(
+    decision: Decision,
+    username: str,
+    *,
+    reason: str = "",
+    stored: State | None = None,
+    retry_after: int = 0,
+    rate_limit: int = 0,
+) -> RegistryError:
+    """The error that answers a refusing ``decision``: its status, code, message and headers."""
+    name = username
+    retry = {"Retry-After": str(retry_after)}
+    if decision is Decision.USERNAME_TAKEN:
+        return Conflict(f"the username {name!r} is taken", code="username_taken")
+    if decision is Decision.DUPLICATE and stored is State.DENIED:
+        return Conflict(
+            f"a different request for {name!r} was denied; it is forgotten after the retention period",
+            code="duplicate_request",
+        )
+    if decision is Decision.DUPLICATE:
+        return Conflict(
+            f"a different request for {name!r} is pending: poll with the same request", code="duplicate_request"
+        )
+    if decision is Decision.DENIED:
+        return Denied(f"the request for {name!r} was denied", reason=reason)
+    if decision is Decision.LOCKED:
+        return Locked(
+            "the registry is locked: ask the administrator to unlock it, then send the request again", headers=retry
+        )
+    if decision is Decision.FULL:
+        return Full("the registry holds as many pending requests as it may: try again later", headers=retry)
+    if decision is Decision.LIMITED:
+        return TooManyRequests(f"more than {rate_limit} new requests a minute from this address", headers=retry)
+    raise ValueError(f"{decision.name} is not a refusal")
+
+
+def pending_outcome(username: str, pairing_id: str, retry_after: int) -> Outcome:
+    """SPEC section 2.4's 202: the request, named by its pairing id."""
+    return Outcome(
+        HTTPStatus.ACCEPTED,
+        {"status": "pending", "username": username, "pairingId": pairing_id},
+        {"Retry-After": str(retry_after)},
+    )
+
+
+def pairing_id(credential_sha256: str) -> str:
+    """Six hex digits the client and the administrator can compare (SPEC section 2.4)."""
+    return credential_sha256[:6]
+
+
+# --- Parsing and policy ------------------------------------------------------
 
 
 def parse_json(body: bytes) -> object:
@@ -629,7 +681,57 @@ def _policy(problems: list[str]) -> PolicyViolation:
     return PolicyViolation(f"the request breaks {len(problems)} policy rules", details=problems)
 
 
-# --- The registry ---------------------------------------------------------
+def parse_grant(body: object, catalog: Mapping[str, str]) -> dict[str, Any]:
+    """The rights an approval's body grants instead of the requested ones: a field left out stays as requested."""
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise MalformedRequest("the body must be a JSON object with 'roles' and 'permissions'")
+    problems = [f"unknown field {name!r}" for name in sorted(set(body) - {"roles", "permissions"})]
+    rights = parse_rights(body, problems)
+    if problems:
+        raise _malformed(problems)
+    unknown = [f"role {role!r} is not in the role catalog" for role in rights.roles if role not in catalog]
+    if unknown:
+        raise _policy(unknown)
+    return {name: getattr(rights, name) for name in ("roles", "permissions") if name in body}
+
+
+def parse_reason(body: object) -> str:
+    """A denial's reason: the body's ``reason``, or none."""
+    if body is None or body == {}:
+        return ""
+    if not isinstance(body, dict) or set(body) != {"reason"} or not _is_text(body["reason"]):
+        raise MalformedRequest("the body may hold only 'reason', a string")
+    if len(body["reason"]) > REASON_LENGTH:
+        raise MalformedRequest(f"'reason' has more than {REASON_LENGTH} characters")
+    return body["reason"]
+
+
+def parse_duration(body: object, default: timedelta, longest: timedelta) -> timedelta:
+    """An unlock's duration: the body's ``duration`` in milliseconds, or ``default``."""
+    if body is None or body == {}:
+        return default
+    most = longest // MILLISECOND
+    if not isinstance(body, dict) or set(body) != {"duration"}:
+        raise MalformedRequest("the body may hold only 'duration', in milliseconds")
+    duration = body["duration"]
+    if type(duration) is not int or not 0 < duration <= most:
+        raise MalformedRequest(f"'duration' must be a whole number of milliseconds from 1 to {most}")
+    return timedelta(milliseconds=duration)
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - EPOCH) // MICROSECOND
+
+
+def _iso(micros: int) -> str:
+    return (EPOCH + timedelta(microseconds=micros)).isoformat(timespec="milliseconds")
+
+
+# =============================================================================
+# 2. The store: the SQLite schema, and each read and write of the registry
+# =============================================================================
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -675,9 +777,7 @@ CREATE TABLE IF NOT EXISTS audit (
     details TEXT
 );
 """
-
-ADMIN = "administrator"
-# What the administrator's listings show: no hash, no CSR, no certificate.
+# What the administrator's listings show: no hash, no key, no certificate.
 REQUEST_COLUMNS = (
     "username, state, pairing_id, method, requested, context, created_at, last_poll_at, poll_count,"
     " client_address, decided_at, reason"
@@ -685,26 +785,14 @@ REQUEST_COLUMNS = (
 USER_COLUMNS = "username, method, granted, created_at, serial, not_after"
 
 
-class Registry:
-    """The registry of SPEC sections 1 to 5, over one SQLite database.
+class Store:
+    """One SQLite database: the lock window, the requests, the users and the audit trail.
 
-    Every public method is safe to call from many threads at once.
+    Not thread-safe on its own: ``Registry`` calls it under its lock. Writes
+    happen inside ``transaction()``.
     """
 
-    def __init__(
-        self,
-        database: str = ":memory:",
-        *,
-        clock: Clock,
-        roles: Mapping[str, str] | Iterable[str] = ("minimum",),
-        ca: CertificateAuthority | None = None,
-        settings: Settings = Settings(),
-    ) -> None:
-        self.clock = clock
-        self.roles = dict(roles) if isinstance(roles, Mapping) else dict.fromkeys(roles, "")
-        self.ca = ca
-        self.settings = settings
-        self._lock = threading.RLock()
+    def __init__(self, database: str = ":memory:") -> None:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         # WAL with synchronous NORMAL: a committed transaction survives a
@@ -717,607 +805,161 @@ class Registry:
         self._db.execute("PRAGMA wal_autocheckpoint=10000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        self._passwords = PasswordVerifier()
-        self._csrs = BoundedCache(settings.max_pending)
-        # Bodies answered 202, by a hash keyed with a secret of this process
-        # only, since a body holds a password; ``_version`` counts the write
-        # transactions, so that a remembered poll knows when to look again.
-        self._body_key = secrets.token_bytes(32)
-        self._polls_seen = BoundedCache(settings.max_pending)
-        self._version = 0
-        self._new_requests: dict[str, collections.deque[int]] = {}
-        self._auth_failures: dict[str, collections.deque[int]] = {}
-        self._polls: dict[str, tuple[int, int, str]] = {}
-        self._polls_flushed_at = _micros(clock())
-        self._keep_verified_keys()
 
-    def _keep_verified_keys(self) -> None:
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` when the block raises."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- The lock window (SPEC section 3) ---
+
+    def lock_window(self) -> LockWindow:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'unlocked_until'").fetchone()
+        return LockWindow(None if row is None or row[0] is None else int(row[0]))
+
+    def set_lock_window(self, window: LockWindow) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('unlocked_until', ?)",
+            (None if window.until is None else str(window.until),),
+        )
+
+    # --- Requests ---
+
+    def request(self, username: str) -> sqlite3.Row | None:
+        """The stored request for ``username``, expired or not."""
+        return self._db.execute("SELECT * FROM requests WHERE username = ?", (username,)).fetchone()
+
+    def pending_count(self, cutoff: int) -> int:
+        """The pending requests created after ``cutoff``."""
+        return self._db.execute(
+            "SELECT count(*) FROM requests WHERE state = ? AND created_at > ?", (State.PENDING.value, cutoff)
+        ).fetchone()[0]
+
+    def add_request(self, **columns: object) -> None:
+        """Store a new request, in place of an expired one of the same name."""
+        self._db.execute("DELETE FROM requests WHERE username = ?", (columns["username"],))
+        self._insert("requests", columns)
+
+    def set_state(self, username: str, state: State, decided_at: int, reason: str | None = None) -> None:
+        self._db.execute(
+            "UPDATE requests SET state = ?, decided_at = ?, reason = ? WHERE username = ?",
+            (state.value, decided_at, reason, username),
+        )
+
+    def delete_request(self, username: str) -> None:
+        self._db.execute("DELETE FROM requests WHERE username = ?", (username,))
+
+    def requests(self) -> list[sqlite3.Row]:
+        """Every stored request, oldest first, with the columns the administrator sees."""
+        return self._db.execute(f"SELECT {REQUEST_COLUMNS} FROM requests ORDER BY created_at, username").fetchall()
+
+    def purge(self, cutoff: int) -> None:
+        """Drop pending requests created, and denied ones decided, at or before ``cutoff``."""
+        self._db.execute("DELETE FROM requests WHERE state = ? AND created_at <= ?", (State.PENDING.value, cutoff))
+        self._db.execute("DELETE FROM requests WHERE state = ? AND decided_at <= ?", (State.DENIED.value, cutoff))
+
+    def count_polls(self, polls: Mapping[str, tuple[int, int, str]]) -> None:
+        """Add polls to pending requests: by username, (last time, how many, from which address)."""
+        self._db.executemany(
+            "UPDATE requests SET last_poll_at = ?, poll_count = poll_count + ?, client_address = ?"
+            " WHERE username = ? AND state = ?",
+            [(at, count, address, name, State.PENDING.value) for name, (at, count, address) in polls.items()],
+        )
+
+    # --- Users ---
+
+    def add_user(self, **columns: object) -> None:
+        self._insert("users", columns)
+
+    def user(self, username: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+
+    def user_by_certificate(self, certificate_sha256: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM users WHERE certificate_sha256 = ?", (certificate_sha256,)).fetchone()
+
+    def users(self) -> list[sqlite3.Row]:
+        return self._db.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY username").fetchall()
+
+    def delete_user(self, username: str) -> None:
+        self._db.execute("DELETE FROM users WHERE username = ?", (username,))
+
+    # --- The audit trail ---
+
+    def append_audit(
+        self, at: int, actor: str, address: str, action: str, username: str | None, details: object
+    ) -> None:
+        self._insert(
+            "audit",
+            {
+                "at": at,
+                "actor": actor,
+                "address": address,
+                "action": action,
+                "username": username,
+                "details": None if details is None else json.dumps(details),
+            },
+        )
+
+    def audit(self, limit: int, before: int | None) -> list[sqlite3.Row]:
+        """Up to ``limit`` entries older than the entry ``before``, newest first."""
+        return self._db.execute(
+            "SELECT * FROM audit WHERE id < ? ORDER BY id DESC LIMIT ?",
+            (before if before is not None else 2**63 - 1, limit),
+        ).fetchall()
+
+    # --- Upgrades ---
+
+    def keep_verified_keys(self, inspect_csr: Callable[[str], CsrInfo] | None) -> None:
         """Upgrade a database that kept each CSR's text (column ``csr``) to one that keeps its verified key.
 
-        Each pending CSR is read once more by the CA, the reader that
+        Each pending CSR is read once more by ``inspect_csr``, the reader that
         verified it at registration; one that it now refuses (a text of more
         than one PEM block, say) is forgotten, since no key of it was proved.
+        Without a CA nothing can be read, and the texts wait for one.
         """
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
         if "csr" not in columns:
             return
-        with self._transaction():
+        with self.transaction():
             if "public_key" not in columns:
                 self._db.execute("ALTER TABLE requests ADD COLUMN public_key BLOB")
-            if self.ca is None:
+            if inspect_csr is None:
                 return
             rows = self._db.execute(
                 "SELECT username, csr, key_sha256 FROM requests"
-                " WHERE state = 'pending' AND csr IS NOT NULL AND public_key IS NULL"
+                " WHERE state = ? AND csr IS NOT NULL AND public_key IS NULL",
+                (State.PENDING.value,),
             ).fetchall()
             for row in rows:
                 try:
-                    info = self.ca.inspect_csr(row["csr"])
+                    info = inspect_csr(row["csr"])
                 except ValueError:
                     info = None
                 if info is None or info.public_key_sha256 != row["key_sha256"]:
-                    self._db.execute("DELETE FROM requests WHERE username = ?", (row["username"],))
+                    self.delete_request(row["username"])
                 else:
                     self._db.execute(
                         "UPDATE requests SET public_key = ? WHERE username = ?", (info.public_key, row["username"])
                     )
 
-    def close(self) -> None:
-        """Write what is counted in memory and close the database."""
-        with self._lock, contextlib.suppress(sqlite3.ProgrammingError):  # closed already
-            self._save_polls()
-            self._db.close()
-
-    # --- The client's request (SPEC section 2) ----------------------------
-
-    def register(self, payload: object, client_address: str = "") -> Outcome:
-        """Answer a client's request: 201 or 202, or raise a ``RegistryError``.
-
-        ``payload`` is the parsed JSON body, or the body itself as bytes: then
-        a poll that repeats a body answered 202 before skips the parsing.
-        """
-        fingerprint = None
-        if isinstance(payload, bytes):
-            fingerprint = hashlib.blake2b(payload, key=self._body_key, digest_size=16).digest()
-            outcome = self._repeated_poll(fingerprint, client_address)
-            if outcome is not None:
-                return outcome
-            payload = parse_json(payload)
-        registration = parse_registration(payload)
-        csr = self._inspect_csr(registration)
-        problems = policy_problems(registration, self.roles, csr)
-        if problems:
-            raise _policy(problems)
-        outcome = self._answer(registration, csr, client_address)
-        if fingerprint is not None and outcome.status is HTTPStatus.ACCEPTED:
-            seen = _Poll(registration.username, outcome.body["pairingId"], registration.rights.dumps(), outcome)
-            self._polls_seen.put(fingerprint, seen)
-        return outcome
-
-    def _answer(self, registration: Registration, csr: CsrInfo | None, address: str) -> Outcome:
-        """SPEC section 2.4 and 2.5 for a well-formed request within policy."""
-        now = self._now()
-        with self._lock:
-            outcome = self._answer_stored(registration, csr, address, now)
-            if outcome is not None:
-                return outcome
-            self._admit(address, now, count=False)
-        # A new request: derive its hash outside the lock, then check again,
-        # since another thread may have stored one for the same username.
-        password_hash = self._hash(registration.password)
-        with self._lock:
-            outcome = self._answer_stored(registration, csr, address, now)
-            if outcome is not None:
-                return outcome
-            self._admit(address, now, count=True)
-            return self._store_new(registration, csr, password_hash, address, now)
-
-    def _repeated_poll(self, fingerprint: bytes, address: str) -> Outcome | None:
-        """The 202 again for a body seen before, while its request is the one pending."""
-        seen = self._polls_seen.get(fingerprint)
-        if seen is None:
-            return None
-        now = self._now()
-        with self._lock:
-            if seen.checked != self._version and not self._still_pending(seen):
-                return None
-            if seen.created_at <= self._cutoff(now):
-                return None
-            self._record_poll(seen.username, address, now)
-        return seen.outcome
-
-    def _still_pending(self, seen: _Poll) -> bool:
-        """Whether the stored request is still the pending one ``seen`` matched."""
-        row = self._db.execute(
-            "SELECT state, pairing_id, requested, created_at FROM requests WHERE username = ?", (seen.username,)
-        ).fetchone()
-        # A password request's pairing id comes from its salted hash, and a
-        # CSR request's from its key: with the rights, they say that the
-        # stored request is still the one this body matched.
-        if (
-            row is None
-            or row["state"] != State.PENDING.value
-            or row["pairing_id"] != seen.pairing_id
-            or row["requested"] != seen.requested
-        ):
-            return False
-        seen.created_at, seen.checked = row["created_at"], self._version
-        return True
-
-    def _inspect_csr(self, registration: Registration) -> CsrInfo | None:
-        if registration.csr is None:
-            return None
-        if self.ca is None:
-            raise PolicyViolation("this registry issues no certificates: register with a password")
-        # The same CSR text verifies the same way: a poll pays for parsing once.
-        digest = hashlib.sha256(registration.csr.encode()).digest()
-        info = self._csrs.get(digest)
-        if info is None:
-            try:
-                info = self.ca.inspect_csr(registration.csr)
-            except ValueError as error:
-                raise MalformedRequest(f"'csr' {error}") from None
-            self._csrs.put(digest, info)
-        if not info.common_name:
-            raise MalformedRequest("the CSR's subject has no Common Name: it must be the username")
-        if info.common_name != registration.username:
-            raise MalformedRequest(
-                f"the CSR's Common Name {info.common_name!r} is not the username {registration.username!r}"
-            )
-        return info
-
-    def _answer_stored(self, registration: Registration, csr: CsrInfo | None, address: str, now: int) -> Outcome | None:
-        """SPEC section 2.4 for a username that has a stored request."""
-        row = self._request_row(registration.username, now)
-        if row is None:
-            return None
-        state = State(row["state"])
-        matches = self._matches(registration, csr, row)
-        name = registration.username
-        if state is State.APPROVED:
-            if not matches:
-                raise Conflict(f"the username {name!r} is taken", code="username_taken")
-            return self._approved_outcome(name)
-        if state is State.DENIED:
-            if not matches:
-                raise Conflict(
-                    f"a different request for {name!r} was denied; it is forgotten after the retention period",
-                    code="duplicate_request",
-                )
-            raise Denied(f"the request for {name!r} was denied", reason=row["reason"] or "")
-        if not matches:
-            raise Conflict(
-                f"a different request for {name!r} is pending: poll with the same request",
-                code="duplicate_request",
-            )
-        self._record_poll(name, address, now)
-        return self._pending_outcome(name, row["pairing_id"])
-
-    def _matches(self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row) -> bool:
-        if registration.method != row["method"] or registration.rights.dumps() != row["requested"]:
-            return False
-        if csr is not None:
-            return hmac.compare_digest(csr.public_key_sha256, row["key_sha256"])
-        return self._passwords.check(registration.password or "", row["password_hash"])
-
-    def _admit(self, address: str, now: int, *, count: bool) -> None:
-        """The checks before a new request is stored: 423, 503, 429."""
-        if self._locked(now):
-            raise Locked(
-                "the registry is locked: ask the administrator to unlock it, then send the request again",
-                headers={"Retry-After": str(self.settings.retry_after_locked)},
-            )
-        if self._pending_count(now) >= self.settings.max_pending:
-            raise Full(
-                "the registry holds as many pending requests as it may: try again later",
-                headers={"Retry-After": str(self.settings.retry_after_locked)},
-            )
-        limit = self.settings.rate_limit
-        if limit:
-            window = _window(self._new_requests, address, now - MINUTE)
-            if len(window) >= limit:
-                raise TooManyRequests(
-                    f"more than {limit} new requests a minute from this address",
-                    headers={"Retry-After": str((window[0] + MINUTE - now) // SECOND + 1)},
-                )
-            if count:
-                window.append(now)
-
-    def _hash(self, password: str | None) -> str | None:
-        if password is None:
-            return None
-        stored = hash_password(password, self.settings.scrypt_n)
-        self._passwords.remember(password, stored)
-        return stored
-
-    def _store_new(
-        self,
-        registration: Registration,
-        csr: CsrInfo | None,
-        password_hash: str | None,
-        address: str,
-        now: int,
-    ) -> Outcome:
-        name = registration.username
-        credential = csr.public_key_sha256 if csr else hashlib.sha256((password_hash or "").encode()).hexdigest()
-        pairing_id = credential[:6]
-        with self._transaction():
-            # An expired request may still be on disk: it is forgotten now.
-            self._db.execute("DELETE FROM requests WHERE username = ?", (name,))
-            self._db.execute(
-                "INSERT INTO requests (username, state, method, password_hash, public_key, key_sha256, pairing_id,"
-                " requested, context, client_address, created_at, last_poll_at)"
-                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    name,
-                    registration.method,
-                    password_hash,
-                    csr.public_key if csr else None,
-                    csr.public_key_sha256 if csr else None,
-                    pairing_id,
-                    registration.rights.dumps(),
-                    registration.context,
-                    address,
-                    now,
-                    now,
-                ),
-            )
-            self._audit(now, name, address, "request", name, registration.rights.to_json() | {"pairingId": pairing_id})
-        return self._pending_outcome(name, pairing_id)
-
-    def _pending_outcome(self, name: str, pairing_id: str) -> Outcome:
-        return Outcome(
-            HTTPStatus.ACCEPTED,
-            {"status": "pending", "username": name, "pairingId": pairing_id},
-            {"Retry-After": str(self.settings.retry_after_pending)},
-        )
-
-    def _approved_outcome(self, name: str) -> Outcome:
-        user = self._db.execute("SELECT granted, certificate FROM users WHERE username = ?", (name,)).fetchone()
-        body = {"status": "approved", "username": name, **Rights.loads(user["granted"]).to_json()}
-        if user["certificate"]:
-            body["certificate"] = user["certificate"]
-            if self.ca is not None:
-                body["caCertificate"] = self.ca.certificate_pem
-        return Outcome(HTTPStatus.CREATED, body)
-
-    # --- The lock (SPEC section 3) ----------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        """The lock state and the number of pending requests."""
-        now = self._now()
-        with self._lock:
-            until = self._unlocked_until()
-            locked = until is None or now >= until
-            return {
-                "locked": locked,
-                "unlockedUntil": None if locked else _iso(until),
-                "pending": self._pending_count(now),
-            }
-
-    def unlock(self, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Open the registry from now for the body's ``duration`` (ms) or the default."""
-        duration = self._duration(body)
-        now = self._now()
-        with self._lock, self._transaction():
-            self._set_unlocked_until(now + duration // MICROSECOND)
-            self._audit(now, actor, address, "unlock", None, {"durationMs": duration // timedelta(milliseconds=1)})
-        return self.status()
-
-    def lock(self, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Close the registry at once."""
-        now = self._now()
-        with self._lock, self._transaction():
-            self._set_unlocked_until(None)
-            self._audit(now, actor, address, "lock", None, None)
-        return self.status()
-
-    def _duration(self, body: object) -> timedelta:
-        if body is None or body == {}:
-            return self.settings.unlock_duration
-        longest = self.settings.max_unlock_duration // timedelta(milliseconds=1)
-        if not isinstance(body, dict) or set(body) != {"duration"}:
-            raise MalformedRequest("the body may hold only 'duration', in milliseconds")
-        duration = body["duration"]
-        if type(duration) is not int or not 0 < duration <= longest:
-            raise MalformedRequest(f"'duration' must be a whole number of milliseconds from 1 to {longest}")
-        return timedelta(milliseconds=duration)
-
-    def _locked(self, now: int) -> bool:
-        until = self._unlocked_until()
-        return until is None or now >= until
-
-    def _unlocked_until(self) -> int | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'unlocked_until'").fetchone()
-        return None if row is None or row[0] is None else int(row[0])
-
-    def _set_unlocked_until(self, until: int | None) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('unlocked_until', ?)",
-            (None if until is None else str(until),),
-        )
-
-    # --- The administrator (SPEC section 4) -------------------------------
-
-    def requests(self) -> list[dict[str, Any]]:
-        """Every stored request, oldest first."""
-        now = self._now()
-        with self._lock:
-            self._purge(now)
-            rows = self._db.execute(f"SELECT {REQUEST_COLUMNS} FROM requests ORDER BY created_at, username").fetchall()
-        return [_request_json(row) for row in rows]
-
-    def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Approve a pending request, granting the body's rights or the requested ones; sign its CSR."""
-        granted = self._grant(body)
-        moment = self.clock()
-        now = _micros(moment)
-        with self._lock:
-            row = self._decidable(username, Event.APPROVE, now)
-            if row["method"] == "csr" and self.ca is None:
-                raise PolicyViolation("this registry has no CA to sign the request's CSR")
-            user = self._new_user(row, granted, moment)
-            with self._transaction():
-                self._db.execute(
-                    "UPDATE requests SET state = 'approved', decided_at = ? WHERE username = ?", (now, username)
-                )
-                self._db.execute(
-                    f"INSERT INTO users ({', '.join(user)}) VALUES ({', '.join('?' * len(user))})", tuple(user.values())
-                )
-                details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
-                if user["serial"]:
-                    details["serial"] = user["serial"]
-                self._audit(now, actor, address, "approve", username, details)
-        return _user_json(user)
-
-    def _new_user(self, row: sqlite3.Row, granted: dict[str, Any], moment: datetime) -> dict[str, Any]:
-        """The user an approval makes, with a certificate for the request's verified key, if it has one."""
-        rights = row["requested"]  # a canonical text already
-        if granted:
-            rights = dataclasses.replace(Rights.loads(rights), **granted).dumps()
-        issued = None
-        if row["method"] == "csr":
-            assert self.ca is not None
-            issued = self.ca.issue_client_certificate(row["public_key"], row["username"], moment)
-        return {
-            "username": row["username"],
-            "method": row["method"],
-            "password_hash": row["password_hash"],
-            "granted": rights,
-            "certificate": issued and issued.pem,
-            "certificate_sha256": issued and issued.sha256,
-            "serial": issued and format(issued.serial, "x"),
-            "not_after": issued and _micros(issued.not_after),
-            "created_at": _micros(moment),
-        }
-
-    def _grant(self, body: object) -> dict[str, Any]:
-        """The rights the body grants instead of the requested ones: a field left out stays as requested."""
-        if body is None:
-            return {}
-        if not isinstance(body, dict):
-            raise MalformedRequest("the body must be a JSON object with 'roles' and 'permissions'")
-        problems = [f"unknown field {name!r}" for name in sorted(set(body) - {"roles", "permissions"})]
-        rights = parse_rights(body, problems)
-        if problems:
-            raise _malformed(problems)
-        unknown = [f"role {role!r} is not in the role catalog" for role in rights.roles if role not in self.roles]
-        if unknown:
-            raise _policy(unknown)
-        return {name: getattr(rights, name) for name in ("roles", "permissions") if name in body}
-
-    def deny(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Deny a pending request, with the body's ``reason``."""
-        reason = ""
-        if body is not None and body != {}:
-            if not isinstance(body, dict) or set(body) != {"reason"} or not _is_text(body["reason"]):
-                raise MalformedRequest("the body may hold only 'reason', a string")
-            reason = body["reason"]
-            if len(reason) > REASON_LENGTH:
-                raise MalformedRequest(f"'reason' has more than {REASON_LENGTH} characters")
-        now = self._now()
-        with self._lock:
-            self._decidable(username, Event.DENY, now)
-            with self._transaction():
-                self._db.execute(
-                    "UPDATE requests SET state = 'denied', decided_at = ?, reason = ? WHERE username = ?",
-                    (now, reason, username),
-                )
-                self._audit(now, actor, address, "deny", username, {"reason": reason})
-            return _request_json(self._request_row(username, now))
-
-    def forget(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
-        """Forget a pending or denied request."""
-        now = self._now()
-        with self._lock:
-            self._decidable(username, Event.FORGET, now)
-            with self._transaction():
-                self._db.execute("DELETE FROM requests WHERE username = ?", (username,))
-                self._audit(now, actor, address, "forget", username, None)
-
-    def users(self) -> list[dict[str, Any]]:
-        """Every registered user, by name."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY username").fetchall()
-        return [_user_json(row) for row in rows]
-
-    def remove_user(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
-        """Remove a user and its request: the username may register again."""
-        now = self._now()
-        with self._lock:
-            if self._db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone() is None:
-                raise NotFound(f"there is no user {username!r}")
-            self._decidable(username, Event.REMOVE_USER, now)
-            with self._transaction():
-                self._db.execute("DELETE FROM users WHERE username = ?", (username,))
-                self._db.execute("DELETE FROM requests WHERE username = ?", (username,))
-                self._audit(now, actor, address, "remove user", username, None)
-
-    def audit(self, limit: int = 100, before: int | None = None) -> dict[str, Any]:
-        """The audit trail, newest first; ``next`` pages on."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM audit WHERE id < ? ORDER BY id DESC LIMIT ?",
-                (before if before is not None else 2**63 - 1, limit),
-            ).fetchall()
-        entries = [
-            {
-                "id": row["id"],
-                "at": _iso(row["at"]),
-                "actor": row["actor"],
-                "address": row["address"],
-                "action": row["action"],
-                "username": row["username"],
-                "details": json.loads(row["details"]) if row["details"] else None,
-            }
-            for row in rows
-        ]
-        return {"entries": entries, "next": entries[-1]["id"] if entries and len(entries) == limit else None}
-
-    def _decidable(self, username: str, event: Event, now: int) -> sqlite3.Row:
-        """The stored request for ``username``, if ``event`` may happen to it."""
-        row = self._request_row(username, now)
-        if row is None:
-            raise NotFound(f"there is no request for {username!r}")
-        transition(State(row["state"]), event)
-        return row
-
-    # --- After registration (SPEC section 5) ------------------------------
-
-    def authenticate_password(self, username: str, password: str) -> Identity:
-        """The user behind a username and password; ``Unauthorized`` otherwise."""
-        now = self._now()
-        window = self.settings.auth_failure_window // MICROSECOND
-        with self._lock:
-            failures = _window(self._auth_failures, username, now - window)
-            if len(failures) >= self.settings.max_auth_failures:
-                raise TooManyRequests(
-                    "too many failed sign-ins for this username: wait a minute",
-                    headers={"Retry-After": str((failures[0] + window - now) // SECOND + 1)},
-                )
-            user = self._db.execute(
-                "SELECT granted, password_hash FROM users WHERE username = ?", (username,)
-            ).fetchone()
-            if user is None or not user["password_hash"] or not self._passwords.check(password, user["password_hash"]):
-                failures.append(now)
-                raise Unauthorized("unknown username or wrong password")
-        return Identity(username, Rights.loads(user["granted"]), "password")
-
-    def authenticate_certificate(self, certificate_der: bytes) -> Identity:
-        """The user a certificate was issued to; ``Unauthorized`` otherwise."""
-        digest = hashlib.sha256(certificate_der).hexdigest()
-        now = self._now()
-        with self._lock:
-            user = self._db.execute(
-                "SELECT username, granted, not_after FROM users WHERE certificate_sha256 = ?", (digest,)
-            ).fetchone()
-        if user is None:
-            raise Unauthorized("this certificate belongs to no registered user")
-        if user["not_after"] <= now:
-            raise Unauthorized("this certificate has expired")
-        return Identity(user["username"], Rights.loads(user["granted"]), "certificate")
-
-    # --- Storage ----------------------------------------------------------
-
-    def _now(self) -> int:
-        return _micros(self.clock())
-
-    def _transaction(self) -> _Transaction:
-        """A write transaction that may change a request: remembered polls are checked again."""
-        self._version += 1
-        return _Transaction(self._db, self._flush_polls)
-
-    def _record_poll(self, name: str, address: str, now: int) -> None:
-        # A poll is the hot path: it is counted in memory and written with
-        # the next transaction, or within a second (``POLL_FLUSH``).
-        _, count, _ = self._polls.get(name, (0, 0, ""))
-        self._polls[name] = (now, count + 1, address)
-        if abs(now - self._polls_flushed_at) >= POLL_FLUSH:
-            self._save_polls()
-
-    def _save_polls(self) -> None:
-        # Not ``_transaction()``: poll counts change no request's state, so
-        # the remembered polls need not be checked again.
-        with _Transaction(self._db, self._flush_polls):
-            pass  # a transaction writes the counted polls first
-
-    def _flush_polls(self) -> None:
-        """Write the polls counted in memory; call within a transaction."""
-        if self._polls:
-            self._db.executemany(
-                "UPDATE requests SET last_poll_at = ?, poll_count = poll_count + ?, client_address = ?"
-                " WHERE username = ? AND state = 'pending'",
-                [(at, count, address, name) for name, (at, count, address) in self._polls.items()],
-            )
-            self._polls.clear()
-        self._polls_flushed_at = self._now()
-
-    def _request_row(self, username: str, now: int) -> sqlite3.Row | None:
-        """The live request for ``username``; an expired one counts as gone."""
-        row = self._db.execute("SELECT * FROM requests WHERE username = ?", (username,)).fetchone()
-        if row is None or (row["state"] != State.APPROVED.value and _since(row) <= self._cutoff(now)):
-            return None
-        return row
-
-    def _pending_count(self, now: int) -> int:
-        return self._db.execute(
-            "SELECT count(*) FROM requests WHERE state = 'pending' AND created_at > ?", (self._cutoff(now),)
-        ).fetchone()[0]
-
-    def _cutoff(self, now: int) -> int:
-        return now - self.settings.retention // MICROSECOND
-
-    def _purge(self, now: int) -> None:
-        """Drop pending and denied requests older than the retention period."""
-        cutoff = self._cutoff(now)
-        with self._transaction():
-            self._db.execute("DELETE FROM requests WHERE state = 'pending' AND created_at <= ?", (cutoff,))
-            self._db.execute("DELETE FROM requests WHERE state = 'denied' AND decided_at <= ?", (cutoff,))
-
-    def _audit(self, now: int, actor: str, address: str, action: str, username: str | None, details: object) -> None:
-        self._db.execute(
-            "INSERT INTO audit (at, actor, address, action, username, details) VALUES (?, ?, ?, ?, ?, ?)",
-            (now, actor, address, action, username, None if details is None else json.dumps(details)),
-        )
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on an error; it writes the counted polls first."""
-
-    def __init__(self, db: sqlite3.Connection, first: Callable[[], None]) -> None:
-        self._db = db
-        self._first = first
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        self._first()
-
-    def __exit__(self, kind: object, error: object, traceback: object) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+    def _insert(self, table: str, columns: Mapping[str, object]) -> None:
+        names = ", ".join(columns)
+        marks = ", ".join("?" * len(columns))
+        self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(columns.values()))
 
 
 def _since(row: sqlite3.Row) -> int:
     """When the retention period of a request started: its creation, or its denial."""
     return row["decided_at"] if row["state"] == State.DENIED.value else row["created_at"]
-
-
-def _window(windows: dict[str, collections.deque[int]], key: str, start: int) -> collections.deque[int]:
-    """The times in ``windows[key]`` after ``start``, as a deque to append to."""
-    if len(windows) > 10_000:
-        for stale in [k for k, times in windows.items() if not times or times[-1] <= start]:
-            del windows[stale]
-    window = windows.setdefault(key, collections.deque())
-    while window and window[0] <= start:
-        window.popleft()
-    return window
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - EPOCH) // MICROSECOND
-
-
-def _iso(micros: int) -> str:
-    return (EPOCH + timedelta(microseconds=micros)).isoformat(timespec="milliseconds")
 
 
 def _user_json(user: Mapping[str, Any]) -> dict[str, Any]:
@@ -1348,3 +990,590 @@ def _request_json(row: sqlite3.Row) -> dict[str, Any]:
         "decidedAt": _iso(row["decided_at"]) if row["decided_at"] else None,
         "reason": row["reason"],
     }
+
+
+# =============================================================================
+# 3. The registry: the thread-safe facade over the rules and the store
+# =============================================================================
+
+
+def hash_password(password: str, n: int = 2**14) -> str:
+    """A salted scrypt hash, with its parameters, as one text."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=8, p=1, maxmem=2**26, dklen=32)
+    return f"scrypt${n}$8$1${_b64(salt)}${_b64(digest)}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    """Whether ``password`` is the one behind the ``stored`` hash."""
+    _, n, r, p, salt, digest = stored.split("$")
+    expected = base64.b64decode(digest)
+    actual = hashlib.scrypt(
+        password.encode(),
+        salt=base64.b64decode(salt),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        maxmem=2**26,
+        dklen=len(expected),
+    )
+    return hmac.compare_digest(actual, expected)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --- The fast path: each helper can be left out (Settings.fast_path) ---------
+
+
+class BoundedCache(collections.OrderedDict):
+    """A dict that forgets its oldest entries beyond ``capacity`` (0 keeps nothing)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key: object, value: object) -> None:
+        self[key] = value
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class PasswordVerifier:
+    """Verifies passwords against scrypt hashes, paying for each hash once (capacity 0: every time).
+
+    A password that verified against a hash is remembered as its HMAC under
+    a key that lives only in this process: the next check of the same hash
+    is one HMAC. A wrong password never enters, and a remembered hash tells
+    a different password apart without scrypt, since the HMAC differs.
+    """
+
+    def __init__(self, capacity: int = 250_000) -> None:
+        self._key = secrets.token_bytes(32)
+        self._known = BoundedCache(capacity)
+
+    def check(self, password: str, stored: str) -> bool:
+        tag = hmac.digest(self._key, password.encode(), "sha256")
+        known = self._known.get(stored)
+        if known is not None:
+            return hmac.compare_digest(known, tag)
+        if not check_password(password, stored):
+            return False
+        self._known.put(stored, tag)
+        return True
+
+    def remember(self, password: str, stored: str) -> None:
+        """Record a password that is known to match ``stored`` (just hashed)."""
+        self._known.put(stored, hmac.digest(self._key, password.encode(), "sha256"))
+
+
+@dataclass
+class _Poll:
+    """A body that was answered 202, known by its keyed hash: what it asked for."""
+
+    username: str
+    pairing_id: str
+    requested: str  # the canonical text of the requested rights
+    outcome: Outcome
+    created_at: int = 0
+    checked: int = -1  # the registry's version when the stored request was last seen to match
+
+
+class RepeatedPolls:
+    """Bodies answered 202, by a hash keyed with a secret of this process only, since a body holds a password."""
+
+    def __init__(self, capacity: int) -> None:
+        self._key = secrets.token_bytes(32)
+        self._seen = BoundedCache(capacity)
+
+    def fingerprint(self, body: bytes) -> bytes:
+        return hashlib.blake2b(body, key=self._key, digest_size=16).digest()
+
+    def get(self, fingerprint: bytes) -> _Poll | None:
+        return self._seen.get(fingerprint)
+
+    def remember(self, fingerprint: bytes, registration: Registration, outcome: Outcome) -> None:
+        poll = _Poll(registration.username, outcome.body["pairingId"], registration.rights.dumps(), outcome)
+        self._seen.put(fingerprint, poll)
+
+
+class PollCounter:
+    """Polls counted in memory, to be written with the next transaction or once ``period`` has passed."""
+
+    def __init__(self, period: int, now: int) -> None:
+        self.period = period
+        self._counts: dict[str, tuple[int, int, str]] = {}
+        self._taken_at = now
+
+    def count(self, username: str, address: str, now: int) -> bool:
+        """Count a poll; True when the counts are due to be written."""
+        _, count, _ = self._counts.get(username, (0, 0, ""))
+        self._counts[username] = (now, count + 1, address)
+        return abs(now - self._taken_at) >= self.period
+
+    def take(self, now: int) -> dict[str, tuple[int, int, str]]:
+        """The counts so far, by username: (last poll, how many, from which address); they start again."""
+        counts, self._counts, self._taken_at = self._counts, {}, now
+        return counts
+
+
+# --- The registry ------------------------------------------------------------
+
+
+class Registry:
+    """The registry of SPEC sections 1 to 5, over one SQLite database.
+
+    Every public method is safe to call from many threads at once.
+    """
+
+    def __init__(
+        self,
+        database: str = ":memory:",
+        *,
+        clock: Clock,
+        roles: Mapping[str, str] | Iterable[str] = ("minimum",),
+        ca: CertificateAuthority | None = None,
+        settings: Settings = Settings(),
+    ) -> None:
+        self.clock = clock
+        self.roles = dict(roles) if isinstance(roles, Mapping) else dict.fromkeys(roles, "")
+        self.ca = ca
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._store = Store(database)
+        fast = settings.fast_path
+        self._passwords = PasswordVerifier(250_000 if fast else 0)
+        self._csrs = BoundedCache(settings.max_pending if fast else 0)
+        self._repeated = RepeatedPolls(settings.max_pending) if fast else None
+        self._polls = PollCounter(SECOND if fast else 0, self._now())
+        # Write transactions that may change a request: a remembered poll
+        # looks at its request again when this has moved.
+        self._version = 0
+        self._new_requests: dict[str, collections.deque[int]] = {}
+        self._auth_failures: dict[str, collections.deque[int]] = {}
+        self._store.keep_verified_keys(ca.inspect_csr if ca else None)
+
+    def close(self) -> None:
+        """Write what is counted in memory and close the database."""
+        with self._lock, contextlib.suppress(sqlite3.ProgrammingError):  # closed already
+            self._write_polls()
+            self._store.close()
+
+    # --- The client's request (SPEC section 2) ----------------------------
+
+    def register(self, payload: object, client_address: str = "") -> Outcome:
+        """Answer a client's request, its parsed JSON body: 201 or 202, or raise a ``RegistryError``."""
+        return self._register(payload, client_address)[1]
+
+    def register_body(self, body: bytes, client_address: str = "") -> Outcome:
+        """Answer a client's request as it came over the wire: the body's bytes (400 when not JSON).
+
+        On the fast path a body answered 202 before is answered again without
+        being parsed, while its request is still the one pending.
+        """
+        if self._repeated is None:
+            return self.register(parse_json(body), client_address)
+        fingerprint = self._repeated.fingerprint(body)
+        outcome = self._repeated_poll(fingerprint, client_address)
+        if outcome is None:
+            registration, outcome = self._register(parse_json(body), client_address)
+            if outcome.status is HTTPStatus.ACCEPTED:
+                self._repeated.remember(fingerprint, registration, outcome)
+        return outcome
+
+    def _register(self, payload: object, address: str) -> tuple[Registration, Outcome]:
+        registration = parse_registration(payload)
+        csr = self._inspect_csr(registration)
+        problems = policy_problems(registration, self.roles, csr)
+        if problems:
+            raise _policy(problems)
+        return registration, self._answer(registration, csr, address)
+
+    def _answer(self, registration: Registration, csr: CsrInfo | None, address: str) -> Outcome:
+        """SPEC section 2.4 for a well-formed request within policy: ``decide``, then do what it says."""
+        now = self._now()
+        with self._lock:
+            decision, row = self._decide(registration, csr, address, now)
+            if decision is not Decision.STORE or registration.password is None:
+                return self._act(decision, registration, csr, row, address, now, None)
+        # A new password request: its scrypt is paid outside the lock, and the
+        # request decided again, since another thread may have stored one for
+        # the same username meanwhile.
+        password_hash = self._hash(registration.password)
+        with self._lock:
+            decision, row = self._decide(registration, csr, address, now)
+            return self._act(decision, registration, csr, row, address, now, password_hash)
+
+    def _decide(
+        self, registration: Registration, csr: CsrInfo | None, address: str, now: int
+    ) -> tuple[Decision, sqlite3.Row | None]:
+        row = self._live_request(registration.username, now)
+        if row is not None:
+            return decide(State(row["state"]), self._matches(registration, csr, row)), row
+        limit = self.settings.rate_limit
+        admission = {
+            "locked": not self._store.lock_window().is_open(now),
+            "full": self._pending_count(now) >= self.settings.max_pending,
+            "limited": limit > 0 and len(self._rate_window(address, now)) >= limit,
+        }
+        return decide(None, False, **admission), None
+
+    def _act(
+        self,
+        decision: Decision,
+        registration: Registration,
+        csr: CsrInfo | None,
+        row: sqlite3.Row | None,
+        address: str,
+        now: int,
+        password_hash: str | None,
+    ) -> Outcome:
+        name = registration.username
+        if decision is Decision.REDELIVER:
+            return self._approved_outcome(name)
+        if decision is Decision.POLL:
+            assert row is not None
+            self._count_poll(name, address, now)
+            return pending_outcome(name, row["pairing_id"], self.settings.retry_after_pending)
+        if decision is Decision.STORE:
+            if self.settings.rate_limit:
+                self._rate_window(address, now).append(now)
+            return self._store_new(registration, csr, password_hash, address, now)
+        retry_after = self.settings.retry_after_locked
+        if decision is Decision.LIMITED:
+            retry_after = (self._rate_window(address, now)[0] + MINUTE - now) // SECOND + 1
+        raise refusal(
+            decision,
+            name,
+            reason=(row["reason"] or "") if row is not None else "",
+            stored=State(row["state"]) if row is not None else None,
+            retry_after=retry_after,
+            rate_limit=self.settings.rate_limit,
+        )
+
+    def _inspect_csr(self, registration: Registration) -> CsrInfo | None:
+        if registration.csr is None:
+            return None
+        if self.ca is None:
+            raise PolicyViolation("this registry issues no certificates: register with a password")
+        # The same CSR text verifies the same way: on the fast path a poll
+        # pays for reading it once.
+        digest = hashlib.sha256(registration.csr.encode()).digest()
+        info = self._csrs.get(digest)
+        if info is None:
+            try:
+                info = self.ca.inspect_csr(registration.csr)
+            except ValueError as error:
+                raise MalformedRequest(f"'csr' {error}") from None
+            self._csrs.put(digest, info)
+        if not info.common_name:
+            raise MalformedRequest("the CSR's subject has no Common Name: it must be the username")
+        if info.common_name != registration.username:
+            raise MalformedRequest(
+                f"the CSR's Common Name {info.common_name!r} is not the username {registration.username!r}"
+            )
+        return info
+
+    def _matches(self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row) -> bool:
+        if registration.method != row["method"] or registration.rights.dumps() != row["requested"]:
+            return False
+        if csr is not None:
+            return hmac.compare_digest(csr.public_key_sha256, row["key_sha256"])
+        return self._passwords.check(registration.password or "", row["password_hash"])
+
+    def _rate_window(self, address: str, now: int) -> collections.deque[int]:
+        return _window(self._new_requests, address, now - MINUTE)
+
+    def _hash(self, password: str | None) -> str | None:
+        if password is None:
+            return None
+        stored = hash_password(password, self.settings.scrypt_n)
+        self._passwords.remember(password, stored)
+        return stored
+
+    def _store_new(
+        self, registration: Registration, csr: CsrInfo | None, password_hash: str | None, address: str, now: int
+    ) -> Outcome:
+        name = registration.username
+        credential = csr.public_key_sha256 if csr else hashlib.sha256((password_hash or "").encode()).hexdigest()
+        pairing = pairing_id(credential)
+        with self._writing():
+            self._store.add_request(
+                username=name,
+                state=State.PENDING.value,
+                method=registration.method,
+                password_hash=password_hash,
+                public_key=csr.public_key if csr else None,
+                key_sha256=csr.public_key_sha256 if csr else None,
+                pairing_id=pairing,
+                requested=registration.rights.dumps(),
+                context=registration.context,
+                client_address=address,
+                created_at=now,
+                last_poll_at=now,
+            )
+            self._audit(now, name, address, "request", name, registration.rights.to_json() | {"pairingId": pairing})
+        return pending_outcome(name, pairing, self.settings.retry_after_pending)
+
+    def _approved_outcome(self, name: str) -> Outcome:
+        user = self._store.user(name)
+        body = {"status": "approved", "username": name, **Rights.loads(user["granted"]).to_json()}
+        if user["certificate"]:
+            body["certificate"] = user["certificate"]
+            if self.ca is not None:
+                body["caCertificate"] = self.ca.certificate_pem
+        return Outcome(HTTPStatus.CREATED, body)
+
+    def _repeated_poll(self, fingerprint: bytes, address: str) -> Outcome | None:
+        """The 202 again for a body seen before, while its request is the one pending."""
+        assert self._repeated is not None
+        seen = self._repeated.get(fingerprint)
+        if seen is None:
+            return None
+        now = self._now()
+        with self._lock:
+            if seen.checked != self._version and not self._still_pending(seen):
+                return None
+            if seen.created_at <= self._cutoff(now):
+                return None
+            self._count_poll(seen.username, address, now)
+        return seen.outcome
+
+    def _still_pending(self, seen: _Poll) -> bool:
+        """Whether the stored request is still the pending one ``seen`` matched."""
+        row = self._store.request(seen.username)
+        # A password request's pairing id comes from its salted hash, and a
+        # CSR request's from its key: with the rights, they say that the
+        # stored request is still the one this body matched.
+        if (
+            row is None
+            or row["state"] != State.PENDING.value
+            or row["pairing_id"] != seen.pairing_id
+            or row["requested"] != seen.requested
+        ):
+            return False
+        seen.created_at, seen.checked = row["created_at"], self._version
+        return True
+
+    # --- The lock (SPEC section 3) ----------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The lock state and the number of pending requests."""
+        now = self._now()
+        with self._lock:
+            return self._store.lock_window().to_json(now) | {"pending": self._pending_count(now)}
+
+    def unlock(self, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Open the registry from now for the body's ``duration`` (ms) or the default."""
+        duration = parse_duration(body, self.settings.unlock_duration, self.settings.max_unlock_duration)
+        now = self._now()
+        with self._lock, self._writing():
+            self._store.set_lock_window(LockWindow(now + duration // MICROSECOND))
+            self._audit(now, actor, address, "unlock", None, {"durationMs": duration // MILLISECOND})
+        return self.status()
+
+    def lock(self, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Close the registry at once."""
+        now = self._now()
+        with self._lock, self._writing():
+            self._store.set_lock_window(LockWindow(None))
+            self._audit(now, actor, address, "lock", None, None)
+        return self.status()
+
+    # --- The administrator (SPEC section 4) -------------------------------
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every stored request, oldest first."""
+        now = self._now()
+        with self._lock:
+            with self._writing():
+                self._store.purge(self._cutoff(now))
+            rows = self._store.requests()
+        return [_request_json(row) for row in rows]
+
+    def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Approve a pending request, granting the body's rights or the requested ones; sign its CSR's key."""
+        granted = parse_grant(body, self.roles)
+        moment = self.clock()
+        now = _micros(moment)
+        with self._lock:
+            row, state = self._decidable(username, Event.APPROVE, now)
+            if row["method"] == "csr" and self.ca is None:
+                raise PolicyViolation("this registry has no CA to sign the request's CSR")
+            user = self._new_user(row, granted, moment)
+            details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
+            if user["serial"]:
+                details["serial"] = user["serial"]
+            with self._writing():
+                self._store.set_state(username, state, now)
+                self._store.add_user(**user)
+                self._audit(now, actor, address, "approve", username, details)
+        return _user_json(user)
+
+    def _new_user(self, row: sqlite3.Row, granted: dict[str, Any], moment: datetime) -> dict[str, Any]:
+        """The user an approval makes, with a certificate for the request's verified key if it has one."""
+        rights = row["requested"]  # a canonical text already
+        if granted:
+            rights = dataclasses.replace(Rights.loads(rights), **granted).dumps()
+        issued = None
+        if row["method"] == "csr":
+            assert self.ca is not None
+            issued = self.ca.issue_client_certificate(row["public_key"], row["username"], moment)
+        return {
+            "username": row["username"],
+            "method": row["method"],
+            "password_hash": row["password_hash"],
+            "granted": rights,
+            "certificate": issued and issued.pem,
+            "certificate_sha256": issued and issued.sha256,
+            "serial": issued and format(issued.serial, "x"),
+            "not_after": issued and _micros(issued.not_after),
+            "created_at": _micros(moment),
+        }
+
+    def deny(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
+        """Deny a pending request, with the body's ``reason``."""
+        reason = parse_reason(body)
+        now = self._now()
+        with self._lock:
+            _, state = self._decidable(username, Event.DENY, now)
+            with self._writing():
+                self._store.set_state(username, state, now, reason)
+                self._audit(now, actor, address, "deny", username, {"reason": reason})
+            return _request_json(self._live_request(username, now))
+
+    def forget(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
+        """Forget a pending or denied request."""
+        now = self._now()
+        with self._lock:
+            self._decidable(username, Event.FORGET, now)
+            with self._writing():
+                self._store.delete_request(username)
+                self._audit(now, actor, address, "forget", username, None)
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every registered user, by name."""
+        with self._lock:
+            rows = self._store.users()
+        return [_user_json(row) for row in rows]
+
+    def remove_user(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
+        """Remove a user and its request: the username may register again."""
+        now = self._now()
+        with self._lock:
+            if self._store.user(username) is None:
+                raise NotFound(f"there is no user {username!r}")
+            self._decidable(username, Event.REMOVE_USER, now)
+            with self._writing():
+                self._store.delete_user(username)
+                self._store.delete_request(username)
+                self._audit(now, actor, address, "remove user", username, None)
+
+    def audit(self, limit: int = 100, before: int | None = None) -> dict[str, Any]:
+        """The audit trail, newest first; ``next`` pages on."""
+        with self._lock:
+            rows = self._store.audit(limit, before)
+        entries = [
+            {
+                "id": row["id"],
+                "at": _iso(row["at"]),
+                "actor": row["actor"],
+                "address": row["address"],
+                "action": row["action"],
+                "username": row["username"],
+                "details": json.loads(row["details"]) if row["details"] else None,
+            }
+            for row in rows
+        ]
+        return {"entries": entries, "next": entries[-1]["id"] if entries and len(entries) == limit else None}
+
+    def _decidable(self, username: str, event: Event, now: int) -> tuple[sqlite3.Row, State | None]:
+        """The stored request for ``username`` and its state after ``event``; ``NotFound`` or ``Conflict``."""
+        row = self._live_request(username, now)
+        if row is None:
+            raise NotFound(f"there is no request for {username!r}")
+        return row, transition(State(row["state"]), event)
+
+    # --- After registration (SPEC section 5) ------------------------------
+
+    def authenticate_password(self, username: str, password: str) -> Identity:
+        """The user behind a username and password; ``Unauthorized`` otherwise."""
+        now = self._now()
+        window = self.settings.auth_failure_window // MICROSECOND
+        with self._lock:
+            failures = _window(self._auth_failures, username, now - window)
+            if len(failures) >= self.settings.max_auth_failures:
+                raise TooManyRequests(
+                    "too many failed sign-ins for this username: wait a minute",
+                    headers={"Retry-After": str((failures[0] + window - now) // SECOND + 1)},
+                )
+            user = self._store.user(username)
+            if user is None or not user["password_hash"] or not self._passwords.check(password, user["password_hash"]):
+                failures.append(now)
+                raise Unauthorized("unknown username or wrong password")
+        return Identity(username, Rights.loads(user["granted"]), "password")
+
+    def authenticate_certificate(self, certificate_der: bytes) -> Identity:
+        """The user a certificate was issued to; ``Unauthorized`` otherwise."""
+        digest = hashlib.sha256(certificate_der).hexdigest()
+        now = self._now()
+        with self._lock:
+            user = self._store.user_by_certificate(digest)
+        if user is None:
+            raise Unauthorized("this certificate belongs to no registered user")
+        if user["not_after"] <= now:
+            raise Unauthorized("this certificate has expired")
+        return Identity(user["username"], Rights.loads(user["granted"]), "certificate")
+
+    # --- Time, transactions and the counted polls -------------------------
+
+    def _now(self) -> int:
+        return _micros(self.clock())
+
+    def _cutoff(self, now: int) -> int:
+        return now - self.settings.retention // MICROSECOND
+
+    def _live_request(self, username: str, now: int) -> sqlite3.Row | None:
+        """The stored request for ``username``; one past its retention period counts as gone."""
+        row = self._store.request(username)
+        if row is None or (row["state"] != State.APPROVED.value and _since(row) <= self._cutoff(now)):
+            return None
+        return row
+
+    def _pending_count(self, now: int) -> int:
+        return self._store.pending_count(self._cutoff(now))
+
+    @contextlib.contextmanager
+    def _writing(self, *, changes_requests: bool = True) -> Iterator[None]:
+        """A write transaction that writes the counted polls first; remembered polls look again after it."""
+        if changes_requests:
+            self._version += 1
+        with self._store.transaction():
+            counts = self._polls.take(self._now())
+            if counts:
+                self._store.count_polls(counts)
+            yield
+
+    def _count_poll(self, username: str, address: str, now: int) -> None:
+        if self._polls.count(username, address, now):
+            self._write_polls()
+
+    def _write_polls(self) -> None:
+        # Poll counts change no request's state: the remembered polls stand.
+        with self._writing(changes_requests=False):
+            pass
+
+    def _audit(self, now: int, actor: str, address: str, action: str, username: str | None, details: object) -> None:
+        self._store.append_audit(now, actor, address, action, username, details)
+
+
+def _window(windows: dict[str, collections.deque[int]], key: str, start: int) -> collections.deque[int]:
+    """The times in ``windows[key]`` after ``start``, as a deque to append to."""
+    if len(windows) > 10_000:
+        for stale in [k for k, times in windows.items() if not times or times[-1] <= start]:
+            del windows[stale]
+    window = windows.setdefault(key, collections.deque())
+    while window and window[0] <= start:
+        window.popleft()
+    return window

@@ -225,7 +225,7 @@ class App:
     # --- Handlers: parse, call the core, serialize ------------------------
 
     def register(self, request: Request) -> Response:
-        outcome = self.core.register(request.body, request.client_address)
+        outcome = self.core.register_body(request.body, request.client_address)
         return Response(outcome.status, outcome.content, JSON, outcome.headers)
 
     def status(self, request: Request) -> Response:

@@ -188,7 +188,7 @@ def opened(authority: ca.CA, *, locked: bool = False, clock: FakeClock | None = 
 def answer(reg: registry.Registry, payload: object) -> tuple[HTTPStatus, dict[str, Any], dict[str, str]]:
     """What the server would answer to ``payload`` (parsed JSON, or the raw body): status, JSON body and headers."""
     try:
-        outcome = reg.register(payload)
+        outcome = reg.register_body(payload) if isinstance(payload, bytes) else reg.register(payload)
     except registry.RegistryError as error:
         assert_error_body(error.body())
         return error.status, error.body(), error.headers

@@ -1391,21 +1391,21 @@ def body(payload: dict) -> bytes:
 
 def test_a_body_repeated_as_bytes_polls_and_sees_each_decision(open_reg):
     request = body(password_request(roles=["minimum"]))
-    first = open_reg.register(request, "10.0.0.1")
-    assert open_reg.register(request, "10.0.0.2") == first
+    first = open_reg.register_body(request, "10.0.0.1")
+    assert open_reg.register_body(request, "10.0.0.2") == first
     assert request_of(open_reg, "sensor-0001")["pollCount"] == 1
     assert request_of(open_reg, "sensor-0001")["clientAddress"] == "10.0.0.2"
     open_reg.approve("sensor-0001")
-    assert open_reg.register(request).status == 201
+    assert open_reg.register_body(request).status == 201
 
 
 def test_a_remembered_body_does_not_match_a_new_request_for_the_same_name(open_reg):
     old = body(password_request(password="first-password"))
-    assert open_reg.register(old).status == 202
+    assert open_reg.register_body(old).status == 202
     open_reg.forget("sensor-0001")
-    assert open_reg.register(body(password_request(password="other-password"))).status == 202
+    assert open_reg.register_body(body(password_request(password="other-password"))).status == 202
     with pytest.raises(registry.Conflict) as refused:
-        open_reg.register(old)
+        open_reg.register_body(old)
     assert refused.value.code == "duplicate_request"
 
 
@@ -1413,29 +1413,29 @@ def test_a_remembered_csr_body_does_not_match_other_rights_for_the_same_key(open
     key = make_key()
     csr = make_csr("sensor-0001", key)
     old = body({"username": "sensor-0001", "csr": csr, "roles": ["minimum"]})
-    assert open_reg.register(old).status == 202
+    assert open_reg.register_body(old).status == 202
     open_reg.forget("sensor-0001")
-    assert open_reg.register(body({"username": "sensor-0001", "csr": csr, "roles": ["operator"]})).status == 202
+    assert open_reg.register_body(body({"username": "sensor-0001", "csr": csr, "roles": ["operator"]})).status == 202
     with pytest.raises(registry.Conflict):
-        open_reg.register(old)
+        open_reg.register_body(old)
 
 
 def test_a_remembered_body_is_denied_and_expires_like_any_other(open_reg, clock):
     request = body(password_request())
-    open_reg.register(request)
-    open_reg.register(request)
+    open_reg.register_body(request)
+    open_reg.register_body(request)
     open_reg.deny("sensor-0001", {"reason": "not ours"})
     with pytest.raises(registry.Denied):
-        open_reg.register(request)
+        open_reg.register_body(request)
     clock.advance(hours=25)
     with pytest.raises(registry.Locked):
-        open_reg.register(request)
+        open_reg.register_body(request)
 
 
 @pytest.mark.parametrize("raw", [b"{", b"\xff", '{"username": "x"}'.encode("utf-16"), b"[" * 100_000])
 def test_a_body_that_is_not_json_in_utf8_is_malformed(open_reg, raw):
     with pytest.raises(registry.MalformedRequest, match="not JSON"):
-        open_reg.register(raw)
+        open_reg.register_body(raw)
 
 
 def test_an_mqtt_resource_with_a_null_character_is_malformed(open_reg):
