@@ -14,7 +14,6 @@ verified, and a certificate is issued for that key and no other.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from files import check_private, write_private
 from registry import CsrInfo, IssuedCertificate
 
 # Client clocks run a little behind or ahead: a certificate is valid from a
@@ -266,28 +266,3 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a secret file that only its owner may read (mode 0600), whole or not at all."""
-    partial = path.with_name(path.name + ".partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-    # The rename is durable once the folder is (rename(2) and fsync(2)).
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def check_private(path: Path) -> None:
-    """Refuse a secret file that others than its owner may read or write."""
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise PermissionError(f"{path} has mode {mode:o}: others may read it; run chmod 600 {path}")

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import ca as ca_module
+import files
 import openapi
 import registry
 
@@ -734,10 +735,10 @@ def admin_token(config: Config) -> str:
         return config.admin_token
     path = config.data_dir / "admin-token"
     if path.exists():
-        ca_module.check_private(path)
+        files.check_private(path)
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
-    ca_module.write_private(path, token + "\n")
+    files.write_private(path, token + "\n")
     return token
 
 
@@ -760,8 +761,8 @@ def tls_context(authority: ca_module.CA, data: Path, names: list[str], now: date
     if not key_path.exists() or not _server_certificate_fits(cert_path, names, now):
         credentials = authority.issue_server_certificate(now, names)
         cert_path.write_text(credentials.certificate_pem)
-        ca_module.write_private(key_path, credentials.key_pem)
-    ca_module.check_private(key_path)
+        files.write_private(key_path, credentials.key_pem)
+    files.check_private(key_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_path, key_path)

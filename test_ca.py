@@ -8,7 +8,6 @@ import base64
 import contextlib
 import hashlib
 import ipaddress
-import os
 import shutil
 import socket
 import ssl
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 import ca
+import files
 import registry
 from conftest import FAST, START, FakeClock, assert_issued_from, issue, make_csr, make_key
 
@@ -145,7 +145,7 @@ def tls_server(folder: Path, credentials: ca.ServerCredentials, connections: int
     """A TLS server on 127.0.0.1, in a thread, with ``credentials``; yields its port (CPython's test style)."""
     certificate_file, key_file = folder / "server.pem", folder / "server.key"
     certificate_file.write_text(credentials.certificate_pem)
-    ca.write_private(key_file, credentials.key_pem)
+    files.write_private(key_file, credentials.key_pem)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certificate_file, key_file)
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -593,56 +593,6 @@ def test_tls_handshake_fails_for_another_name_or_another_ca(tmp_path: Path, live
             tls_greeting(port, live_authority.certificate_pem, "hub.plant.example")
         with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
             tls_greeting(port, stranger.certificate_pem, "localhost")
-
-
-# --- Secret files -------------------------------------------------------------------
-
-
-def test_write_private_writes_mode_0600_whatever_was_there(tmp_path: Path) -> None:
-    path = tmp_path / "secret.key"
-    path.write_text("old")
-    path.chmod(0o644)
-    stale = tmp_path / "secret.key.partial"
-    stale.write_text("left by a killed run")
-    stale.chmod(0o666)
-    umask = os.umask(0)
-    try:
-        ca.write_private(path, "new secret")
-    finally:
-        os.umask(umask)
-
-    assert path.read_text() == "new secret"
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert [entry.name for entry in tmp_path.iterdir()] == ["secret.key"]
-
-
-def test_write_private_replaces_the_file_atomically(tmp_path: Path) -> None:
-    path = tmp_path / "secret.key"
-    ca.write_private(path, "first secret")
-    before = path.stat().st_ino
-
-    with path.open() as reader:
-        ca.write_private(path, "second secret")
-        # A reader of the old file sees it whole: the new one is a new file renamed over it.
-        assert reader.read() == "first secret"
-
-    assert path.read_text() == "second secret"
-    assert path.stat().st_ino != before
-
-
-def test_write_private_keeps_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "secret.key"
-    ca.write_private(path, "first secret")
-
-    def full_disk(descriptor: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ca.os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space"):
-        ca.write_private(path, "second secret")
-
-    assert path.read_text() == "first secret"
-    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_registry_clock_drives_the_validity_of_issued_certificates(authority: ca.CA) -> None:
