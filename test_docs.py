@@ -2,8 +2,8 @@
 
 - README.md stays short (at most 300 lines), for a newcomer; the rest lives
   in ``docs/``.
-- No Markdown link in README.md or ``docs/*.md`` leaves the repository, and
-  every relative link names a file that exists.
+- No Markdown link in README.md, SPEC.md or ``docs/*.md`` leaves the
+  repository, and every relative link names a file that exists.
 - The README's state diagram is generated from ``registry.TRANSITIONS``:
   the test fails when the table and the diagram differ.
 - The README's Python examples (the ```python blocks of "Embedding
@@ -32,7 +32,7 @@ LOCAL_URL = re.compile(r"^https?://(localhost|127\.0\.0\.1)(:\d+)?(/|$)")
 
 
 def documents() -> list[Path]:
-    return [README, *sorted((HERE / "docs").glob("*.md"))]
+    return [README, HERE / "SPEC.md", *sorted((HERE / "docs").glob("*.md"))]
 
 
 def section(text: str, heading: str) -> str:
