@@ -97,6 +97,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import sqlite3
@@ -108,6 +109,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 Clock = Callable[[], datetime]
+log = logging.getLogger("registry")
 
 # =============================================================================
 # 1. The rules: values, tables and pure functions over them
@@ -221,6 +223,12 @@ class Full(RegistryError):
     """The pending requests are at their cap (503)."""
 
     status, code = HTTPStatus.SERVICE_UNAVAILABLE, "registry_full"
+
+
+class StorageUnavailable(RegistryError):
+    """The database cannot take a write now, its disk full (503); nothing was stored."""
+
+    status, code = HTTPStatus.SERVICE_UNAVAILABLE, "storage_unavailable"
 
 
 # --- Values ---------------------------------------------------------------
@@ -399,9 +407,14 @@ class Settings:
     # New requests per client address per minute; 0 is no limit, since a
     # whole plant often sits behind one address.
     rate_limit: int = 0
-    # Failed password authentications per username before a pause.
+    # Failed password sign-ins within the window before a pause: per
+    # username and client address, and (higher, so that a stranger cannot
+    # lock a device out) per username from all addresses together.
     max_auth_failures: int = 5
+    max_auth_failures_per_username: int = 50
     auth_failure_window: timedelta = timedelta(minutes=1)
+    # Retry-After of a 503 when the database cannot store (a full disk).
+    retry_after_unavailable: int = 30
     # scrypt's cost n (RFC 7914 section 2): 2**14 is the interactive-login
     # choice of the RFC's authors; tests lower it to stay fast.
     scrypt_n: int = 2**14
@@ -721,6 +734,11 @@ def parse_duration(body: object, default: timedelta, longest: timedelta) -> time
     return timedelta(milliseconds=duration)
 
 
+def _seconds_until(moment: int, now: int) -> int:
+    """Whole seconds from ``now`` to ``moment``, rounded up: a Retry-After that is never early."""
+    return -((now - moment) // SECOND)
+
+
 def _micros(moment: datetime) -> int:
     return (moment - EPOCH) // MICROSECOND
 
@@ -811,14 +829,24 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` when the block raises."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` when the block raises.
+
+        A database that cannot grow (SQLITE_FULL: the disk or the database's
+        page limit is full) raises ``StorageUnavailable``, with nothing stored.
+        """
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite rolls back some failed commits itself
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+                raise
+            raise StorageUnavailable("the registry cannot store requests now: try again later") from error
 
     # --- The lock window (SPEC section 3) ---
 
@@ -1117,6 +1145,12 @@ class PollCounter:
         counts, self._counts, self._taken_at = self._counts, {}, now
         return counts
 
+    def give_back(self, counts: Mapping[str, tuple[int, int, str]]) -> None:
+        """Counts that could not be written, to be written with the next ones."""
+        for name, (at, count, address) in counts.items():
+            later_at, later, later_address = self._counts.get(name, (at, 0, address))
+            self._counts[name] = (later_at, count + later, later_address)
+
 
 # --- The registry ------------------------------------------------------------
 
@@ -1151,7 +1185,8 @@ class Registry:
         # looks at its request again when this has moved.
         self._version = 0
         self._new_requests: dict[str, collections.deque[int]] = {}
-        self._auth_failures: dict[str, collections.deque[int]] = {}
+        self._auth_failures: dict[object, collections.deque[int]] = {}
+        self._storage_logged_at = -MINUTE
         self._store.keep_verified_keys(ca.inspect_csr if ca else None)
 
     def close(self) -> None:
@@ -1242,7 +1277,7 @@ class Registry:
             return self._store_new(registration, csr, password_hash, address, now)
         retry_after = self.settings.retry_after_locked
         if decision is Decision.LIMITED:
-            retry_after = (self._rate_window(address, now)[0] + MINUTE - now) // SECOND + 1
+            retry_after = _seconds_until(self._rate_window(address, now)[0] + MINUTE, now)
         raise refusal(
             decision,
             name,
@@ -1497,20 +1532,34 @@ class Registry:
 
     # --- After registration (SPEC section 5) ------------------------------
 
-    def authenticate_password(self, username: str, password: str) -> Identity:
-        """The user behind a username and password; ``Unauthorized`` otherwise."""
+    def authenticate_password(self, username: str, password: str, client_address: str = "") -> Identity:
+        """The user behind a username and password; ``Unauthorized`` otherwise.
+
+        Failures pause sign-ins for the username from the address that failed
+        (``max_auth_failures``), and from everywhere only at a higher count
+        (``max_auth_failures_per_username``), so that a stranger's guesses do
+        not lock the device itself out.
+        """
         now = self._now()
         window = self.settings.auth_failure_window // MICROSECOND
         with self._lock:
-            failures = _window(self._auth_failures, username, now - window)
-            if len(failures) >= self.settings.max_auth_failures:
-                raise TooManyRequests(
-                    "too many failed sign-ins for this username: wait a minute",
-                    headers={"Retry-After": str((failures[0] + window - now) // SECOND + 1)},
-                )
+            windows = [
+                (
+                    _window(self._auth_failures, (username, client_address), now - window),
+                    self.settings.max_auth_failures,
+                ),
+                (_window(self._auth_failures, username, now - window), self.settings.max_auth_failures_per_username),
+            ]
+            for failures, most in windows:
+                if len(failures) >= most:
+                    raise TooManyRequests(
+                        "too many failed sign-ins for this username: wait a minute",
+                        headers={"Retry-After": str(_seconds_until(failures[0] + window, now))},
+                    )
             user = self._store.user(username)
             if user is None or not user["password_hash"] or not self._passwords.check(password, user["password_hash"]):
-                failures.append(now)
+                for failures, _ in windows:
+                    failures.append(now)
                 raise Unauthorized("unknown username or wrong password")
         return Identity(username, Rights.loads(user["granted"]), "password")
 
@@ -1549,15 +1598,28 @@ class Registry:
         """A write transaction that writes the counted polls first; remembered polls look again after it."""
         if changes_requests:
             self._version += 1
-        with self._store.transaction():
-            counts = self._polls.take(self._now())
-            if counts:
-                self._store.count_polls(counts)
-            yield
+        now = self._now()
+        counts = self._polls.take(now)
+        try:
+            with self._store.transaction():
+                if counts:
+                    self._store.count_polls(counts)
+                yield
+        except BaseException as error:
+            self._polls.give_back(counts)
+            if isinstance(error, StorageUnavailable):
+                error.headers["Retry-After"] = str(self.settings.retry_after_unavailable)
+                if now - self._storage_logged_at >= MINUTE:
+                    self._storage_logged_at = now
+                    log.error("the database cannot store (disk full?): new requests get 503 until it can")
+            raise
 
     def _count_poll(self, username: str, address: str, now: int) -> None:
         if self._polls.count(username, address, now):
-            self._write_polls()
+            # A poll answers 202 though its count cannot be written now:
+            # the count waits in memory for the next write.
+            with contextlib.suppress(StorageUnavailable):
+                self._write_polls()
 
     def _write_polls(self) -> None:
         # Poll counts change no request's state: the remembered polls stand.
@@ -1568,7 +1630,7 @@ class Registry:
         self._store.append_audit(now, actor, address, action, username, details)
 
 
-def _window(windows: dict[str, collections.deque[int]], key: str, start: int) -> collections.deque[int]:
+def _window(windows: dict[Any, collections.deque[int]], key: object, start: int) -> collections.deque[int]:
     """The times in ``windows[key]`` after ``start``, as a deque to append to."""
     if len(windows) > 10_000:
         for stale in [k for k, times in windows.items() if not times or times[-1] <= start]:

@@ -990,6 +990,32 @@ def test_failed_sign_ins_are_throttled_and_recover_after_the_window(open_reg, cl
     assert open_reg.authenticate_password("sensor-0001", PASSWORD).username == "sensor-0001"
 
 
+def test_a_strangers_failed_sign_ins_do_not_lock_the_device_out(open_reg, clock):
+    """Issue 19: five wrong passwords from one address pause that address, not the device at another."""
+    approved(open_reg, password_request())
+    for _ in range(open_reg.settings.max_auth_failures):
+        with pytest.raises(registry.Unauthorized):
+            open_reg.authenticate_password("sensor-0001", "a wrong password", "198.51.100.7")
+
+    with pytest.raises(registry.TooManyRequests):
+        open_reg.authenticate_password("sensor-0001", PASSWORD, "198.51.100.7")
+    assert open_reg.authenticate_password("sensor-0001", PASSWORD, "10.0.0.5").username == "sensor-0001"
+
+
+def test_failed_sign_ins_from_many_addresses_pause_the_username_at_a_higher_ceiling(open_reg, clock):
+    approved(open_reg, password_request())
+    ceiling = open_reg.settings.max_auth_failures_per_username
+    for guess in range(ceiling):
+        with pytest.raises(registry.Unauthorized):
+            open_reg.authenticate_password("sensor-0001", "a wrong password", f"198.51.100.{guess}")
+
+    with pytest.raises(registry.TooManyRequests) as refused:
+        open_reg.authenticate_password("sensor-0001", PASSWORD, "10.0.0.5")
+    assert int(refused.value.headers["Retry-After"]) == 60
+    clock.advance(minutes=1)
+    assert open_reg.authenticate_password("sensor-0001", PASSWORD, "10.0.0.5").username == "sensor-0001"
+
+
 def test_authenticate_certificate_knows_the_issued_certificate_from_a_foreign_one(open_reg):
     admitted = approved(open_reg, csr_request("sensor-0001", roles=["minimum"]))
     identity = open_reg.authenticate_certificate(certificate_der(admitted.body["certificate"]))
@@ -1319,6 +1345,60 @@ def test_a_database_that_kept_csr_texts_keeps_their_verified_keys_and_forgets_an
     outcome = reg.register({"username": "sensor-0001", "csr": sound})
     assert_issued_from(sound, outcome.body["certificate"], authority)
     reg.close()
+
+
+# --- A full disk (issue 19) ----------------------------------------------------
+
+
+def fill_the_disk(reg: registry.Registry) -> None:
+    """Let the database grow no further, as a full disk would (SQLite answers SQLITE_FULL to both), and fill it."""
+    pages = reg._store._db.execute("PRAGMA page_count").fetchone()[0]
+    reg._store._db.execute(f"PRAGMA max_page_count = {pages}")
+    for filler in range(1000):
+        try:
+            reg.register(password_request(f"filler-{filler:04d}", context="x" * 1000))
+        except registry.StorageUnavailable:
+            return
+    raise AssertionError("the database never filled up")
+
+
+def free_the_disk(reg: registry.Registry) -> None:
+    reg._store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def test_a_full_disk_answers_503_to_new_requests_loses_nothing_and_recovers(open_reg, clock, caplog):
+    pending = password_request("sensor-0001")
+    assert open_reg.register(pending).status == 202
+    names = [f"sensor-{i:04d}" for i in range(2, 42)]
+    fill_the_disk(open_reg)
+    before = snapshot(open_reg)
+
+    refusals = []
+    for name in names:
+        with pytest.raises(registry.StorageUnavailable) as refused:
+            open_reg.register(password_request(name, context="x" * 1000))
+        refusals.append(refused.value)
+
+    assert {(error.status, error.code, error.headers["Retry-After"]) for error in refusals} == {
+        (503, "storage_unavailable", "30")
+    }
+    assert refusals[0].message == "the registry cannot store requests now: try again later"
+    # Polls of the stored request go on.
+    for _ in range(3):
+        clock.advance(seconds=2)
+        assert open_reg.register(pending).status == 202
+    # Logged once a minute, not once a refusal.
+    logged = "the database cannot store (disk full?): new requests get 503 until it can"
+    assert [r.getMessage() for r in caplog.records if r.name == "registry"] == [logged]
+    clock.advance(minutes=1)
+    with pytest.raises(registry.StorageUnavailable):
+        open_reg.register(password_request(names[0], context="x" * 1000))
+    assert [r.getMessage() for r in caplog.records if r.name == "registry"] == [logged, logged]
+    free_the_disk(open_reg)
+    assert [r["username"] for r in open_reg.requests()] == [r["username"] for r in before[1]]
+    assert request_of(open_reg, "sensor-0001")["pollCount"] == 3
+    assert open_reg.register(password_request(names[0])).status == 202
+    assert open_reg.approve("sensor-0001")["username"] == "sensor-0001"
 
 
 # --- The audit trail ---------------------------------------------------------
