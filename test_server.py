@@ -217,9 +217,16 @@ def refused(shared: Running) -> Iterator[Client]:
 
 
 @pytest.fixture
-def live(start: Start) -> Running:
-    """A registry with the default settings and a fake clock that stands at the present."""
-    return start()
+def live(start: Start, request: pytest.FixtureRequest) -> Running:
+    """A registry with the default settings and a fake clock that stands at the present.
+
+    Tests marked ``BOTH_READERS`` run twice: with the fast head reader, and
+    with http.server's own (``Config.fast_http=False``).
+    """
+    return start(fast_http=getattr(request, "param", True))
+
+
+BOTH_READERS = pytest.mark.parametrize("live", [True, False], indirect=True, ids=["fast reader", "http.server reader"])
 
 
 @pytest.fixture
@@ -617,6 +624,7 @@ def test_a_body_over_max_body_is_413_unparsed_and_the_connection_goes_on(start: 
     assert_pending(client.register(padded + b" " * (1024 - len(padded))), "sensor-0003")  # exactly the limit
 
 
+@BOTH_READERS
 def test_a_huge_announced_body_is_413_and_the_connection_is_closed_cleanly(live: Running) -> None:
     connection = http.client.HTTPSConnection(HOST, live.port, context=live.context(), timeout=5)
     connection.putrequest("POST", REGISTER)
@@ -647,6 +655,7 @@ def raw_exchange(live: Running, data: bytes, timeout: float = 5) -> tuple[bytes,
     return head, body
 
 
+@BOTH_READERS
 def test_a_chunked_body_is_411_with_a_json_error(live: Running) -> None:
     body = json.dumps(SENSOR).encode()
     head, answer = raw_exchange(
@@ -665,6 +674,7 @@ def test_a_chunked_body_is_411_with_a_json_error(live: Running) -> None:
 CHUNKED_64K = b"".join(b"400\r\n" + b"x" * 1024 + b"\r\n" for _ in range(64)) + b"0\r\n\r\n"
 
 
+@BOTH_READERS
 @pytest.mark.parametrize(
     ("head", "body", "status"),
     [
@@ -700,6 +710,7 @@ def test_a_client_still_sending_its_body_receives_the_refusal(
     assert all(outcome.startswith(f"HTTP/1.1 {status} ") for outcome in outcomes), outcomes
 
 
+@BOTH_READERS
 @pytest.mark.parametrize(
     "length",
     ["twelve", "-1", "+2", "0x10", "1 2", "\N{SUPERSCRIPT TWO}"],
@@ -715,6 +726,7 @@ def test_a_content_length_that_is_no_number_is_400(live: Running, length: str) -
     assert error["error"] and error["message"]
 
 
+@BOTH_READERS
 def test_a_request_line_that_is_no_http_is_400_in_json(live: Running) -> None:
     head, body = raw_exchange(live, b"HELLO\r\n\r\n")
 
@@ -734,6 +746,7 @@ HEAD_LINE_CASES = {
 }
 
 
+@BOTH_READERS
 @pytest.mark.parametrize("lines", HEAD_LINE_CASES.values(), ids=HEAD_LINE_CASES.keys())
 def test_a_header_line_rfc_9112_refuses_is_400_and_stores_nothing(live: Running, lines: bytes) -> None:
     request = b"POST " + REGISTER.encode() + b" HTTP/1.1\r\nHost: localhost\r\n" + lines + b"\r\n{}"
@@ -744,6 +757,7 @@ def test_a_header_line_rfc_9112_refuses_is_400_and_stores_nothing(live: Running,
     assert live.client().admin("GET", "/api/client-registry/requests").body == []
 
 
+@BOTH_READERS
 @pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.0"])
 def test_a_request_in_http_2_or_later_is_505(live: Running, version: bytes) -> None:
     head, body = raw_exchange(live, b"GET /api/client-registry/ca " + version + b"\r\n\r\n")
@@ -752,6 +766,7 @@ def test_a_request_in_http_2_or_later_is_505(live: Running, version: bytes) -> N
     assert json.loads(body)["error"] == "http_version_not_supported"
 
 
+@BOTH_READERS
 def test_header_names_are_read_whatever_their_case(live: Running) -> None:
     client = live.client()
     request = (
@@ -764,14 +779,18 @@ def test_header_names_are_read_whatever_their_case(live: Running) -> None:
     assert json.loads(body)["locked"] is True
 
 
+@BOTH_READERS
 def test_an_empty_line_before_a_request_is_ignored(live: Running) -> None:
     # RFC 9112 section 2.2: some clients send a CRLF after a POST body.
-    head, body = raw_exchange(live, b"\r\nGET /api/client-registry/ca HTTP/1.1\r\nConnection: close\r\n\r\n")
+    head, body = raw_exchange(
+        live, b"\r\nGET /api/client-registry/ca HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
 
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert body.startswith(b"-----BEGIN CERTIFICATE-----")
 
 
+@BOTH_READERS
 def test_an_http_1_0_request_is_answered_and_its_connection_closed(live: Running) -> None:
     # raw_exchange reads until the server closes: it returns only if the server does.
     head, body = raw_exchange(live, b"GET /api/client-registry/ca HTTP/1.0\r\n\r\n")
@@ -781,6 +800,7 @@ def test_an_http_1_0_request_is_answered_and_its_connection_closed(live: Running
     assert body.startswith(b"-----BEGIN CERTIFICATE-----")
 
 
+@BOTH_READERS
 def test_expect_100_continue_gets_a_100_before_the_answer(live: Running) -> None:
     body = json.dumps(SENSOR).encode()
     request = (
@@ -801,11 +821,13 @@ def test_expect_100_continue_gets_a_100_before_the_answer(live: Running) -> None
     assert answer.startswith(b"HTTP/1.1 423 "), answer
 
 
+@BOTH_READERS
 def test_an_unknown_path_is_404(client: Client) -> None:
     for path in ("/api/nothing", "/api/client-registry/register/more", "/api/client-registry/"):
         assert_error(client.call("GET", path), 404, "not_found")
 
 
+@BOTH_READERS
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
@@ -833,12 +855,14 @@ def test_a_known_path_with_another_method_is_405_with_allow(
     assert client.connected is first_socket
 
 
+@BOTH_READERS
 def test_put_does_not_register(client: Client) -> None:
     unlocked(client)
     assert_error(client.call("PUT", REGISTER, SENSOR), 405, "method_not_allowed")
     assert client.admin("GET", REQUESTS).body == []
 
 
+@BOTH_READERS
 def test_head_answers_like_get_without_a_body(live: Running, client: Client) -> None:
     # RFC 9110 section 9.1: a general-purpose server supports GET and HEAD;
     # section 9.3.2: HEAD is GET without the content.
@@ -852,17 +876,23 @@ def test_head_answers_like_get_without_a_body(live: Running, client: Client) -> 
     assert client.call("GET", CA_PATH, kind=PEM).raw == pem_bytes
 
 
+@BOTH_READERS
 def test_head_of_an_administrator_call_without_the_token_is_401_without_a_body(client: Client) -> None:
     reply = client.call("HEAD", STATUS)
 
-    assert reply.status in (401, 405) and reply.raw == b""
+    # HEAD is GET without the body (RFC 9110 section 9.3.2): the GET route is
+    # found, and its token is checked before anything else is answered.
+    assert reply.status == 401 and reply.raw == b""
+    assert reply.headers["WWW-Authenticate"] == 'Bearer realm="client-registry"'
     assert client.admin("GET", STATUS).status == 200  # and the connection goes on
 
 
+@BOTH_READERS
 def test_an_unknown_method_is_501_in_json(client: Client) -> None:
     assert_error(client.call("BREW", STATUS), 501)
 
 
+@BOTH_READERS
 def test_several_requests_share_one_connection(client: Client) -> None:
     assert client.call("GET", CA_PATH, kind=PEM).status == 200
     first_socket = client.connected
@@ -884,6 +914,7 @@ def test_several_requests_share_one_connection(client: Client) -> None:
     assert client.connected is first_socket
 
 
+@BOTH_READERS
 def test_answers_leave_at_once_without_waiting_for_an_ack(live: Running) -> None:
     # With Nagle's algorithm, an answer written in pieces on a kept-alive
     # connection waits for the client's delayed ACK (RFC 896): the handler's
@@ -900,6 +931,7 @@ def test_answers_leave_at_once_without_waiting_for_an_ack(live: Running) -> None
     assert seen and all(seen)
 
 
+@BOTH_READERS
 def test_the_access_log_is_written_while_the_server_runs(
     client: Client, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:
@@ -914,6 +946,7 @@ def test_the_access_log_is_written_while_the_server_runs(
     assert re.search(f"^{line}$", written, re.MULTILINE), written
 
 
+@BOTH_READERS
 def test_the_ca_certificate_is_public_pem(live: Running, client: Client) -> None:
     reply = client.call("GET", CA_PATH, kind=PEM)
 
@@ -922,6 +955,7 @@ def test_the_ca_certificate_is_public_pem(live: Running, client: Client) -> None
     assert x509.load_pem_x509_certificate(reply.raw).subject == live.authority().certificate.subject
 
 
+@BOTH_READERS
 def test_no_route_of_the_table_answers_500(client: Client) -> None:
     for route in server.ROUTES:
         path = route.pattern.replace("{username}", "nobody").replace("{name}", "nothing.js")
