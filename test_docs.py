@@ -6,6 +6,7 @@
   repository, and every relative link names a file that exists.
 - The README's state diagram is generated from ``registry.TRANSITIONS``:
   the test fails when the table and the diagram differ.
+- The README's API table names every route of ``server.ROUTES``, and no other.
 - The README's Python examples (the ```python blocks of "Embedding
   `registry.py`") run as printed, in a temporary folder.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import registry
+import server
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -96,6 +98,28 @@ def test_the_diagram_shows_every_move_and_only_those() -> None:
         "stateDiagram-v2\n    [*] --> pending : request\n    pending --> approved : approve\n"
     )
     assert state_diagram(table) != state_diagram(registry.TRANSITIONS)
+
+
+def documented_routes(text: str) -> set[tuple[str, str]]:
+    """(method, path) of each call in the first column of a Markdown table; a bare path takes the method before it."""
+    routes = set()
+    for row in re.findall(r"^\| *(`[^|]*)\|", text, flags=re.MULTILINE):
+        method = ""
+        for named, path in re.findall(r"`(?:([A-Z]+) )?(/[^`?]*)", row):
+            method = named or method
+            routes.add((method, path))
+    return routes
+
+
+def test_the_api_table_is_the_route_table() -> None:
+    documented = documented_routes(section(README.read_text(), "The API"))
+    served = {(route.method, route.pattern) for route in server.ROUTES}
+    assert documented == served, f"only in the README: {documented - served}; only served: {served - documented}"
+
+
+def test_the_route_reader_carries_the_method() -> None:
+    table = "| call | who |\n|---|---|\n| `GET /`, `/admin` | anyone |\n| `DELETE /api/users/{username}` | x |\n"
+    assert documented_routes(table) == {("GET", "/"), ("GET", "/admin"), ("DELETE", "/api/users/{username}")}
 
 
 def embedding_examples() -> list[str]:
