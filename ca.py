@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from files import check_private, write_private
-from registry import CsrInfo, IssuedCertificate
+from registry import CsrInfo, IssuedCertificate, RevokedCertificate
 
 # Client clocks run a little behind or ahead: a certificate is valid from a
 # few minutes before it was signed.
@@ -174,9 +174,35 @@ class CA:
         return IssuedCertificate(
             pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
             serial=certificate.serial_number,
+            not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
             sha256=certificate.fingerprint(hashes.SHA256()).hex(),
         )
+
+    def sign_crl(
+        self, revoked: Iterable[RevokedCertificate], number: int, this_update: datetime, next_update: datetime
+    ) -> bytes:
+        """An X.509 v2 CRL (RFC 5280 section 5) of ``revoked``, signed by this CA, in DER."""
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(_whole_seconds(this_update))
+            .next_update(_whole_seconds(next_update))
+            # RFC 5280 section 5.2.3: a number that grows with every CRL.
+            .add_extension(x509.CRLNumber(number), critical=False)
+            # RFC 5280 section 5.2.1: which CA key signed it.
+            .add_extension(self._authority_key_identifier, critical=False)
+        )
+        for entry in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(entry.serial)
+                .revocation_date(_whole_seconds(entry.revoked_at))
+                # RFC 5280 section 5.3.1: why.
+                .add_extension(x509.CRLReason(x509.ReasonFlags(entry.reason)), critical=False)
+                .build()
+            )
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
     def issue_server_certificate(self, now: datetime, names: Iterable[str] = ()) -> ServerCredentials:
         """A TLS server certificate for localhost, 127.0.0.1, ::1 and ``names``."""
@@ -220,7 +246,7 @@ def _builder(
     Times are whole seconds in UTC, as the certificate holds them (RFC 5280
     section 4.1.2.5), so that what is recorded equals what is signed.
     """
-    now = now.astimezone(UTC).replace(microsecond=0)
+    now = _whole_seconds(now)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -234,6 +260,11 @@ def _builder(
         # RFC 5280 section 4.2.1.2: the SHA-1 of the key, method (1).
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
     )
+
+
+def _whole_seconds(moment: datetime) -> datetime:
+    """UTC to the second, as certificates and CRLs hold times (RFC 5280 section 4.1.2.5)."""
+    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 def _describe(key: object) -> tuple[str, int, str | None]:

@@ -136,6 +136,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 MILLISECOND = timedelta(milliseconds=1)
 ADMIN = "administrator"
+# The clock skew of ca.py's certificates (notBefore = signing - 5 minutes), for
+# certificates recorded before their notBefore was kept.
+SKEW_OF_OLD_CERTIFICATES = 5 * MINUTE
 
 # --- Errors ---------------------------------------------------------------
 
@@ -352,8 +355,18 @@ class IssuedCertificate:
 
     pem: str
     serial: int
+    not_before: datetime
     not_after: datetime
     sha256: str  # hex digest of the certificate DER
+
+
+@dataclass(frozen=True)
+class RevokedCertificate:
+    """One entry of a CRL (RFC 5280 section 5.1.2.6): which certificate, since when, and why."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str  # a CRLReason name of RFC 5280 section 5.3.1, such as "cessationOfOperation"
 
 
 class CertificateAuthority(Protocol):
@@ -366,6 +379,11 @@ class CertificateAuthority(Protocol):
 
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> IssuedCertificate:
         """Sign a client certificate for ``username`` and ``public_key``, the verified SPKI DER of its CSR."""
+
+    def sign_crl(
+        self, revoked: Iterable[RevokedCertificate], number: int, this_update: datetime, next_update: datetime
+    ) -> bytes:
+        """Sign a CRL (DER) listing ``revoked``."""
 
 
 @dataclass(frozen=True)
@@ -415,6 +433,9 @@ class Settings:
     auth_failure_window: timedelta = timedelta(minutes=1)
     # Retry-After of a 503 when the database cannot store (a full disk).
     retry_after_unavailable: int = 30
+    # SPEC section 7: a CRL is valid this long, and signed anew when half of
+    # that is left.
+    crl_validity: timedelta = timedelta(days=7)
     # scrypt's cost n (RFC 7914 section 2): 2**14 is the interactive-login
     # choice of the RFC's authors; tests lower it to stay fast.
     scrypt_n: int = 2**14
@@ -535,6 +556,23 @@ def pending_outcome(username: str, pairing_id: str, retry_after: int) -> Outcome
 def pairing_id(credential_sha256: str) -> str:
     """Six hex digits the client and the administrator can compare (SPEC section 2.4)."""
     return credential_sha256[:6]
+
+
+def renew_after(not_before: int, not_after: int) -> int:
+    """SPEC section 7: the moment from which a client should renew, two thirds of the way through the validity."""
+    return not_before + (not_after - not_before) * 2 // 3
+
+
+def certificate_status(not_before: int, not_after: int, now: int) -> str:
+    """How a certificate stands: "valid", "renew" (from its renewAfter on: it expires soon) or "expired"."""
+    if now >= not_after:
+        return "expired"
+    return "renew" if now >= renew_after(not_before, not_after) else "valid"
+
+
+def crl_due(next_update: int | None, validity: timedelta, now: int) -> bool:
+    """SPEC section 7: a new CRL once less than half of the current one's validity is left (or there is none)."""
+    return next_update is None or next_update - now < validity // MICROSECOND // 2
 
 
 # --- Parsing and policy ------------------------------------------------------
@@ -667,9 +705,7 @@ def policy_problems(registration: Registration, catalog: Mapping[str, str], csr:
         if role not in catalog:
             problems.append(f"role {role!r} is not in the role catalog")
     if csr is not None and not key_accepted(csr):
-        problems.append(
-            f"a {describe_key(csr)} key is not accepted: use RSA of 2048 bits or more, EC P-256 or P-384, or Ed25519"
-        )
+        problems.append(key_problem(csr))
     return problems
 
 
@@ -680,6 +716,11 @@ def key_accepted(csr: CsrInfo) -> bool:
         or (csr.key_algorithm == "EC" and csr.curve in ACCEPTED_CURVES)
         or csr.key_algorithm == "Ed25519"
     )
+
+
+def key_problem(csr: CsrInfo) -> str:
+    """What to say of a key the policy refuses."""
+    return f"a {describe_key(csr)} key is not accepted: use RSA of 2048 bits or more, EC P-256 or P-384, or Ed25519"
 
 
 def describe_key(csr: CsrInfo) -> str:
@@ -721,6 +762,13 @@ def parse_reason(body: object) -> str:
     return body["reason"]
 
 
+def parse_renewal(body: object) -> str:
+    """A renewal's body (SPEC section 7), ``{"csr": "<PEM>"}``: the CSR's text."""
+    if not isinstance(body, dict) or set(body) != {"csr"} or not _is_text(body["csr"]):
+        raise MalformedRequest("the body must be a JSON object with only 'csr': a CSR for the key to certify")
+    return body["csr"]
+
+
 def parse_duration(body: object, default: timedelta, longest: timedelta) -> timedelta:
     """An unlock's duration: the body's ``duration`` in milliseconds, or ``default``."""
     if body is None or body == {}:
@@ -744,7 +792,11 @@ def _micros(moment: datetime) -> int:
 
 
 def _iso(micros: int) -> str:
-    return (EPOCH + timedelta(microseconds=micros)).isoformat(timespec="milliseconds")
+    return _datetime(micros).isoformat(timespec="milliseconds")
+
+
+def _datetime(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
 
 
 # =============================================================================
@@ -785,6 +837,25 @@ CREATE TABLE IF NOT EXISTS users (
     not_after INTEGER,
     created_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    key_sha256 TEXT NOT NULL,
+    certificate TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    renewed_from TEXT,
+    revoked_at INTEGER,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS certificates_by_user ON certificates (username);
+CREATE TABLE IF NOT EXISTS crl (
+    number INTEGER PRIMARY KEY,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER NOT NULL,
+    der BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,
@@ -800,7 +871,7 @@ REQUEST_COLUMNS = (
     "username, state, pairing_id, method, requested, context, created_at, last_poll_at, poll_count,"
     " client_address, decided_at, reason"
 )
-USER_COLUMNS = "username, method, granted, created_at, serial, not_after"
+USER_COLUMNS = "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before"
 
 
 class Store:
@@ -915,7 +986,61 @@ class Store:
         return self._db.execute("SELECT * FROM users WHERE certificate_sha256 = ?", (certificate_sha256,)).fetchone()
 
     def users(self) -> list[sqlite3.Row]:
-        return self._db.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY username").fetchall()
+        """Every user, by name, with its current certificate's validity."""
+        return self._db.execute(
+            f"SELECT {USER_COLUMNS} FROM users LEFT JOIN certificates ON certificates.serial = users.serial"
+            " ORDER BY users.username"
+        ).fetchall()
+
+    def set_current_certificate(self, username: str, certificate: Mapping[str, Any]) -> None:
+        """Make ``certificate`` (a row of ``certificates``) the user's current one, and its key the user's."""
+        self._db.execute(
+            "UPDATE users SET certificate = ?, certificate_sha256 = ?, serial = ?, not_after = ? WHERE username = ?",
+            (
+                certificate["certificate"],
+                certificate["sha256"],
+                certificate["serial"],
+                certificate["not_after"],
+                username,
+            ),
+        )
+        self._db.execute("UPDATE requests SET key_sha256 = ? WHERE username = ?", (certificate["key_sha256"], username))
+
+    # --- Issued certificates, revocation and the CRL (SPEC section 7) ---
+
+    def add_certificate(self, **columns: object) -> None:
+        self._insert("certificates", columns)
+
+    def certificate(self, sha256: str) -> sqlite3.Row | None:
+        """An issued certificate by the SHA-256 of its DER."""
+        return self._db.execute("SELECT * FROM certificates WHERE sha256 = ?", (sha256,)).fetchone()
+
+    def certificate_by_serial(self, serial: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
+
+    def revoke(self, username: str, now: int, reason: str) -> int:
+        """Revoke every unexpired certificate of ``username`` not yet revoked; how many."""
+        return self._db.execute(
+            "UPDATE certificates SET revoked_at = ?, reason = ?"
+            " WHERE username = ? AND revoked_at IS NULL AND not_after > ?",
+            (now, reason, username, now),
+        ).rowcount
+
+    def revoked(self, now: int) -> list[sqlite3.Row]:
+        """The revoked certificates that have not expired: what a CRL lists (RFC 5280 section 3.3)."""
+        return self._db.execute(
+            "SELECT serial, revoked_at, reason FROM certificates"
+            " WHERE revoked_at IS NOT NULL AND not_after > ? ORDER BY revoked_at, serial",
+            (now,),
+        ).fetchall()
+
+    def crl(self) -> sqlite3.Row | None:
+        """The current CRL: its number, thisUpdate, nextUpdate and DER."""
+        return self._db.execute("SELECT * FROM crl ORDER BY number DESC LIMIT 1").fetchone()
+
+    def set_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
+        self._db.execute("DELETE FROM crl")
+        self._insert("crl", {"number": number, "this_update": this_update, "next_update": next_update, "der": der})
 
     def delete_user(self, username: str) -> None:
         self._db.execute("DELETE FROM users WHERE username = ?", (username,))
@@ -979,6 +1104,23 @@ class Store:
                         "UPDATE requests SET public_key = ? WHERE username = ?", (info.public_key, row["username"])
                     )
 
+    def record_issued_certificates(self, skew: int) -> None:
+        """Upgrade a database whose users' certificates were kept only beside the users: record each.
+
+        Their notBefore was not kept: it was the approval's moment less the
+        CA's clock skew (``skew`` microseconds).
+        """
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO certificates (serial, username, sha256, key_sha256, certificate, not_before, not_after)"
+                " SELECT users.serial, users.username, users.certificate_sha256, requests.key_sha256,"
+                " users.certificate, users.created_at - ?, users.not_after"
+                " FROM users JOIN requests ON requests.username = users.username"
+                " WHERE users.serial IS NOT NULL"
+                " AND users.serial NOT IN (SELECT serial FROM certificates)",
+                (skew,),
+            )
+
     def _insert(self, table: str, columns: Mapping[str, object]) -> None:
         names = ", ".join(columns)
         marks = ", ".join("?" * len(columns))
@@ -990,15 +1132,24 @@ def _since(row: sqlite3.Row) -> int:
     return row["decided_at"] if row["state"] == State.DENIED.value else row["created_at"]
 
 
-def _user_json(user: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+def _user_json(user: Mapping[str, Any], now: int) -> dict[str, Any]:
+    """A user as the administrator sees it, with its current certificate's validity (SPEC section 7)."""
+    body = {
         "username": user["username"],
         "method": user["method"],
         **json.loads(user["granted"]),  # canonical: as Rights.to_json has it
         "createdAt": _iso(user["created_at"]),
         "certificateSerial": user["serial"],
-        "certificateNotAfter": _iso(user["not_after"]) if user["not_after"] else None,
+        "certificateNotAfter": None,
+        "certificateRenewAfter": None,
+        "certificateStatus": None,
     }
+    if user["serial"]:
+        not_before, not_after = user["not_before"], user["not_after"]
+        body["certificateNotAfter"] = _iso(not_after)
+        body["certificateRenewAfter"] = _iso(renew_after(not_before, not_after))
+        body["certificateStatus"] = certificate_status(not_before, not_after, now)
+    return body
 
 
 def _request_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -1188,6 +1339,8 @@ class Registry:
         self._auth_failures: dict[object, collections.deque[int]] = {}
         self._storage_logged_at = -MINUTE
         self._store.keep_verified_keys(ca.inspect_csr if ca else None)
+        self._store.record_issued_certificates(SKEW_OF_OLD_CERTIFICATES)
+        self.refresh_crl()
 
     def close(self) -> None:
         """Write what is counted in memory and close the database."""
@@ -1292,22 +1445,25 @@ class Registry:
             return None
         if self.ca is None:
             raise PolicyViolation("this registry issues no certificates: register with a password")
+        return self._read_csr(registration.csr, registration.username)
+
+    def _read_csr(self, text: str, username: str) -> CsrInfo:
+        """The CSR ``text``, read and verified by the CA, naming ``username``; ``MalformedRequest`` otherwise."""
+        assert self.ca is not None
         # The same CSR text verifies the same way: on the fast path a poll
         # pays for reading it once.
-        digest = hashlib.sha256(registration.csr.encode()).digest()
+        digest = hashlib.sha256(text.encode()).digest()
         info = self._csrs.get(digest)
         if info is None:
             try:
-                info = self.ca.inspect_csr(registration.csr)
+                info = self.ca.inspect_csr(text)
             except ValueError as error:
                 raise MalformedRequest(f"'csr' {error}") from None
             self._csrs.put(digest, info)
         if not info.common_name:
             raise MalformedRequest("the CSR's subject has no Common Name: it must be the username")
-        if info.common_name != registration.username:
-            raise MalformedRequest(
-                f"the CSR's Common Name {info.common_name!r} is not the username {registration.username!r}"
-            )
+        if info.common_name != username:
+            raise MalformedRequest(f"the CSR's Common Name {info.common_name!r} is not the username {username!r}")
         return info
 
     def _matches(self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row) -> bool:
@@ -1354,11 +1510,19 @@ class Registry:
     def _approved_outcome(self, name: str) -> Outcome:
         user = self._store.user(name)
         body = {"status": "approved", "username": name, **Rights.loads(user["granted"]).to_json()}
-        if user["certificate"]:
-            body["certificate"] = user["certificate"]
-            if self.ca is not None:
-                body["caCertificate"] = self.ca.certificate_pem
+        if user["serial"]:
+            body |= self._certificate_json(self._store.certificate_by_serial(user["serial"]))
         return Outcome(HTTPStatus.CREATED, body)
+
+    def _certificate_json(self, certificate: Mapping[str, Any]) -> dict[str, Any]:
+        """SPEC section 7: a certificate in an answer comes with its CA, its notAfter and its renewAfter."""
+        body = {"certificate": certificate["certificate"]}
+        if self.ca is not None:
+            body["caCertificate"] = self.ca.certificate_pem
+        return body | {
+            "notAfter": _iso(certificate["not_after"]),
+            "renewAfter": _iso(renew_after(certificate["not_before"], certificate["not_after"])),
+        }
 
     def _repeated_poll(self, fingerprint: bytes, address: str) -> Outcome | None:
         """The 202 again for a body seen before, while its request is the one pending."""
@@ -1394,10 +1558,14 @@ class Registry:
     # --- The lock (SPEC section 3) ----------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The lock state and the number of pending requests."""
+        """The lock state, the number of pending requests, and the current CRL's number and nextUpdate."""
         now = self._now()
         with self._lock:
-            return self._store.lock_window().to_json(now) | {"pending": self._pending_count(now)}
+            crl = self._store.crl()
+            return self._store.lock_window().to_json(now) | {
+                "pending": self._pending_count(now),
+                "crl": crl and {"number": crl["number"], "nextUpdate": _iso(crl["next_update"])},
+            }
 
     def unlock(self, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
         """Open the registry from now for the body's ``duration`` (ms) or the default."""
@@ -1436,35 +1604,49 @@ class Registry:
             row, state = self._decidable(username, Event.APPROVE, now)
             if row["method"] == "csr" and self.ca is None:
                 raise PolicyViolation("this registry has no CA to sign the request's CSR")
-            user = self._new_user(row, granted, moment)
-            details = {"requested": json.loads(row["requested"]), "granted": json.loads(user["granted"])}
-            if user["serial"]:
-                details["serial"] = user["serial"]
+            rights = row["requested"]  # a canonical text already
+            if granted:
+                rights = dataclasses.replace(Rights.loads(rights), **granted).dumps()
+            certificate = None
+            if row["method"] == "csr":
+                certificate = self._issue(username, row["public_key"], row["key_sha256"], moment)
+            user = {
+                "username": username,
+                "method": row["method"],
+                "password_hash": row["password_hash"],
+                "granted": rights,
+                "certificate": certificate and certificate["certificate"],
+                "certificate_sha256": certificate and certificate["sha256"],
+                "serial": certificate and certificate["serial"],
+                "not_after": certificate and certificate["not_after"],
+                "created_at": now,
+            }
+            details = {"requested": json.loads(row["requested"]), "granted": json.loads(rights)}
+            if certificate:
+                details["serial"] = certificate["serial"]
             with self._writing():
                 self._store.set_state(username, state, now)
                 self._store.add_user(**user)
+                if certificate:
+                    self._store.add_certificate(**certificate)
                 self._audit(now, actor, address, "approve", username, details)
-        return _user_json(user)
+        return _user_json(user | {"not_before": certificate and certificate["not_before"]}, now)
 
-    def _new_user(self, row: sqlite3.Row, granted: dict[str, Any], moment: datetime) -> dict[str, Any]:
-        """The user an approval makes, with a certificate for the request's verified key if it has one."""
-        rights = row["requested"]  # a canonical text already
-        if granted:
-            rights = dataclasses.replace(Rights.loads(rights), **granted).dumps()
-        issued = None
-        if row["method"] == "csr":
-            assert self.ca is not None
-            issued = self.ca.issue_client_certificate(row["public_key"], row["username"], moment)
+    def _issue(
+        self, username: str, public_key: bytes, key_sha256: str, moment: datetime, renewed_from: str | None = None
+    ) -> dict[str, Any]:
+        """A certificate for ``username`` and a verified key, as a row of the issued certificates."""
+        assert self.ca is not None
+        issued = self.ca.issue_client_certificate(public_key, username, moment)
         return {
-            "username": row["username"],
-            "method": row["method"],
-            "password_hash": row["password_hash"],
-            "granted": rights,
-            "certificate": issued and issued.pem,
-            "certificate_sha256": issued and issued.sha256,
-            "serial": issued and format(issued.serial, "x"),
-            "not_after": issued and _micros(issued.not_after),
-            "created_at": _micros(moment),
+            "serial": format(issued.serial, "x"),
+            "username": username,
+            "sha256": issued.sha256,
+            "key_sha256": key_sha256,
+            "certificate": issued.pem,
+            "not_before": _micros(issued.not_before),
+            "not_after": _micros(issued.not_after),
+            "renewed_from": renewed_from,
         }
 
     def deny(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
@@ -1488,13 +1670,14 @@ class Registry:
                 self._audit(now, actor, address, "forget", username, None)
 
     def users(self) -> list[dict[str, Any]]:
-        """Every registered user, by name."""
+        """Every registered user, by name, with its current certificate's validity."""
+        now = self._now()
         with self._lock:
             rows = self._store.users()
-        return [_user_json(row) for row in rows]
+        return [_user_json(row, now) for row in rows]
 
     def remove_user(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
-        """Remove a user and its request: the username may register again."""
+        """Remove a user and its request, and revoke its unexpired certificates: the username may register again."""
         now = self._now()
         with self._lock:
             if self._store.user(username) is None:
@@ -1503,7 +1686,77 @@ class Registry:
             with self._writing():
                 self._store.delete_user(username)
                 self._store.delete_request(username)
-                self._audit(now, actor, address, "remove user", username, None)
+                # RFC 5280 section 5.3.1: the subject no longer needs the certificate.
+                revoked = self._store.revoke(username, now, "cessationOfOperation")
+                self._audit(now, actor, address, "remove user", username, {"revokedCertificates": revoked})
+                if revoked:
+                    self._sign_crl(now)
+
+    # --- The certificate's life (SPEC section 7) --------------------------
+
+    def renew(self, certificate_der: bytes | None, body: object, *, address: str = "") -> Outcome:
+        """A new certificate for the user whose current certificate is ``certificate_der`` (SPEC section 7).
+
+        The same key renews, a new one re-keys; the rights stay. A renewal that
+        repeats the last one (the same certificate presented, the same key)
+        answers the certificate that renewal issued.
+        """
+        now = self._now()
+        with self._lock:
+            caller = self._valid_certificate(certificate_der, now)
+        username = caller["username"]
+        csr = self._read_csr(parse_renewal(body), username)
+        if not key_accepted(csr):
+            raise _policy([key_problem(csr)])
+        moment = self.clock()
+        now = _micros(moment)
+        with self._lock:
+            caller = self._valid_certificate(certificate_der, now)  # the user may be gone meanwhile
+            user = self._store.user(username)
+            current = self._store.certificate_by_serial(user["serial"])
+            if current["renewed_from"] != caller["sha256"] or current["key_sha256"] != csr.public_key_sha256:
+                current = self._issue(username, csr.public_key, csr.public_key_sha256, moment, caller["sha256"])
+                details = {"serial": current["serial"], "from": caller["serial"]}
+                details["newKey"] = current["key_sha256"] != caller["key_sha256"]
+                with self._writing():
+                    self._store.add_certificate(**current)
+                    self._store.set_current_certificate(username, current)
+                    self._audit(now, username, address, "renew", username, details)
+            rights = Rights.loads(user["granted"]).to_json()
+        body = {"status": "renewed", "username": username, **rights, **self._certificate_json(current)}
+        return Outcome(HTTPStatus.CREATED, body)
+
+    def crl(self) -> bytes:
+        """The current CRL, DER (SPEC section 7); ``NotFound`` for a registry without a CA."""
+        with self._lock:
+            crl = self._store.crl()
+        if crl is None:
+            raise NotFound("this registry has no CA, and so no CRL")
+        return crl["der"]
+
+    def refresh_crl(self) -> None:
+        """Sign a new CRL when the current one has less than half of its validity left; a timer calls this."""
+        if self.ca is None:
+            return
+        now = self._now()
+        with self._lock:
+            crl = self._store.crl()
+            if crl_due(crl and crl["next_update"], self.settings.crl_validity, now):
+                with self._writing(changes_requests=False):
+                    self._sign_crl(now)
+
+    def _sign_crl(self, now: int) -> None:
+        """A new CRL of the revoked certificates that have not expired; call within a transaction."""
+        assert self.ca is not None
+        crl = self._store.crl()
+        number = crl["number"] + 1 if crl else 1
+        next_update = now + self.settings.crl_validity // MICROSECOND
+        revoked = [
+            RevokedCertificate(int(row["serial"], 16), _datetime(row["revoked_at"]), row["reason"])
+            for row in self._store.revoked(now)
+        ]
+        der = self.ca.sign_crl(revoked, number, _datetime(now), _datetime(next_update))
+        self._store.set_crl(number, now, next_update, der)
 
     def audit(self, limit: int = 100, before: int | None = None) -> dict[str, Any]:
         """The audit trail, newest first; ``next`` pages on."""
@@ -1564,16 +1817,28 @@ class Registry:
         return Identity(username, Rights.loads(user["granted"]), "password")
 
     def authenticate_certificate(self, certificate_der: bytes) -> Identity:
-        """The user a certificate was issued to; ``Unauthorized`` otherwise."""
-        digest = hashlib.sha256(certificate_der).hexdigest()
+        """The user a certificate was issued to, while it is valid; ``Unauthorized`` otherwise."""
         now = self._now()
         with self._lock:
-            user = self._store.user_by_certificate(digest)
-        if user is None:
-            raise Unauthorized("this certificate belongs to no registered user")
-        if user["not_after"] <= now:
-            raise Unauthorized("this certificate has expired")
+            certificate = self._valid_certificate(certificate_der, now)
+            user = self._store.user(certificate["username"])
         return Identity(user["username"], Rights.loads(user["granted"]), "certificate")
+
+    def _valid_certificate(self, certificate_der: bytes | None, now: int) -> sqlite3.Row:
+        """The issued certificate ``certificate_der``, if it is of a user, unrevoked and unexpired; else 401."""
+        challenge = {"WWW-Authenticate": 'Basic realm="client-registry"'}
+        if not certificate_der:
+            raise Unauthorized(
+                "present the client certificate this registry issued you (mutual TLS)", headers=challenge
+            )
+        certificate = self._store.certificate(hashlib.sha256(certificate_der).hexdigest())
+        if certificate is not None and certificate["revoked_at"] is not None:
+            raise Unauthorized("this certificate was revoked", headers=challenge)
+        if certificate is None or self._store.user(certificate["username"]) is None:
+            raise Unauthorized("this certificate belongs to no registered user", headers=challenge)
+        if certificate["not_after"] <= now:
+            raise Unauthorized("this certificate has expired", headers=challenge)
+        return certificate
 
     # --- Time, transactions and the counted polls -------------------------
 

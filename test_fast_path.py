@@ -58,8 +58,17 @@ class DerivedCA:
         self.issued += 1
         digest = hashlib.sha256(public_key + f"{username} {now.isoformat()} {self.issued}".encode()).hexdigest()
         return registry.IssuedCertificate(
-            pem=f"certificate {digest}", serial=int(digest[:30], 16), not_after=now + timedelta(days=365), sha256=digest
+            pem=f"certificate {digest}",
+            serial=int(digest[:30], 16),
+            not_before=now,
+            not_after=now + timedelta(days=365),
+            sha256=digest,
         )
+
+    def sign_crl(
+        self, revoked: list[registry.RevokedCertificate], number: int, this_update: datetime, next_update: datetime
+    ) -> bytes:
+        return repr((revoked, number, this_update, next_update)).encode()
 
 
 class PairingIds:

@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from http import HTTPStatus
 from typing import Any
 
@@ -541,6 +541,71 @@ def test_the_certificate_carries_the_key_of_the_csr_that_was_verified(
     certificate.verify_directly_issued_by(authority.certificate)
 
 
+# --- A revoked or expired certificate never authenticates (SPEC section 7) ----
+
+life_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.integers(1, 400)),
+        st.tuples(st.just("renew"), st.booleans()),
+        st.just(("remove",)),
+        st.just(("register again",)),
+    ),
+    max_size=8,
+)
+
+
+@given(steps=life_steps)
+def test_a_certificate_authenticates_exactly_while_it_is_issued_unrevoked_and_unexpired(
+    authority: ca.CA, steps: list[tuple]
+) -> None:
+    clock = FakeClock()
+    keys = [ACCEPTED[name] for name in ("P-256", "another P-256")]
+    issued: dict[str, dict[str, Any]] = {}  # certificate PEM -> its notAfter, and whether it was revoked
+
+    def keep(body: dict[str, Any]) -> None:
+        issued.setdefault(body["certificate"], {"notAfter": datetime.fromisoformat(body["notAfter"]), "revoked": False})
+
+    with opened(authority, clock=clock) as reg:
+        request = {"username": "sensor-0003", "csr": csr_for("sensor-0003", keys[0])}
+        reg.register(request)
+        reg.approve("sensor-0003")
+        keep(reg.register(request).body)
+        current = next(iter(issued))
+        for step in steps:
+            note(f"{step}")
+            if step[0] == "advance":
+                clock.advance(days=step[1])
+            elif step[0] == "renew" and current is not None:
+                der = x509.load_pem_x509_certificate(current.encode()).public_bytes(serialization.Encoding.DER)
+                try:
+                    body = reg.renew(der, {"csr": csr_for("sensor-0003", keys[step[1]])}).body
+                except registry.Unauthorized:
+                    assert clock.now >= issued[current]["notAfter"]
+                else:
+                    keep(body)
+                    current = body["certificate"]
+            elif step[0] == "remove" and current is not None:
+                reg.remove_user("sensor-0003")
+                for state in issued.values():
+                    state["revoked"] = state["revoked"] or clock.now < state["notAfter"]
+                current = None
+            elif step[0] == "register again" and current is None:
+                reg.unlock()
+                reg.register(request)
+                reg.approve("sensor-0003")
+                keep(reg.register(request).body)
+                current = list(issued)[-1]
+            for pem, state in issued.items():
+                der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+                valid = not state["revoked"] and clock.now < state["notAfter"]
+                try:
+                    reg.authenticate_certificate(der)
+                except registry.Unauthorized:
+                    assert not valid
+                else:
+                    assert valid
+
+
 # --- The username and password policies --------------------------------------
 
 USERNAME_CASES = [
@@ -822,7 +887,13 @@ def test_the_window_ends_at_now_plus_duration_at_any_instant(authority: ca.CA, s
     with opened(authority, locked=True, clock=clock) as reg:
         reg.unlock({"duration": duration})
         clock.advance(milliseconds=duration)
-        assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 0}
+        crl = {
+            "number": 1,
+            "nextUpdate": (clock.now - timedelta(milliseconds=duration) + timedelta(days=7)).isoformat(
+                timespec="milliseconds"
+            ),
+        }
+        assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 0, "crl": crl}
         assert answer(reg, {"username": "sensor-0003", "password": GOOD_PASSWORD})[0] == HTTPStatus.LOCKED
 
 

@@ -1,4 +1,4 @@
-"""The executable spec of ``registry.py``: SPEC sections 1 to 6, rule by rule.
+"""The executable spec of ``registry.py``: SPEC sections 1 to 7, rule by rule.
 
 Every test drives the sans-IO core directly, with the fake clock of
 ``conftest.py``: no sockets, no sleeping.
@@ -552,9 +552,12 @@ def test_the_order_of_roles_and_permissions_takes_no_part_in_matching(open_reg):
 
 # --- SPEC section 3: the lock ------------------------------------------------
 
+# The CRL a registry with a CA signs when it first opens (SPEC section 7): valid seven days.
+FIRST_CRL = {"number": 1, "nextUpdate": "2026-01-08T12:00:00.000+00:00"}
+
 
 def test_the_registry_starts_locked(reg):
-    assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 0}
+    assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 0, "crl": FIRST_CRL}
 
 
 def test_the_window_closes_by_itself_after_five_minutes(reg, clock):
@@ -563,7 +566,7 @@ def test_the_window_closes_by_itself_after_five_minutes(reg, clock):
     assert reg.status()["locked"] is False
     assert reg.register(password_request("sensor-0001")).status == 202
     clock.advance(milliseconds=1)
-    assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 1}
+    assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 1, "crl": FIRST_CRL}
     with pytest.raises(registry.Locked):
         reg.register(password_request("sensor-0002"))
 
@@ -581,7 +584,7 @@ def test_an_unlock_while_open_starts_a_new_window_from_now(reg, clock):
 
 def test_lock_closes_the_registry_at_once(reg):
     reg.unlock()
-    assert reg.lock() == {"locked": True, "unlockedUntil": None, "pending": 0}
+    assert reg.lock() == {"locked": True, "unlockedUntil": None, "pending": 0, "crl": FIRST_CRL}
     with pytest.raises(registry.Locked):
         reg.register(password_request())
 
@@ -1231,6 +1234,9 @@ class FailingCA:
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> registry.IssuedCertificate:
         raise RuntimeError(f"the signing device refused {username}")
 
+    def sign_crl(self, *crl: object) -> bytes:
+        return b"a CRL"
+
 
 def test_an_approval_whose_signature_fails_changes_nothing(clock, authority):
     failing = registry.Registry(clock=clock, ca=FailingCA(authority), settings=FAST)
@@ -1399,6 +1405,302 @@ def test_a_full_disk_answers_503_to_new_requests_loses_nothing_and_recovers(open
     assert request_of(open_reg, "sensor-0001")["pollCount"] == 3
     assert open_reg.register(password_request(names[0])).status == 202
     assert open_reg.approve("sensor-0001")["username"] == "sensor-0001"
+
+
+# --- SPEC section 7: the certificate's life ---------------------------------
+
+
+def crl_of(reg: registry.Registry, authority: ca.CA) -> x509.CertificateRevocationList:
+    """The registry's current CRL, whose signature must verify with the CA's key."""
+    crl = x509.load_der_x509_crl(reg.crl())
+    assert crl.is_signature_valid(authority.certificate.public_key())
+    return crl
+
+
+def renewal(
+    reg: registry.Registry, certificate_pem: str, key: object, username: str = "sensor-0001"
+) -> registry.Outcome:
+    return reg.renew(certificate_der(certificate_pem), {"csr": make_csr(username, key)})
+
+
+@pytest.fixture
+def device(open_reg):
+    """An approved CSR client: its key, its request and its 201."""
+    key = make_key()
+    request = csr_request("sensor-0001", key, roles=["minimum"])
+    return key, request, approved(open_reg, request)
+
+
+def test_every_answer_that_carries_a_certificate_says_when_it_ends_and_when_to_renew(open_reg, device):
+    _, _request, admitted = device
+    certificate = x509.load_pem_x509_certificate(admitted.body["certificate"].encode())
+    not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+
+    assert not_before == START - timedelta(minutes=5)  # clock skew
+    assert not_after == START + timedelta(days=365)
+    assert datetime.fromisoformat(admitted.body["notAfter"]) == not_after
+    assert datetime.fromisoformat(admitted.body["renewAfter"]) == not_before + (not_after - not_before) * 2 / 3
+    [user] = open_reg.users()
+    assert (user["certificateNotAfter"], user["certificateRenewAfter"]) == (
+        admitted.body["notAfter"],
+        admitted.body["renewAfter"],
+    )
+    assert user["certificateStatus"] == "valid"
+
+
+def test_the_users_list_says_when_a_certificate_is_due_for_renewal_and_when_it_has_expired(open_reg, clock, device):
+    _, _, admitted = device
+    clock.now = datetime.fromisoformat(admitted.body["renewAfter"]) - timedelta(microseconds=1)
+    assert open_reg.users()[0]["certificateStatus"] == "valid"
+    clock.advance(microseconds=1)
+    assert open_reg.users()[0]["certificateStatus"] == "renew"
+    clock.now = datetime.fromisoformat(admitted.body["notAfter"])
+    assert open_reg.users()[0]["certificateStatus"] == "expired"
+
+
+def test_a_renewal_with_the_same_key_issues_a_new_current_certificate_and_the_old_one_stays_valid(
+    open_reg, clock, device, authority
+):
+    key, request, admitted = device
+    clock.advance(days=300)
+
+    renewed = renewal(open_reg, admitted.body["certificate"], key)
+
+    assert renewed.status == 201
+    body = renewed.body
+    assert set(body) == {
+        "status", "username", "roles", "permissions", "certificate", "caCertificate", "notAfter", "renewAfter"
+    }  # fmt: skip
+    assert (body["status"], body["username"], body["roles"], body["permissions"]) == (
+        "renewed",
+        "sensor-0001",
+        ["minimum"],
+        [],
+    )
+    new = assert_issued_from(request["csr"], body["certificate"], authority)
+    assert new.serial_number != x509.load_pem_x509_certificate(admitted.body["certificate"].encode()).serial_number
+    assert new.not_valid_after_utc == clock.now + timedelta(days=365)
+    assert body["caCertificate"] == authority.certificate_pem
+    # Renewal is not revocation: both certificates authenticate, each until its own notAfter.
+    for pem in (admitted.body["certificate"], body["certificate"]):
+        assert open_reg.authenticate_certificate(certificate_der(pem)).username == "sensor-0001"
+    [user] = open_reg.users()
+    assert user["certificateSerial"] == format(new.serial_number, "x")
+    # The approved request repeated now gets the current certificate.
+    assert open_reg.register(request).body["certificate"] == body["certificate"]
+    [entry] = [e for e in open_reg.audit()["entries"] if e["action"] == "renew"]
+    assert entry["details"] == {
+        "serial": user["certificateSerial"],
+        "from": format(x509.load_pem_x509_certificate(admitted.body["certificate"].encode()).serial_number, "x"),
+        "newKey": False,
+    }
+    clock.now = datetime.fromisoformat(admitted.body["notAfter"])
+    with pytest.raises(registry.Unauthorized, match="expired"):
+        open_reg.authenticate_certificate(certificate_der(admitted.body["certificate"]))
+    assert open_reg.authenticate_certificate(certificate_der(body["certificate"])).username == "sensor-0001"
+
+
+def test_a_renewal_with_a_new_key_rekeys_and_the_old_key_no_longer_registers(open_reg, device, authority):
+    _old_key, request, admitted = device
+    new_key = make_key("ed25519")
+
+    renewed = renewal(open_reg, admitted.body["certificate"], new_key)
+
+    assert load_key(renewed.body["certificate"]) == public_der(new_key)
+    rekeyed = request | {"csr": make_csr("sensor-0001", new_key)}
+    assert open_reg.register(rekeyed).body["certificate"] == renewed.body["certificate"]
+    with pytest.raises(registry.Conflict) as refused:
+        open_reg.register(request)
+    assert refused.value.code == "username_taken"
+    [entry] = [e for e in open_reg.audit()["entries"] if e["action"] == "renew"]
+    assert entry["details"]["newKey"] is True
+
+
+def test_a_repeated_renewal_answers_the_certificate_it_issued_so_a_lost_answer_can_be_fetched(open_reg, device):
+    key, _, admitted = device
+    first = renewal(open_reg, admitted.body["certificate"], key)
+
+    again = renewal(open_reg, admitted.body["certificate"], key)
+
+    assert again.body == first.body
+    assert [e["action"] for e in open_reg.audit()["entries"]].count("renew") == 1
+    # From the new certificate, a renewal is a new one.
+    third = renewal(open_reg, first.body["certificate"], key)
+    assert third.body["certificate"] != first.body["certificate"]
+
+
+def test_a_renewal_never_changes_the_rights(open_reg):
+    key = make_key()
+    request = csr_request("sensor-0001", key, roles=["minimum", "operator"], permissions=[READ_TELEMETRY])
+    admitted = approved(open_reg, request, {"roles": ["minimum"]})
+
+    renewed = renewal(open_reg, admitted.body["certificate"], key)
+
+    assert (renewed.body["roles"], renewed.body["permissions"]) == (["minimum"], [READ_TELEMETRY])
+
+
+def foreign_certificate() -> str:
+    """A client certificate for sensor-0001 from another CA."""
+    return issue(ca.CA.create(START, name="Someone Else's CA"), make_csr("sensor-0001"), "sensor-0001", START).pem
+
+
+@pytest.mark.parametrize("case", ["no certificate", "another CA's", "revoked", "expired", "of a removed user"])
+def test_a_renewal_with_a_certificate_that_is_not_current_is_401_and_changes_nothing(open_reg, clock, device, case):
+    key, _, admitted = device
+    presented = certificate_der(admitted.body["certificate"])
+    if case == "no certificate":
+        presented = None
+    elif case == "another CA's":
+        presented = certificate_der(foreign_certificate())
+    elif case in ("revoked", "of a removed user"):
+        open_reg.remove_user("sensor-0001")
+        if case == "of a removed user":  # and the name registered again since
+            approved(open_reg, csr_request("sensor-0001", key))
+    else:
+        clock.now = datetime.fromisoformat(admitted.body["notAfter"])
+    before = snapshot(open_reg)
+
+    with pytest.raises(registry.Unauthorized) as refused:
+        open_reg.renew(presented, {"csr": make_csr("sensor-0001", key)})
+
+    assert refused.value.status == 401
+    assert refused.value.headers["WWW-Authenticate"] == 'Basic realm="client-registry"'
+    assert snapshot(open_reg) == before
+
+
+def test_a_password_user_cannot_renew(open_reg):
+    approved(open_reg, password_request("meter-0001"))
+    with pytest.raises(registry.Unauthorized, match="client certificate"):
+        open_reg.renew(None, {"csr": make_csr("meter-0001")})
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "problem"),
+    [
+        (None, registry.MalformedRequest, "only 'csr'"),
+        ({"csr": "hello"}, registry.MalformedRequest, "exactly one PEM block"),
+        ({"csr": make_csr("sensor-0001"), "roles": ["operator"]}, registry.MalformedRequest, "only 'csr'"),
+        ({"csr": make_csr("sensor-0002")}, registry.MalformedRequest, "is not the username"),
+        ({"csr": make_csr("sensor-0001", make_key("rsa1024"))}, registry.PolicyViolation, "RSA 1024-bit"),
+    ],
+    ids=["no body", "not a CSR", "another field", "another CN", "a weak key"],
+)
+def test_a_renewal_csr_follows_the_registration_rules(open_reg, device, body, error, problem):
+    _, _, admitted = device
+    before = snapshot(open_reg)
+
+    with pytest.raises(error, match=problem):
+        open_reg.renew(certificate_der(admitted.body["certificate"]), body)
+
+    assert snapshot(open_reg) == before
+
+
+def test_removing_a_user_revokes_its_unexpired_certificates_and_a_new_crl_lists_them(
+    open_reg, clock, device, authority
+):
+    key, _, admitted = device
+    renewed = renewal(open_reg, admitted.body["certificate"], key)
+    other = approved(open_reg, csr_request("sensor-0002"))
+    first = crl_of(open_reg, authority)
+    clock.advance(hours=1)
+
+    open_reg.remove_user("sensor-0001")
+
+    crl = crl_of(open_reg, authority)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert number == first.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+    serials = {
+        x509.load_pem_x509_certificate(pem.encode()).serial_number
+        for pem in (admitted.body["certificate"], renewed.body["certificate"])
+    }
+    assert {entry.serial_number for entry in crl} == serials
+    for entry in crl:
+        assert entry.revocation_date_utc == clock.now
+        assert (
+            entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            == x509.ReasonFlags.cessation_of_operation
+        )
+    for pem in (admitted.body["certificate"], renewed.body["certificate"]):
+        with pytest.raises(registry.Unauthorized, match="revoked"):
+            open_reg.authenticate_certificate(certificate_der(pem))
+    assert open_reg.authenticate_certificate(certificate_der(other.body["certificate"])).username == "sensor-0002"
+    [entry] = [e for e in open_reg.audit()["entries"] if e["action"] == "remove user"]
+    assert entry["details"] == {"revokedCertificates": 2}
+
+
+def test_the_crl_has_its_number_issuer_times_and_authority_key_identifier(open_reg, clock, authority):
+    crl = crl_of(open_reg, authority)
+
+    assert crl.issuer == authority.certificate.subject
+    assert crl.last_update_utc == START
+    assert crl.next_update_utc == START + timedelta(days=7)
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
+    identifier = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    ca_identifier = authority.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    assert identifier == ca_identifier
+    assert list(crl) == []
+    assert open_reg.status()["crl"] == {"number": 1, "nextUpdate": "2026-01-08T12:00:00.000+00:00"}
+
+
+def test_the_crl_is_signed_anew_before_half_of_its_validity_is_gone(open_reg, clock, authority):
+    clock.advance(days=3, hours=12)  # exactly half left: not yet
+    open_reg.refresh_crl()
+    assert open_reg.status()["crl"]["number"] == 1
+    clock.advance(microseconds=1)
+
+    open_reg.refresh_crl()
+
+    crl = crl_of(open_reg, authority)
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 2
+    assert crl.next_update_utc == (clock.now + timedelta(days=7)).replace(microsecond=0)
+    assert open_reg.status()["crl"]["number"] == 2
+
+
+def test_a_revoked_certificate_leaves_the_crl_once_it_has_expired(open_reg, clock, device, authority):
+    _, _, admitted = device
+    open_reg.remove_user("sensor-0001")
+    assert len(list(crl_of(open_reg, authority))) == 1
+    clock.now = datetime.fromisoformat(admitted.body["notAfter"])
+    clock.advance(days=4)
+
+    open_reg.refresh_crl()
+
+    assert list(crl_of(open_reg, authority)) == []
+
+
+def test_a_registry_without_a_ca_has_no_crl(clock):
+    bare = registry.Registry(clock=clock, settings=FAST)
+    with pytest.raises(registry.NotFound):
+        bare.crl()
+    assert bare.status()["crl"] is None
+    bare.close()
+
+
+def test_a_database_that_kept_certificates_beside_users_records_them_as_issued(tmp_path, clock, authority):
+    database = str(tmp_path / "registry.db")
+    first = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
+    first.unlock()
+    key = make_key()
+    admitted = approved(first, csr_request("sensor-0001", key))
+    first.close()
+    with sqlite3.connect(database) as old:  # as the version before SPEC section 7 left it
+        old.execute("DELETE FROM certificates")
+    old.close()
+
+    reopened = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
+
+    assert reopened.authenticate_certificate(certificate_der(admitted.body["certificate"])).username == "sensor-0001"
+    assert reopened.register(csr_request("sensor-0001", key)).body["renewAfter"] == admitted.body["renewAfter"]
+    reopened.close()
+
+
+def load_key(certificate_pem: str) -> bytes:
+    return public_der(x509.load_pem_x509_certificate(certificate_pem.encode()))
+
+
+def public_der(holder: object) -> bytes:
+    """The SubjectPublicKeyInfo of a private key or a certificate."""
+    return holder.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 # --- The audit trail ---------------------------------------------------------

@@ -311,7 +311,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def check_status(self, status: dict[str, Any]) -> None:
         """SPEC 4: ``{"locked", "unlockedUntil", "pending"}`` as the model has them."""
         self.expire()
-        assert set(status) == {"locked", "unlockedUntil", "pending"}
+        assert set(status) == {"locked", "unlockedUntil", "pending", "crl"}
         assert status["locked"] is self.locked
         if self.locked:
             assert status["unlockedUntil"] is None
