@@ -30,6 +30,7 @@ import registry
 
 JSON = "application/json"
 PEM = "application/x-pem-file"
+PKIX_CRL = "application/pkix-crl"
 # The types of the page's files, as the server's STATIC_TYPES serves them.
 STATIC_TYPES = ("text/html; charset=utf-8", "text/javascript", "text/css", "image/png")
 PARAMETER = re.compile(r"\{(\w+)\}")
@@ -128,9 +129,28 @@ SCHEMAS: dict[str, Schema] = {
             "permissions": PERMISSIONS,
             "certificate": {"type": "string", "description": "PEM of the issued certificate (a CSR request)"},
             "caCertificate": {"type": "string", "description": "PEM of the issuing CA (a CSR request)"},
+            "notAfter": {**TIME, "description": "When the certificate expires (a CSR request)"},
+            "renewAfter": {**TIME, "description": "From when to renew it: two thirds of its validity"},
         },
         required=("status", "username", "roles", "permissions"),
         description="What was granted, which may be narrower than what was requested",
+    ),
+    "Renewal": _closed(
+        {"csr": {"type": "string", "description": "PEM PKCS#10 request whose CN is your username: same key or new"}},
+        description="SPEC section 7: sent over mutual TLS with the current certificate",
+    ),
+    "RenewedAnswer": _closed(
+        {
+            "status": {"const": "renewed"},
+            "username": TEXT,
+            "roles": ROLES,
+            "permissions": PERMISSIONS,
+            "certificate": {"type": "string", "description": "PEM of the new certificate"},
+            "caCertificate": {"type": "string", "description": "PEM of the issuing CA"},
+            "notAfter": TIME,
+            "renewAfter": TIME,
+        },
+        description="The user's rights are unchanged; the previous certificate stays valid until its own notAfter",
     ),
     "Error": _closed(
         {
@@ -142,7 +162,20 @@ SCHEMAS: dict[str, Schema] = {
         },
         required=("error", "message"),
     ),
-    "Status": _closed({"locked": {"type": "boolean"}, "unlockedUntil": MAYBE_TIME, "pending": {"type": "integer"}}),
+    "Status": _closed(
+        {
+            "locked": {"type": "boolean"},
+            "unlockedUntil": MAYBE_TIME,
+            "pending": {"type": "integer"},
+            "crl": {
+                "oneOf": [
+                    _closed({"number": {"type": "integer", "minimum": 1}, "nextUpdate": TIME}),
+                    {"type": "null"},
+                ],
+                "description": "The current CRL (null without a CA)",
+            },
+        }
+    ),
     "Request": _closed(
         {
             "username": TEXT,
@@ -167,8 +200,13 @@ SCHEMAS: dict[str, Schema] = {
             "roles": ROLES,
             "permissions": PERMISSIONS,
             "createdAt": TIME,
-            "certificateSerial": {"type": ["string", "null"], "description": "Hexadecimal"},
+            "certificateSerial": {"type": ["string", "null"], "description": "Hexadecimal, of the current certificate"},
             "certificateNotAfter": MAYBE_TIME,
+            "certificateRenewAfter": MAYBE_TIME,
+            "certificateStatus": {
+                "enum": ["valid", "renew", "expired", None],
+                "description": "'renew' from renewAfter on (it expires soon); null for a password user",
+            },
         }
     ),
     "Identity": _closed(
@@ -217,6 +255,7 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "public": [],
     "admin": [{"adminToken": []}],
     "client": [{"basic": []}, {"clientCertificate": []}],
+    "certificate": [{"clientCertificate": []}],
 }
 
 # The JSON body a handler reads: (schema name, whether it is required).
@@ -225,6 +264,7 @@ BODIES: dict[str, tuple[str, bool]] = {
     "unlock": ("Unlock", False),
     "approve": ("Grant", False),
     "deny": ("Denial", False),
+    "renew": ("Renewal", True),
 }
 
 # What a handler answers when it succeeds: status -> content.
@@ -242,6 +282,9 @@ SUCCESS: dict[str, dict[int, Schema]] = {
     "users": {200: _json(_list("User"))},
     "remove_user": {200: _json(_ref("Removal"))},
     "ca": {200: {PEM: {"schema": TEXT}}},
+    "crl": {200: {PKIX_CRL: {"schema": {"type": "string", "contentEncoding": "binary"}}}},
+    "crl_pem": {200: {PEM: {"schema": TEXT}}},
+    "renew": {201: _json(_ref("RenewedAnswer"))},
     "whoami": {200: _json(_ref("Identity"))},
     "openapi": {200: _json({"type": "object", "description": "This document"})},
     "page": {200: {STATIC_TYPES[0]: {"schema": TEXT}}},
@@ -266,6 +309,14 @@ NOTES: dict[str, dict[int, str]] = {
     "deny": {409: "not_pending: the request was already decided"},
     "forget": {409: "not_pending: the request is approved (remove its user instead)"},
     "whoami": {401: "Not a registered client", 429: "Too many failed sign-ins for this username"},
+    "renew": {
+        201: "Renewed (same key) or re-keyed (new key); a repeated renewal answers the certificate it issued",
+        400: "A malformed body or CSR, or a CSR whose CN is not your username",
+        401: "The certificate presented is not current: unknown, revoked, expired, of a removed user, or none",
+        422: "A key the policy refuses",
+    },
+    "crl": {404: "The registry has no CA"},
+    "crl_pem": {404: "The registry has no CA"},
 }
 
 # What a status means on any route, where its phrase alone says too little.

@@ -98,7 +98,12 @@ def test_every_status_of_a_route_is_documented(route: server.Route) -> None:
 
 @pytest.mark.parametrize(
     ("access", "schemes"),
-    [("public", []), ("admin", [("http", "bearer")]), ("client", [("http", "basic"), ("mutualTLS", None)])],
+    [
+        ("public", []),
+        ("admin", [("http", "bearer")]),
+        ("client", [("http", "basic"), ("mutualTLS", None)]),
+        ("certificate", [("mutualTLS", None)]),
+    ],
 )
 def test_security_follows_access(access: str, schemes: list[tuple[str, str | None]]) -> None:
     defined = DOCUMENT["components"]["securitySchemes"]
@@ -116,7 +121,7 @@ def test_the_bodies_a_route_takes() -> None:
         for _, _, operation in operations(DOCUMENT)
         if "requestBody" in operation
     }
-    assert set(bodies) == {"register", "unlock", "approve", "deny"}
+    assert set(bodies) == {"register", "unlock", "approve", "deny", "renew"}
     register = bodies["register"]
     assert register["additionalProperties"] is False
     assert register["required"] == ["username"]
@@ -125,6 +130,7 @@ def test_the_bodies_a_route_takes() -> None:
     assert bodies["unlock"]["properties"]["duration"]["type"] == "integer"
     assert set(bodies["approve"]["properties"]) == {"roles", "permissions"}
     assert set(bodies["deny"]["properties"]) == {"reason"}
+    assert (bodies["renew"]["required"], set(bodies["renew"]["properties"])) == (["csr"], {"csr"})
 
 
 def test_retry_after_goes_with_202_423_429_503() -> None:
@@ -136,6 +142,7 @@ def test_retry_after_goes_with_202_423_429_503() -> None:
 
 def test_media_types_are_those_the_server_sends() -> None:
     assert openapi.PEM == server.PEM
+    assert openapi.PKIX_CRL == server.PKIX_CRL
     assert set(openapi.STATIC_TYPES) == set(server.STATIC_TYPES.values())
 
 
