@@ -191,6 +191,11 @@ SCHEMAS: dict[str, Schema] = {
             "clientAddress": MAYBE_TEXT,
             "decidedAt": MAYBE_TIME,
             "reason": MAYBE_TEXT,
+            "granted": {
+                "oneOf": [_closed({"roles": ROLES, "permissions": PERMISSIONS}), {"type": "null"}],
+                "description": "What was granted (an approved request)",
+            },
+            "collectedAt": {**MAYBE_TIME, "description": "When the client first fetched its 201"},
         }
     ),
     "User": _closed(

@@ -823,7 +823,8 @@ CREATE TABLE IF NOT EXISTS requests (
     last_poll_at INTEGER NOT NULL,
     poll_count INTEGER NOT NULL DEFAULT 0,
     decided_at INTEGER,
-    reason TEXT
+    reason TEXT,
+    collected_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_by_age ON requests (state, created_at);
 CREATE TABLE IF NOT EXISTS users (
@@ -868,8 +869,8 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 # What the administrator's listings show: no hash, no key, no certificate.
 REQUEST_COLUMNS = (
-    "username, state, pairing_id, method, requested, context, created_at, last_poll_at, poll_count,"
-    " client_address, decided_at, reason"
+    "requests.username, state, pairing_id, requests.method, requested, context, requests.created_at, last_poll_at,"
+    " poll_count, client_address, decided_at, reason, collected_at, users.granted"
 )
 USER_COLUMNS = "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before"
 
@@ -894,6 +895,10 @@ class Store:
         self._db.execute("PRAGMA wal_autocheckpoint=10000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        # Columns added since the first version of the schema.
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
+        if "collected_at" not in columns:
+            self._db.execute("ALTER TABLE requests ADD COLUMN collected_at INTEGER")
 
     def close(self) -> None:
         self._db.close()
@@ -957,9 +962,17 @@ class Store:
     def delete_request(self, username: str) -> None:
         self._db.execute("DELETE FROM requests WHERE username = ?", (username,))
 
-    def requests(self) -> list[sqlite3.Row]:
-        """Every stored request, oldest first, with the columns the administrator sees."""
-        return self._db.execute(f"SELECT {REQUEST_COLUMNS} FROM requests ORDER BY created_at, username").fetchall()
+    def requests(self, username: str | None = None) -> list[sqlite3.Row]:
+        """Every stored request (or the one of ``username``), oldest first, as the administrator sees them."""
+        return self._db.execute(
+            f"SELECT {REQUEST_COLUMNS} FROM requests LEFT JOIN users ON users.username = requests.username"
+            " WHERE ? IS NULL OR requests.username = ? ORDER BY requests.created_at, requests.username",
+            (username, username),
+        ).fetchall()
+
+    def mark_collected(self, username: str, now: int) -> None:
+        """The client of an approved request has fetched its 201."""
+        self._db.execute("UPDATE requests SET collected_at = ? WHERE username = ?", (now, username))
 
     def purge(self, cutoff: int) -> None:
         """Drop pending requests created, and denied ones decided, at or before ``cutoff``."""
@@ -1168,6 +1181,9 @@ def _request_json(row: sqlite3.Row) -> dict[str, Any]:
         "clientAddress": row["client_address"],
         "decidedAt": _iso(row["decided_at"]) if row["decided_at"] else None,
         "reason": row["reason"],
+        # What was granted, and when the client first fetched it (approved requests).
+        "granted": json.loads(row["granted"]) if row["granted"] else None,
+        "collectedAt": _iso(row["collected_at"]) if row["collected_at"] else None,
     }
 
 
@@ -1419,6 +1435,8 @@ class Registry:
     ) -> Outcome:
         name = registration.username
         if decision is Decision.REDELIVER:
+            if row["collected_at"] is None:
+                self._mark_collected(name, now)
             return self._approved_outcome(name)
         if decision is Decision.POLL:
             assert row is not None
@@ -1658,7 +1676,7 @@ class Registry:
             with self._writing():
                 self._store.set_state(username, state, now, reason)
                 self._audit(now, actor, address, "deny", username, {"reason": reason})
-            return _request_json(self._live_request(username, now))
+            return _request_json(self._store.requests(username)[0])
 
     def forget(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
         """Forget a pending or denied request."""
@@ -1878,6 +1896,12 @@ class Registry:
                     self._storage_logged_at = now
                     log.error("the database cannot store (disk full?): new requests get 503 until it can")
             raise
+
+    def _mark_collected(self, username: str, now: int) -> None:
+        # Once, and only to inform the administrator: the answer goes out
+        # even when it cannot be written.
+        with contextlib.suppress(StorageUnavailable), self._writing(changes_requests=False):
+            self._store.mark_collected(username, now)
 
     def _count_poll(self, username: str, address: str, now: int) -> None:
         if self._polls.count(username, address, now):

@@ -764,6 +764,9 @@ class RegistryServer(ThreadingHTTPServer):
         self.app = app
         self.tls = tls
         self._slots = threading.BoundedSemaphore(config.max_connections)
+        self._held: collections.Counter[str] = collections.Counter()  # open connections by client address
+        self._held_lock = threading.Lock()
+        self.refused: collections.Counter[str] = collections.Counter()  # connections closed unserved, by address
         self.watchdog = Watchdog(min(0.5, config.timeout / 4))
         self.access_log = AccessLog(ACCESS_LOG_SECONDS)
         super().__init__((config.host, config.port), Handler)
@@ -774,18 +777,41 @@ class RegistryServer(ThreadingHTTPServer):
         self.access_log.close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        # One thread a connection, and no more threads than slots.
-        if not self._slots.acquire(blocking=False):
-            log.warning("closing a connection from %s: %d are open", client_address[0], self.config.max_connections)
+        # One thread a connection, no more threads than slots, and no more
+        # slots for one address than its cap (as nginx's limit_conn): one
+        # client holding its cap leaves the others room.
+        address = client_address[0]
+        with self._held_lock:
+            if self._held[address] >= self.config.max_connections_per_address:
+                refusal = f"it holds {self.config.max_connections_per_address}, its most"
+            elif not self._slots.acquire(blocking=False):
+                refusal = f"{self.config.max_connections} are open, the most"
+            else:
+                refusal = None
+                self._held[address] += 1
+            if refusal:
+                self.refused[address] += 1
+                refused_so_far = self.refused[address]
+        if refusal:
+            log.warning("closing a connection from %s unserved: %s (%d so far)", address, refusal, refused_so_far)
             self.close_request(request)
             return
         super().process_request(request, client_address)
+
+    def connections_from(self, address: str) -> int:
+        """How many connections ``address`` holds open now."""
+        with self._held_lock:
+            return self._held[address]
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            with self._held_lock:
+                self._held[client_address[0]] -= 1
+                if not self._held[client_address[0]]:
+                    del self._held[client_address[0]]
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is None:
@@ -895,6 +921,7 @@ def tls_context(authority: ca_module.CA, data: Path, names: list[str], now: date
     files.check_private(key_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
     context.load_cert_chain(cert_path, key_path)
     # Mutual TLS for whoami: a client may show a certificate from our CA.
     context.verify_mode = ssl.CERT_OPTIONAL
@@ -974,14 +1001,19 @@ def main(argv: list[str] | None = None) -> None:
     """Start the server; Ctrl-C or SIGTERM stops it."""
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    kept = config.data_dir / "admin-token"
+    made_now = not config.admin_token and not kept.exists()
     try:
         server = build(config)
     except (OSError, ValueError) as error:
         sys.exit(f"server.py: cannot start: {error}")
-    token = admin_token(config)
     print(f"Client registry at {server.url}/api/client-registry (data in {config.data_dir})", flush=True)
-    if not config.admin_token:
-        print(f"Administrator token: {token}", flush=True)
+    # The token is shown once, when it is made; a terminal's scrollback or a
+    # service's journal should not collect a copy at every start.
+    if made_now:
+        print(f"Administrator token: {admin_token(config)} (kept in {kept})", flush=True)
+    elif not config.admin_token:
+        print(f"The administrator token is kept in {kept}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()

@@ -202,7 +202,8 @@ def test_killed_server_loses_nothing_it_answered(tmp_path: Path, server_process:
 
 
 def test_racing_clients_get_one_request_per_username(tmp_path: Path) -> None:
-    with serve(tmp_path) as srv:
+    # 60 clients at once, all from 127.0.0.1: over the default cap of one address.
+    with serve(tmp_path, max_connections_per_address=100) as srv:
         address = srv.server_address
         admin(address, "POST", "/api/client-registry/unlock")
         distinct = [{"username": f"plant-{i:02}", "password": f"password-{i}"} for i in range(50)]
@@ -216,7 +217,8 @@ def test_racing_clients_get_one_request_per_username(tmp_path: Path) -> None:
 
 
 def test_approvals_race_with_polls_and_deletes(tmp_path: Path) -> None:
-    with serve(tmp_path) as srv:
+    # 30 clients at once from 127.0.0.1, each connection lingering as it closes: room over the default cap.
+    with serve(tmp_path, max_connections_per_address=100) as srv:
         address = srv.server_address
         admin(address, "POST", "/api/client-registry/unlock")
         payloads = [{"username": f"unit-{i:02}", "password": "password-x"} for i in range(20)]
@@ -430,6 +432,31 @@ def test_tls_clients_that_stall_are_cut_off(tmp_path: Path) -> None:
             assert other.recv(12) == b"HTTP/1.1 200"
 
 
+def test_a_body_cut_short_over_tls_is_one_access_line_and_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
+) -> None:
+    # A client that sends less body than its Content-Length and closes has
+    # aborted its request: no client's mistake may write a traceback, and an
+    # aborted request is one access line at most. Closing without TLS's
+    # close_notify is what the server once met with "handshake not done yet".
+    caplog.set_level(logging.DEBUG, logger="registry")
+    request = b"POST /api/client-registry/register HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{}"
+    with serve(tmp_path, http=False) as srv:
+        trust = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        for _ in range(30):
+            with socket.create_connection(srv.server_address, timeout=10) as raw:
+                trust.wrap_socket(raw, server_hostname="localhost").sendall(request)
+        deadline = time.monotonic() + 10
+        while srv.connections_from("127.0.0.1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    written = capfd.readouterr().err
+
+    assert [
+        record.getMessage() for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR
+    ] == []
+    assert written.count("POST /api/client-registry/register") <= 30
+
+
 # --- Limits ------------------------------------------------------------------
 
 
@@ -495,6 +522,37 @@ def test_refused_requests_cost_no_key_derivation(tmp_path: Path, monkeypatch: py
         admin(address, "POST", "/api/client-registry/unlock")
         assert register(address, {"username": "valve-1", "password": "password-x"})[0] == 202
         assert len(derivations) == 1, "the counter must see the one derivation of a stored request"
+
+
+def test_one_address_holding_its_cap_of_connections_leaves_room_for_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As nginx's limit_conn: one address may hold so many connections at once,
+    # so that 300 slow ones from one client cannot take the server from the
+    # rest. 127.0.0.2 is another loopback address on Linux.
+    caplog.set_level(logging.WARNING, logger="registry.server")
+    with serve(tmp_path, max_connections_per_address=4, timeout=5) as srv:
+        address = srv.server_address
+        held = [socket.create_connection(address, timeout=10) for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while srv.connections_from("127.0.0.1") < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            with socket.create_connection(address, timeout=10) as extra:
+                assert closed_by_server(extra, seconds=5), "a fifth connection from 127.0.0.1 was kept"
+            with socket.create_connection(address, timeout=10, source_address=("127.0.0.2", 0)) as other:
+                other.sendall(b"GET /api/client-registry/ca HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert receive_all(other).startswith(b"HTTP/1.1 200 "), "another address was not served"
+        finally:
+            for connection in held:
+                connection.close()
+        assert srv.refused["127.0.0.1"] == 1 and "127.0.0.2" not in srv.refused
+        assert any("closing a connection from 127.0.0.1 unserved" in r.getMessage() for r in caplog.records)
+        # The held connections closed, the address is served again.
+        deadline = time.monotonic() + 5
+        while srv.connections_from("127.0.0.1") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert call(address, "GET", "/api/client-registry/ca")[0] == 200
 
 
 # --- Secrets -----------------------------------------------------------------

@@ -1407,6 +1407,28 @@ def test_a_full_disk_answers_503_to_new_requests_loses_nothing_and_recovers(open
     assert open_reg.approve("sensor-0001")["username"] == "sensor-0001"
 
 
+def test_the_listing_shows_what_was_granted_and_whether_the_client_has_collected_it(open_reg, clock):
+    """Issue 18: an approved row shows the granted rights, and "collected" once the client has fetched its 201."""
+    request = password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY])
+    assert open_reg.register(request).status == 202
+    assert (request_of(open_reg, "sensor-0001")["granted"], request_of(open_reg, "sensor-0001")["collectedAt"]) == (
+        None,
+        None,
+    )
+    clock.advance(minutes=1)
+    open_reg.approve("sensor-0001", {"roles": ["minimum"]})
+
+    listed = request_of(open_reg, "sensor-0001")
+    assert listed["granted"] == {"roles": ["minimum"], "permissions": [READ_TELEMETRY]}
+    assert (listed["roles"], listed["collectedAt"]) == (["minimum", "operator"], None)
+    clock.advance(minutes=1)
+    assert open_reg.register(request).status == 201
+    collected = clock.now
+    clock.advance(minutes=1)
+    assert open_reg.register(request).status == 201
+    assert datetime.fromisoformat(request_of(open_reg, "sensor-0001")["collectedAt"]) == collected
+
+
 # --- SPEC section 7: the certificate's life ---------------------------------
 
 

@@ -889,7 +889,10 @@ def test_head_of_an_administrator_call_without_the_token_is_401_without_a_body(c
 
 @BOTH_READERS
 def test_an_unknown_method_is_501_in_json(client: Client) -> None:
-    assert_error(client.call("BREW", STATUS), 501)
+    # RFC 9110 section 15.6.2: a method the server does not recognise, on any path.
+    assert_error(client.call("BREW", STATUS), 501, "not_implemented")
+    assert_error(client.call("BREW", "/api/nothing"), 501, "not_implemented")
+    assert client.call("GET", CA_PATH, kind=PEM).status == 200  # and the connection goes on
 
 
 @BOTH_READERS
@@ -953,6 +956,151 @@ def test_the_ca_certificate_is_public_pem(live: Running, client: Client) -> None
     assert reply.status == 200
     assert reply.raw == (live.data_dir / "ca.pem").read_bytes()
     assert x509.load_pem_x509_certificate(reply.raw).subject == live.authority().certificate.subject
+
+
+def exchange(live: Running, data: bytes) -> list[int]:
+    """Send bytes on a fresh TLS connection, read until the server closes it: the statuses of the answers."""
+    head, body = raw_exchange(live, data)
+    return [int(status) for status in re.findall(rb"^HTTP/1\.1 (\d{3}) ", head + b"\r\n\r\n" + body, re.MULTILINE)]
+
+
+CA_REQUEST = b"GET /api/client-registry/ca HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+@BOTH_READERS
+@pytest.mark.parametrize(
+    ("coding", "length", "status"),
+    [
+        ("gzip", True, 400),
+        ("identity", True, 400),
+        ("gzip", False, 400),
+        ("chunked, gzip", True, 400),
+        ("", True, 400),
+        ("gzip, chunked", True, 411),
+        ("chunked", True, 411),
+    ],
+)
+def test_a_transfer_encoding_is_refused_and_the_connection_closed(
+    live: Running, coding: str, length: bool, status: int
+) -> None:
+    # RFC 9112 section 6.3: a request whose Transfer-Encoding does not end in
+    # chunked has no length the server can know: 400, then close. Framed by
+    # its Content-Length instead, its body could carry a request that a proxy
+    # in front took for data (request smuggling). A chunked one this server
+    # does not read: 411. Either way the pipelined request after it is not
+    # answered (section 6.1: close after a Transfer-Encoding with a length).
+    framing = f"Transfer-Encoding: {coding}\r\n" + (f"Content-Length: {len(CA_REQUEST)}\r\n" if length else "")
+    request = f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\n{framing}\r\n".encode()
+
+    assert exchange(live, request + CA_REQUEST + CA_REQUEST) == [status]
+
+
+HOST_CASES = {
+    "no Host in HTTP/1.1": (b"HTTP/1.1", b"", 400),
+    "two Host lines": (b"HTTP/1.1", b"Host: localhost\r\nHost: localhost\r\n", 400),
+    "a Host that is no host": (b"HTTP/1.1", b"Host: a b/c@d\r\n", 400),
+    "a Host with a path": (b"HTTP/1.1", b"Host: localhost/api\r\n", 400),
+    "a Host with user information": (b"HTTP/1.1", b"Host: admin@localhost\r\n", 400),
+    "no Host in HTTP/1.0": (b"HTTP/1.0", b"", 200),
+    "a name and a port": (b"HTTP/1.1", b"Host: localhost:8443\r\n", 200),
+    "an IPv4 address": (b"HTTP/1.1", b"Host: 127.0.0.1\r\n", 200),
+    "an IPv6 literal and a port": (b"HTTP/1.1", b"Host: [::1]:8443\r\n", 200),
+    "an empty Host": (b"HTTP/1.1", b"Host:\r\n", 200),
+}
+
+
+@BOTH_READERS
+@pytest.mark.parametrize(("version", "lines", "status"), HOST_CASES.values(), ids=HOST_CASES.keys())
+def test_a_request_names_one_valid_host(live: Running, version: bytes, lines: bytes, status: int) -> None:
+    # RFC 9112 section 3.2: a server MUST answer 400 to an HTTP/1.1 request
+    # without Host, and to any request with more than one Host line or a Host
+    # that is not uri-host [":" port] (RFC 9110 section 7.2), which may be empty.
+    request = b"GET /api/client-registry/ca " + version + b"\r\n" + lines + b"Connection: close\r\n\r\n"
+
+    assert exchange(live, request) == [status]
+
+
+@BOTH_READERS
+@pytest.mark.parametrize("after", ["\xa0", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f"], ids=ascii)
+def test_only_spaces_and_tabs_are_white_space_around_a_token(live: Running, after: str) -> None:
+    # RFC 9110 section 5.6.3: optional white space is SP and HTAB, and
+    # nothing else. A control character is off the field-value grammar
+    # (section 5.5: 400); a no-break space or a NEL is obs-text, part of the
+    # value, and then the token is not the token (401).
+    def status_with(value: str) -> list[int]:
+        request = f"GET {STATUS} HTTP/1.1\r\nHost: localhost\r\nAuthorization: {value}\r\nConnection: close\r\n\r\n"
+        return exchange(live, request.encode("latin-1"))
+
+    assert status_with(f"Bearer {live.token}{after}") == [401 if after in "\xa0\x85" else 400]
+    assert status_with(f"Bearer {live.token} \t") == status_with(f"Bearer  {live.token}") == [200]
+
+
+@BOTH_READERS
+def test_basic_credentials_take_no_other_white_space_either(live: Running, client: Client) -> None:
+    unlocked(client)
+    assert_pending(client.register(SENSOR), "sensor-0003")
+    approve(client, "sensor-0003")
+    encoded = basic(SENSOR["username"], SENSOR["password"])["Authorization"]
+
+    assert client.whoami({"Authorization": encoded}).status == 200
+    assert_error(client.whoami({"Authorization": encoded + "\xa0"}), 401, "unauthorized")
+
+
+@BOTH_READERS
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PATCH", "PUT", "OPTIONS"])
+def test_a_method_the_server_knows_is_405_with_allow_on_a_known_path(client: Client, method: str) -> None:
+    # RFC 9110 section 15.5.6: a method the server knows that the target does
+    # not take is 405, with Allow; section 15.6.2: one it does not recognise is 501.
+    reply = client.call(method, STATUS)
+
+    assert_error(reply, 405, "method_not_allowed")
+    assert reply.headers["Allow"] == "GET, HEAD"
+
+
+@BOTH_READERS
+def test_every_answer_is_in_the_access_log(
+    live: Running, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="registry.access")
+    assert_error(live.client().call("BREW", STATUS), 501, "not_implemented")
+    assert exchange(live, f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nX-Note: a\r\n b\r\n\r\n".encode()) == [400]
+    assert exchange(live, b"HELLO\r\n\r\n") == [400]
+    assert exchange(live, b"GET / HTTP/2.0\r\n\r\n") == [505]
+    lines = [
+        f"BREW {STATUS} 501 ",
+        f"POST {REGISTER} 400 ",
+        "- - 400 ",
+        "- - 505 ",
+    ]
+    written, deadline = "", time.monotonic() + 10
+    while not all(line in written for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        written += capfd.readouterr().err
+
+    assert [line for line in lines if line not in written] == [], written
+
+
+def test_tls_1_2_offers_aead_suites_only_and_tls_1_3_stays(live: Running) -> None:
+    # Mozilla's "intermediate" configuration: ECDHE with AES-GCM or
+    # ChaCha20-Poly1305. CBC suites (MAC-then-encrypt) are the ones of the
+    # padding-oracle attacks (Lucky Thirteen).
+    def handshake(ciphers: str | None = None) -> tuple[str, str]:
+        context = live.context()
+        if ciphers is not None:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers(ciphers)
+        with (
+            socket.create_connection((HOST, live.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=HOST) as tls,
+        ):
+            return tls.version(), tls.cipher()[0]
+
+    for cbc in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384"):
+        with pytest.raises(ssl.SSLError):
+            handshake(cbc)
+    for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+        assert handshake(aead) == ("TLSv1.2", aead)
+    assert handshake()[0] == "TLSv1.3"
 
 
 @BOTH_READERS
@@ -1376,6 +1524,26 @@ def test_a_given_token_is_not_written_down(start: Start, tmp_path: Path) -> None
 
     assert not (data / "admin-token").exists()
     assert live.client().admin("GET", STATUS).status == 200
+
+
+def test_a_generated_token_is_printed_once_then_where_it_is_kept(tmp_path: Path) -> None:
+    # A terminal's scrollback or a service's journal should not gather a
+    # copy of the token at every start.
+    data = tmp_path / "registry-data"
+
+    def printed_at_start() -> str:
+        with server_process(data, free_port(), tmp_path / "server.log") as process:
+            printed = process.stdout.readline() + process.stdout.readline()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        return printed
+
+    first, second = printed_at_start(), printed_at_start()
+    token = (data / "admin-token").read_text().strip()
+
+    assert first.count(token) == 1 and first.count("Administrator token:") == 1
+    assert token not in second and "Administrator token:" not in second
+    assert f"kept in {data / 'admin-token'}" in second
 
 
 def test_a_restart_keeps_the_token_the_ca_the_lock_and_the_requests(start: Start, tmp_path: Path) -> None:
