@@ -46,6 +46,16 @@ The order of the checks (SPEC section 2)
 A request *matches* a stored one when the credential (the same password,
 or a CSR with the same public key) and the requested rights are equal.
 
+The certificate's life (SPEC section 7)
+---------------------------------------
+Every certificate issued is recorded. A client renews its current one over
+mutual TLS (``renew``): the same key renews, a new one re-keys, and the new
+certificate becomes the user's credential while the previous one stays
+valid until its own notAfter. Removing a user revokes its unexpired
+certificates; the CA signs a CRL of them at every revocation and whenever
+the current CRL has less than half of its validity left (``refresh_crl``,
+which the server calls from a timer).
+
 Invariants
 ----------
 - A rejected command changes nothing.
