@@ -353,8 +353,11 @@ DESCRIPTION = (
     "again; an administrator unlocks the registry and approves or denies what is pending."
 )
 OTHER_ERRORS = (
-    "Any route may also answer 404 (unknown path), 405 (another method, with Allow), 411 (a chunked body), "
-    "413 (a body over the limit) or 500 (internal_error, with no details)"
+    "Any route may also answer 400 (bad_framing: a request line, header or Host that RFC 9112 refuses, or a "
+    "Transfer-Encoding other than chunked), 404 (unknown path), 405 (a method the server knows that the path "
+    "does not take, with Allow), 411 (a chunked body), 413 (a body over the limit), 414 or 431 (a request line "
+    "or headers over the limit), 501 (a method the server does not recognise), 505 (HTTP/2 or later on this "
+    "connection) or 500 (internal_error, with no details)"
 )
 
 

@@ -28,10 +28,11 @@ import signal
 import socket
 import ssl
 import sys
+import textwrap
 import threading
 import time
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -51,6 +52,8 @@ access_logger = logging.getLogger("registry.access")
 
 JSON = "application/json"
 PEM = "application/x-pem-file"
+PKIX_CRL = "application/pkix-crl"  # RFC 2585 section 4.2
+CRL_CHECK_SECONDS = 60.0  # how often the server asks whether the CRL is due to be signed again
 STATIC = Path(__file__).with_name("static")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
 # The page runs only its own script and style, and no one may frame it.
@@ -110,6 +113,7 @@ class Config:
     retry_after: int = 5
     retry_after_locked: int = 30
     cert_days: int = 365
+    crl_days: float = 7
     roles: Path | None = None
     max_body: int = 64 * 1024
     retention_hours: float = 24
@@ -168,7 +172,7 @@ class Route:
     method: str
     pattern: str
     handler: str
-    access: str  # "public", "admin" or "client"
+    access: str  # "public", "admin", "client" (password or certificate) or "certificate"
     summary: str
     statuses: tuple[int, ...] = (200,)
 
@@ -196,6 +200,10 @@ ROUTES = (
     Route("DELETE", "/api/users/{username}", "remove_user", "admin",
           "Remove a user and its request", (200, 404)),
     Route("GET", "/api/client-registry/ca", "ca", "public", "The CA certificate (PEM)", (200, 404)),
+    Route("GET", "/api/client-registry/crl", "crl", "public", "The CA's current CRL (DER)", (200, 404)),
+    Route("GET", "/api/client-registry/crl.pem", "crl_pem", "public", "The CA's current CRL (PEM)", (200, 404)),
+    Route("POST", "/api/client-registry/renew", "renew", "certificate",
+          "Renew or re-key the client certificate presented over mutual TLS", (201, 400, 401, 422, 503)),
     Route("GET", "/api/auth/whoami", "whoami", "client",
           "Who the caller is, by HTTP Basic or by its client certificate", (200, 401, 429)),
     Route("GET", "/api/openapi.json", "openapi", "public", "This API as an OpenAPI 3.1 document"),
@@ -303,11 +311,24 @@ class App:
             raise registry.NotFound("this registry has no CA")
         return Response(HTTPStatus.OK, self.core.ca.certificate_pem.encode(), PEM)
 
+    def crl(self, request: Request) -> Response:
+        return Response(HTTPStatus.OK, self.core.crl(), PKIX_CRL)
+
+    def crl_pem(self, request: Request) -> Response:
+        # RFC 7468 section 5: a CRL's PEM label.
+        lines = textwrap.wrap(base64.b64encode(self.core.crl()).decode(), 64)
+        text = "\n".join(["-----BEGIN X509 CRL-----", *lines, "-----END X509 CRL-----", ""])
+        return Response(HTTPStatus.OK, text.encode(), PEM)
+
+    def renew(self, request: Request) -> Response:
+        outcome = self.core.renew(request.peer_certificate, _json_body(request), address=request.client_address)
+        return Response(outcome.status, outcome.content, JSON, outcome.headers)
+
     def whoami(self, request: Request) -> Response:
         if request.peer_certificate:
             identity = self.core.authenticate_certificate(request.peer_certificate)
         else:
-            identity = self.core.authenticate_password(*_basic_credentials(request))
+            identity = self.core.authenticate_password(*_basic_credentials(request), request.client_address)
         return Response.json(HTTPStatus.OK, identity.to_json())
 
     def page(self, request: Request) -> Response:
@@ -628,6 +649,30 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s: " + format, self.client_address[0], *args)
 
 
+class Every:
+    """Calls ``action`` every ``period`` seconds from a thread of its own, until stopped.
+
+    SPEC section 7: a running registry never serves an expired CRL, so a
+    timer, not a request, asks the core to sign a new one when it is due.
+    """
+
+    def __init__(self, period: float, action: Callable[[], None], name: str) -> None:
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period, action), name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self, period: float, action: Callable[[], None]) -> None:
+        while not self._stopped.wait(period):
+            try:
+                action()
+            except Exception:  # a full disk, say: the next period tries again
+                log.exception("%s failed; trying again in %.0f s", getattr(action, "__name__", action), period)
+
+
 class Watchdog:
     """Shuts the connections whose deadline has passed, from a thread of its own.
 
@@ -769,12 +814,14 @@ class RegistryServer(ThreadingHTTPServer):
         self.refused: collections.Counter[str] = collections.Counter()  # connections closed unserved, by address
         self.watchdog = Watchdog(min(0.5, config.timeout / 4))
         self.access_log = AccessLog(ACCESS_LOG_SECONDS)
+        self.crl_timer = Every(CRL_CHECK_SECONDS, app.core.refresh_crl, "crl")
         super().__init__((config.host, config.port), Handler)
 
     def server_close(self) -> None:
         super().server_close()
         self.watchdog.stop()
         self.access_log.close()
+        self.crl_timer.stop()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread a connection, no more threads than slots, and no more
@@ -874,6 +921,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         rate_limit=config.rate_limit,
         max_pending=config.max_pending,
         scrypt_n=config.scrypt_n,
+        crl_validity=timedelta(days=config.crl_days),
     )
     database = data / "registry.db"
     database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
@@ -968,6 +1016,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     option("--retry-after", type=int, default=d.retry_after, help="Retry-After seconds of a 202")
     option("--retry-after-locked", type=int, default=d.retry_after_locked, help="Retry-After seconds of a 423")
     option("--cert-days", type=int, default=d.cert_days, help="validity of client certificates, in days")
+    option(
+        "--crl-days",
+        type=float,
+        default=d.crl_days,
+        help="validity of the CRL, in days; it is signed anew when less than half is left",
+    )
     option("--roles", type=Path, help="JSON file of the role catalog (without it: one role, 'minimum')")
     option("--max-body", type=int, default=d.max_body, help="largest body in bytes; more gets 413")
     option(
