@@ -146,6 +146,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 MILLISECOND = timedelta(milliseconds=1)
 ADMIN = "administrator"
+# RFC 9110 section 11.6.1: every 401 says how to authenticate.
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="client-registry"'}
 # The clock skew of ca.py's certificates (notBefore = signing - 5 minutes), for
 # certificates recorded before their notBefore was kept.
 SKEW_OF_OLD_CERTIFICATES = 5 * MINUTE
@@ -1841,7 +1843,7 @@ class Registry:
             if user is None or not user["password_hash"] or not self._passwords.check(password, user["password_hash"]):
                 for failures, _ in windows:
                     failures.append(now)
-                raise Unauthorized("unknown username or wrong password")
+                raise Unauthorized("unknown username or wrong password", headers=dict(CHALLENGE))
         return Identity(username, Rights.loads(user["granted"]), "password")
 
     def authenticate_certificate(self, certificate_der: bytes) -> Identity:
@@ -1854,7 +1856,7 @@ class Registry:
 
     def _valid_certificate(self, certificate_der: bytes | None, now: int) -> sqlite3.Row:
         """The issued certificate ``certificate_der``, if it is of a user, unrevoked and unexpired; else 401."""
-        challenge = {"WWW-Authenticate": 'Basic realm="client-registry"'}
+        challenge = dict(CHALLENGE)
         if not certificate_der:
             raise Unauthorized(
                 "present the client certificate this registry issued you (mutual TLS)", headers=challenge

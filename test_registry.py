@@ -962,11 +962,12 @@ def test_authenticate_password_knows_the_right_password_from_a_wrong_one(open_re
         "permissions": [WRITE_COMMANDS],
         "method": "password",
     }
-    with pytest.raises(registry.Unauthorized) as refused:
-        open_reg.authenticate_password("sensor-0001", PASSWORD + "!")
-    assert refused.value.status == 401
-    with pytest.raises(registry.Unauthorized):
-        open_reg.authenticate_password("nobody", PASSWORD)
+    for username, password in (("sensor-0001", PASSWORD + "!"), ("nobody", PASSWORD)):
+        with pytest.raises(registry.Unauthorized) as refused:
+            open_reg.authenticate_password(username, password)
+        # RFC 9110 section 11.6.1: a 401 says how to authenticate.
+        assert refused.value.status == 401
+        assert refused.value.headers == {"WWW-Authenticate": 'Basic realm="client-registry"'}
 
 
 def test_a_pending_client_cannot_authenticate(open_reg):
