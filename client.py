@@ -25,6 +25,23 @@ does exactly that:
    Only a change of state is reported, not every poll; a deadline bounds
    the whole wait (``TimedOut``).
 
+After registration (SPEC section 7) a certificate is renewed by the agent
+itself, over mutual TLS with the certificate it renews:
+
+- ``renew`` sends a CSR for the same key (or, to re-key, for a new one) and
+  writes the certificate it gets. Sending the same renewal again is safe:
+  the registry answers a repeated renewal with the certificate it already
+  issued, so a lost answer is fetched again.
+- ``keep`` is the long-running agent: it registers when the folder holds no
+  certificate, sleeps until the certificate's renewAfter (two thirds of its
+  validity, plus jitter), renews, and does that for ever. While the server
+  cannot be reached it retries with a capped exponential back-off; a 401
+  (the certificate was revoked: its user was removed) or an expired
+  certificate ends it with its own exit code, ``Exit.REVOKED``.
+- A new key must never be on disk without its certificate: ``key.pem`` and
+  ``cert.pem`` are links into a folder that holds one matching pair, and a
+  renewal writes a new folder and swaps one link (``_install_pair``).
+
 Trust: the server's certificate is checked against a CA file, or not at all
 (``insecure``, as curl's flag), or, by default, against the CA the server
 itself serves at ``/api/client-registry/ca``: fetched once without
@@ -39,23 +56,26 @@ kind of failure, so that a script can tell a denial from a timeout.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import enum
 import http.client
 import json
 import os
 import random
+import shutil
 import ssl
 import sys
+import tempfile
 import time
 from base64 import b64encode
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 from cryptography import x509
@@ -66,16 +86,26 @@ from cryptography.x509.oid import NameOID
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 Report = Callable[[str], None]
+Clock = Callable[[], datetime]
+Sleep = Callable[[float], None]
 
 API = "/api"
 REGISTER = f"{API}/client-registry/register"
 CA_PATH = f"{API}/client-registry/ca"
+RENEW = f"{API}/client-registry/renew"
 DEFAULT_SERVER = "https://localhost:8443"
 REQUEST_TIMEOUT = 10.0  # seconds one call may take
 MAX_INTERVAL = 60.0  # the longest wait between two polls, whatever Retry-After says
 MIN_INTERVAL = 0.5  # the shortest, so that "Retry-After: 0" cannot make a busy loop
 FIRST_BACKOFF = 0.5  # the first wait after no answer; it doubles up to MAX_INTERVAL
 JITTER = 0.2  # a wait grows by up to this fraction, at random
+RETRY_FIRST = 5.0  # keep: the first wait after a renewal got no answer; it doubles up to RETRY_MAX
+RETRY_MAX = 300.0
+RENEW_SPREAD = 0.1  # keep: renew at a random moment in this first fraction of the time left after renewAfter
+RENEW_GAP = 60.0  # keep: seconds between two renewals at the least, whatever the clocks say
+LONGEST_NAP = 3600.0  # keep: a long wait is cut into naps of at most this, each reading the clock again
+PAIR_FILES = ("key.pem", "cert.pem")
+PAIR_LINK = ".pair"  # OUT/.pair links to the folder of the current key and certificate (see _install_pair)
 KEY_TYPES = ("ec", "rsa", "ed25519")
 OPERATIONS = ("read", "write", "readWrite")
 CONTEXTS = ("mqtt", "http")
@@ -92,6 +122,7 @@ class Exit(enum.IntEnum):
     REJECTED = 5  # 400, 413, 422: the request is malformed or breaks the registry's policy
     TIMEOUT = 6  # no decision within --timeout
     UNREACHABLE = 7  # the server cannot be reached, or its certificate cannot be trusted
+    REVOKED = 8  # renew, keep: the certificate no longer authenticates (401: revoked, its user removed), or expired
     INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
@@ -129,9 +160,10 @@ class TimedOut(ClientError):
 class Refused(ClientError):
     """The server answered with an error (SPEC section 2: ``{"error", "message", "details"}``)."""
 
-    def __init__(self, status: int, body: Mapping[str, Any]) -> None:
+    def __init__(self, status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
         phrase = http.client.responses.get(status, "Error")
         self.status = status
+        self.headers = dict(headers or {})
         self.code = str(body.get("error") or phrase.lower().replace(" ", "_"))
         self.message = str(body.get("message") or phrase)
         self.details = [str(detail) for detail in body.get("details") or ()]
@@ -146,11 +178,20 @@ class Refused(ClientError):
     def from_reply(cls, reply: Reply) -> Refused:
         """The error of a reply, as the subclass its status calls for."""
         kind = {401: Unauthorized, 403: Denied, 409: Conflict, 400: Rejected, 413: Rejected, 422: Rejected}
-        try:
-            body = json.loads(reply.body)
-        except ValueError:
-            body = {}
-        return kind.get(reply.status, cls)(reply.status, body if isinstance(body, dict) else {})
+        return kind.get(reply.status, cls)(reply.status, _error_body(reply), reply.headers)
+
+    @property
+    def transient(self) -> bool:
+        """Whether waiting may cure it: the server is busy (429, 503) or failing (5xx)."""
+        return self.status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE) or self.status >= 500
+
+
+def _error_body(reply: Reply) -> dict[str, Any]:
+    try:
+        body = json.loads(reply.body)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 class Unauthorized(Refused):
@@ -183,6 +224,23 @@ class Rejected(Refused):
     """400, 413 or 422: the request is malformed or breaks the registry's policy."""
 
     exit_code = Exit.REJECTED
+
+
+class Revoked(Refused):
+    """401 to a renewal: the certificate was revoked (its user removed), is unknown, or has expired."""
+
+    exit_code = Exit.REVOKED
+    hint = "the name may register again, for the administrator to approve anew"
+
+    def _sentence(self) -> str:
+        return "the registry no longer accepts this certificate: " + super()._sentence()
+
+
+class Expired(ClientError):
+    """The certificate has expired by our clock: no renewal can authenticate with it."""
+
+    exit_code = Exit.REVOKED
+    hint = Revoked.hint
 
 
 # --- One server -------------------------------------------------------------
@@ -235,9 +293,23 @@ class Server:
         self._client_files = (certificate, key) if certificate else None
         self._expected = _normalize_fingerprint(ca_fingerprint) if ca_fingerprint else None
         self._report = report
+        # How the server's certificate is checked: a CA file, nothing, or
+        # (once pinned) the CA it served; None until then.
+        self._trust: dict[str, Any] | None = None
         self._context: ssl.SSLContext | None = None
         if parts.scheme == "https" and (ca_file is not None or insecure):
-            self._context = self._tls_context(ca_file=ca_file, insecure=insecure)
+            self._trust = {"ca_file": ca_file, "insecure": insecure}
+            self._context = self._tls_context(**self._trust)
+
+    def presenting(self, certificate: str | os.PathLike[str], key: str | os.PathLike[str]) -> Server:
+        """This server, trusted as this one is, called with a client certificate (mutual TLS).
+
+        The files are read now: after a renewal, call this again for the new ones.
+        """
+        other = copy.copy(self)
+        other._client_files = (certificate, key)
+        other._context = other._tls_context(**self._trust) if self._trust is not None else None
+        return other
 
     def call(
         self,
@@ -270,7 +342,8 @@ class Server:
             f"the registry's CA has the SHA-256 fingerprint {fingerprint}"
             + (" (as expected); pinned" if self._expected else "; pinned: compare it with the administrator's")
         )
-        return self._tls_context(cadata=pem)
+        self._trust = {"cadata": pem}
+        return self._tls_context(**self._trust)
 
     def _tls_context(
         self, *, ca_file: str | os.PathLike[str] | None = None, cadata: str | None = None, insecure: bool = False
@@ -389,8 +462,7 @@ def load_or_generate_key(path: str | os.PathLike[str], kind: str | None = "ec") 
         raise ClientError(f"there is no key at {path}")
     key = generate_key(kind)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write(path, pem, mode=0o600)
+    _write(path, _private_pem(key), mode=0o600)
     return key, True
 
 
@@ -449,16 +521,19 @@ def registration_request(
 
 @dataclass(frozen=True)
 class Registered:
-    """A registration the administrator approved: what was granted, and the files written."""
+    """An approved registration, or a renewal: what was granted, the certificate's times, and the files written."""
 
     username: str
     roles: tuple[str, ...]
     permissions: tuple[dict[str, str], ...]
     certificate_pem: str | None = None
     ca_certificate_pem: str | None = None
+    not_after: datetime | None = None
+    renew_after: datetime | None = None
     certificate_path: Path | None = None
     ca_path: Path | None = None
     granted_path: Path | None = None
+    key_path: Path | None = None  # set when the key was written with the certificate (a renewal)
 
 
 def register(
@@ -578,10 +653,10 @@ def _jittered(seconds: float) -> float:
     return seconds * (1 + random.uniform(0, JITTER))
 
 
-def _backoff(failures: int, max_interval: float) -> float:
+def _backoff(failures: int, max_interval: float, first: float = FIRST_BACKOFF) -> float:
     # Exponential back-off with "equal jitter": half the wait is fixed,
     # half random (AWS Architecture Blog, "Exponential Backoff And Jitter").
-    ceiling = min(FIRST_BACKOFF * 2 ** min(failures - 1, 16), max(max_interval, MIN_INTERVAL))
+    ceiling = min(first * 2 ** min(failures - 1, 16), max(max_interval, MIN_INTERVAL))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -612,7 +687,19 @@ def _accept(answer: Mapping[str, Any], key: PrivateKey | None) -> Registered:
         permissions=tuple(answer.get("permissions", ())),
         certificate_pem=certificate_pem,
         ca_certificate_pem=ca_pem,
+        not_after=_moment(answer.get("notAfter")),
+        renew_after=_moment(answer.get("renewAfter")),
     )
+
+
+def _moment(iso: str | None) -> datetime | None:
+    """An ISO 8601 time from the server (SPEC section 7's notAfter and renewAfter), or None."""
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso)
+    except ValueError:
+        raise ClientError(f"the registry sent {iso!r} for a time: it is not ISO 8601") from None
 
 
 def _check_certificate(certificate_pem: str, ca_pem: str, key: PrivateKey) -> None:
@@ -626,16 +713,23 @@ def _check_certificate(certificate_pem: str, ca_pem: str, key: PrivateKey) -> No
         raise ClientError("the registry sent a certificate for another key")
 
 
-def _save(registered: Registered, out: Path) -> Registered:
-    """Write ``granted.json`` and, when there is one, ``cert.pem`` and ``ca.pem`` into ``out``."""
+def _save(registered: Registered, out: Path, key_pem: bytes | None = None) -> Registered:
+    """Write ``granted.json`` and, when there is one, ``ca.pem`` and ``cert.pem`` into ``out``.
+
+    With ``key_pem``, ``key.pem`` and ``cert.pem`` are written as a pair, in one step (``_install_pair``).
+    """
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     granted = {"username": registered.username, "roles": registered.roles, "permissions": registered.permissions}
-    paths: dict[str, Path | None] = {"certificate_path": None, "ca_path": None, "granted_path": out / "granted.json"}
+    paths: dict[str, Path | None] = {"granted_path": out / "granted.json"}
     _write(out / "granted.json", (json.dumps(granted, indent=2) + "\n").encode())
     if registered.certificate_pem and registered.ca_certificate_pem:
         paths["certificate_path"], paths["ca_path"] = out / "cert.pem", out / "ca.pem"
-        _write(out / "cert.pem", registered.certificate_pem.encode())
         _write(out / "ca.pem", registered.ca_certificate_pem.encode())
+        if key_pem is None:
+            _write(out / "cert.pem", registered.certificate_pem.encode())
+        else:
+            _install_pair(out, key_pem, registered.certificate_pem.encode())
+            paths["key_path"] = out / "key.pem"
     return dataclasses.replace(registered, **paths)
 
 
@@ -649,6 +743,251 @@ def _write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)
+
+
+def _install_pair(out: Path, key_pem: bytes, certificate_pem: bytes) -> None:
+    """Make ``out/key.pem`` and ``out/cert.pem`` the new key and certificate in one atomic step.
+
+    Two files cannot be replaced together: between two renames a reader, or
+    a crash, would find the new key beside the old certificate, and a device
+    left so can neither authenticate nor renew (the old certificate's key is
+    gone). So, as Kubernetes' atomic writer does for a volume
+    (pkg/volume/util/atomic_writer.go), the two names are links through
+    ``out/.pair``, itself a link to a folder that holds one matching pair. A
+    new pair is written whole into a new folder, and one rename of a link
+    (rename(2) is atomic, POSIX.1-2017) moves ``.pair`` from the old folder
+    to the new one. Each step before that rename leaves the names reading
+    the old pair, and each after it the new one.
+    """
+    _link_pair_names(out)
+    _replace_link(out / PAIR_LINK, _pair_folder(out, key_pem, certificate_pem))
+    _sync_folder(out)
+    for folder in out.glob(PAIR_LINK + "-*"):
+        if folder.name != os.readlink(out / PAIR_LINK):
+            shutil.rmtree(folder)
+
+
+def _link_pair_names(out: Path) -> None:
+    """Make ``key.pem`` and ``cert.pem`` links through ``.pair``, each still reading what it read.
+
+    Registration writes the two as plain files (the key first, since it is
+    made before the request is sent); the first renewal finds them so. Their
+    pair becomes a folder, and then each name a link to the same content.
+    """
+    if all(os.path.islink(out / name) and os.readlink(out / name) == f"{PAIR_LINK}/{name}" for name in PAIR_FILES):
+        return
+    key_pem, certificate_pem = ((out / name).read_bytes() for name in PAIR_FILES)
+    _replace_link(out / PAIR_LINK, _pair_folder(out, key_pem, certificate_pem))
+    for name in PAIR_FILES:
+        _replace_link(out / name, f"{PAIR_LINK}/{name}")
+    _sync_folder(out)
+
+
+def _pair_folder(out: Path, key_pem: bytes, certificate_pem: bytes) -> str:
+    """A new folder in ``out`` (mode 0700) holding ``key.pem`` (0600) and ``cert.pem``; its name."""
+    folder = Path(tempfile.mkdtemp(prefix=PAIR_LINK + "-", dir=out))
+    _write(folder / "key.pem", key_pem, mode=0o600)
+    _write(folder / "cert.pem", certificate_pem)
+    _sync_folder(folder)
+    return folder.name
+
+
+def _replace_link(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` (relative to its folder) with one rename, whatever ``link`` was."""
+    staged = link.with_name(link.name + ".link")
+    staged.unlink(missing_ok=True)
+    os.symlink(target, staged)
+    os.replace(staged, link)
+
+
+def _sync_folder(folder: Path) -> None:
+    # A rename is durable once its folder is synced (fsync(2)).
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --- Renewing (SPEC section 7) ----------------------------------------------
+
+
+def renew(
+    server: str | Server,
+    out: str | os.PathLike[str],
+    *,
+    new_key: PrivateKey | None = None,
+    now: Clock = lambda: datetime.now(UTC),
+    report: Report = lambda message: None,
+) -> Registered:
+    """Renew the certificate in ``out`` over mutual TLS, and write the new one there.
+
+    ``out`` holds ``cert.pem`` and ``key.pem``, as ``register`` left them;
+    the call presents them as its client certificate. With ``new_key`` the
+    new certificate is for that key (a re-key), and the key is written only
+    with its certificate, in one step (``_install_pair``). The registry
+    answers a renewal that repeats the last one (the same certificate shown,
+    the same key) with the certificate it issued then (SPEC LIFE-7.2): to
+    fetch a lost answer, call again with the same ``new_key``. ``server`` is
+    a ``Server``, or a URL checked against ``out/ca.pem``.
+
+    Raises ``Revoked`` (401: revoked, its user removed, or expired),
+    ``Expired`` (by ``now``, before anything is sent), ``Rejected`` (400,
+    422), ``Refused`` (any other error), ``Unreachable``, ``TrustFailure``;
+    all are ``ClientError``.
+    """
+    out = Path(out)
+    certificate_path, key_path = out / "cert.pem", out / "key.pem"
+    certificate = _load_certificate(certificate_path)
+    key, _ = load_or_generate_key(key_path, None)
+    if certificate.public_key() != key.public_key():
+        raise ClientError(f"{certificate_path} is not the certificate of the key {key_path}")
+    username = _common_name(certificate)
+    if now() >= certificate.not_valid_after_utc:
+        raise Expired(f"the certificate of {username} in {certificate_path} expired at {_expiry(certificate)} UTC")
+    if not isinstance(server, Server):
+        server = Server(server, ca_file=out / "ca.pem", report=report)
+    signer = new_key or key
+    reply = server.presenting(certificate_path, key_path).call("POST", RENEW, {"csr": make_csr(username, signer)})
+    if reply.status == HTTPStatus.UNAUTHORIZED:
+        raise Revoked(reply.status, _error_body(reply), reply.headers)
+    if reply.status != HTTPStatus.CREATED:
+        raise Refused.from_reply(reply)
+    renewed = _accept(reply.json(), signer)
+    if renewed.username != username:
+        raise ClientError(f"the registry renewed the certificate of {renewed.username!r}, not of {username!r}")
+    key_pem = key_path.read_bytes() if new_key is None else _private_pem(new_key)
+    return _save(renewed, out, key_pem)
+
+
+def keep(
+    server: str | Server,
+    out: str | os.PathLike[str],
+    *,
+    username: str | None = None,
+    key_type: str = "ec",
+    roles: Iterable[str] = (),
+    permissions: Iterable[Mapping[str, str]] = (),
+    context: str | None = None,
+    new_key: bool = False,
+    max_interval: float = MAX_INTERVAL,
+    now: Clock = lambda: datetime.now(UTC),
+    sleep: Sleep = time.sleep,
+    report: Report = lambda message: None,
+) -> NoReturn:
+    """Keep a current certificate in ``out`` for ever: register when there is none, then renew each in time.
+
+    Without ``out/cert.pem``, registers ``username`` with the key
+    ``out/key.pem`` (made, of ``key_type``, unless an earlier run left one),
+    asking for ``roles``, ``permissions`` and ``context`` as ``register``
+    does. Then, for ever: sleeps until the certificate's renewAfter, plus a
+    random part of the time left, so that devices registered together do not
+    renew together; renews (with a new key each time when ``new_key``);
+    retries with a capped exponential back-off while the server cannot be
+    reached or is busy. ``now`` and ``sleep`` are the clock and the sleep, so
+    that a test can drive the time.
+
+    Never returns. Raises ``Revoked`` (401: the certificate was revoked, its
+    user removed) or ``Expired``, whose exit code is ``Exit.REVOKED``; or
+    another ``ClientError`` that waiting does not cure (``Rejected``,
+    ``TrustFailure``, a refused registration).
+    """
+    out = Path(out)
+    if not isinstance(server, Server):
+        server = Server(server, ca_file=out / "ca.pem" if (out / "ca.pem").exists() else None, report=report)
+    if not (out / "cert.pem").exists():
+        if username is None:
+            raise ClientError(f"there is no certificate in {out} to renew: give a username to register")
+        key, _ = load_or_generate_key(out / "key.pem", key_type)
+        registered = register(server, username, key=key, roles=roles, permissions=permissions, context=context,
+                              out=out, max_interval=max_interval, report=report)  # fmt: skip
+        report(f"registered {username}: {_rights(registered.roles, registered.permissions)}")
+    holder = _common_name(_load_certificate(out / "cert.pem"))
+    if username not in (None, holder):
+        raise ClientError(f"{out / 'cert.pem'} is the certificate of {holder!r}, not of {username!r}")
+    earliest = None  # no renewal yet
+    while True:
+        certificate = _load_certificate(out / "cert.pem")
+        wake = _renewal_moment(certificate)
+        if earliest is not None and wake < earliest:
+            # The registry's clock is far behind ours: renewing at once would
+            # renew in a loop.
+            wake = earliest
+        report(f"the certificate of {holder} is valid until {_expiry(certificate)} UTC; "
+               f"renewing at {_utc(wake)} UTC")  # fmt: skip
+        _sleep_until(wake, now, sleep)
+        renewed = _renew_patiently(server, out, key_type if new_key else None, now, sleep, report)
+        report(f"renewed {renewed.username}" + (" with a new key" if new_key else ""))
+        earliest = now() + timedelta(seconds=RENEW_GAP)
+
+
+def _renew_patiently(
+    server: Server, out: Path, key_type: str | None, now: Clock, sleep: Sleep, report: Report
+) -> Registered:
+    """Renew (re-keying with a new key of ``key_type``, if given), waiting through every failure that may pass."""
+    # One new key for every try: a try that repeats one whose answer was lost
+    # gets that answer again, rather than another certificate.
+    new_key = generate_key(key_type) if key_type else None
+    reporter = _StateReporter(report)
+    failures = 0
+    while True:
+        try:
+            return renew(server, out, new_key=new_key, now=now, report=report)
+        except Unreachable as error:
+            state, reason, asked = "unreachable", str(error), 0.0
+        except Refused as error:
+            if not error.transient:
+                raise
+            state, reason, asked = error.status, str(error), retry_after(error.headers, 0.0)
+        failures += 1
+        reporter.enter(state, f"cannot renew yet ({reason}); trying again, waiting up to {RETRY_MAX:g} s")
+        sleep(max(_backoff(failures, RETRY_MAX, RETRY_FIRST), min(asked, RETRY_MAX)))
+
+
+def renewal_moment(certificate: x509.Certificate) -> datetime:
+    """When a certificate should be renewed: two thirds of the way through its validity (SPEC LIFE-7.1)."""
+    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    return start + (end - start) * 2 / 3
+
+
+def _renewal_moment(certificate: x509.Certificate) -> datetime:
+    # Devices commissioned on one day would otherwise all renew in the same
+    # minute: each picks a random moment in the first tenth of what is left.
+    start = renewal_moment(certificate)
+    return start + (certificate.not_valid_after_utc - start) * random.uniform(0, RENEW_SPREAD)
+
+
+def _sleep_until(moment: datetime, now: Clock, sleep: Sleep) -> None:
+    # time.sleep counts on the monotonic clock, which stops while the machine
+    # is suspended: naps of at most an hour, each reading the clock again,
+    # keep a suspended device from sleeping past its renewal.
+    while (left := (moment - now()).total_seconds()) > 0:
+        sleep(min(left, LONGEST_NAP))
+
+
+def _load_certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise ClientError(f"there is no certificate at {path}: register first") from None
+    except ValueError:
+        raise ClientError(f"{path} is not a PEM certificate") from None
+
+
+def _common_name(certificate: x509.Certificate) -> str:
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise ClientError("the certificate names no user: its subject has no Common Name")
+    return str(names[0].value)
+
+
+def _expiry(certificate: x509.Certificate) -> str:
+    return _utc(certificate.not_valid_after_utc)
+
+
+def _private_pem(key: PrivateKey) -> bytes:
+    encoding, unencrypted = serialization.Encoding.PEM, serialization.NoEncryption()
+    return key.private_bytes(encoding, serialization.PrivateFormat.PKCS8, unencrypted)
 
 
 # --- The command line -------------------------------------------------------
@@ -694,8 +1033,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Register with the client registry, or administer it.",
         epilog="Exit codes: " + ", ".join(f"{code.value} {code.name.lower()}" for code in Exit),
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{register,admin,whoami}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{register,renew,keep,admin,whoami}")
     _register_parser(commands.add_parser("register", parents=[connection], help="ask to be registered and wait"))
+    _renew_parser(commands.add_parser("renew", parents=[connection], help=RENEW_HELP, description=RENEW_DESCRIPTION))
+    _keep_parser(commands.add_parser("keep", parents=[connection], help=KEEP_HELP, description=KEEP_DESCRIPTION))
     _admin_parsers(commands.add_parser("admin", help="the administrator's calls"), [connection, output])
     _whoami_parser(commands.add_parser("whoami", parents=[connection, output], help="who the server says you are"))
     return parser
@@ -776,6 +1117,82 @@ def _run_register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return Exit.OK
 
 
+RENEW_HELP = "renew the certificate in --out now, over mutual TLS with it"
+RENEW_DESCRIPTION = (
+    "Renew the certificate in --out now: present OUT/cert.pem and OUT/key.pem over mutual TLS, and write the "
+    "new certificate there (with --new-key, a new key too, in one step). Run it again to fetch an answer that "
+    "was lost. Exit code 8 (revoked) when the registry no longer accepts the certificate: it was revoked (its "
+    "user was removed) or has expired."
+)
+KEEP_HELP = "register if needed, then renew the certificate in time, for ever"
+KEEP_DESCRIPTION = (
+    "Keep a current certificate in --out: register with OUT/key.pem when there is no certificate yet "
+    "(--username and the rights to ask for are needed then), sleep until its renewAfter, renew, and so on. "
+    "It waits through an unreachable or busy registry, and ends with exit code 8 (revoked) when the "
+    "certificate is revoked (its user was removed) or has expired."
+)
+TRUST_DEFAULT = "The server is checked against OUT/ca.pem unless --ca-file, --insecure or --ca-fingerprint is given."
+
+
+def _renew_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = TRUST_DEFAULT
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder of cert.pem and key.pem")
+    parser.add_argument(
+        "--new-key", action="store_true", help="re-key: a new key, written only together with its certificate"
+    )
+    parser.add_argument("--key-type", choices=KEY_TYPES, default="ec", help="the new key's kind (default ec)")
+    parser.set_defaults(run=_run_renew, parser=parser)
+
+
+def _run_renew(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    new_key = generate_key(args.key_type) if args.new_key else None
+    renewed = renew(_server(args, parser), args.out, new_key=new_key, report=_say)
+    print(f"renewed {renewed.username}{_validity(renewed)}")
+    files = [renewed.certificate_path, renewed.key_path, renewed.ca_path, renewed.granted_path]
+    print("wrote " + ", ".join(str(path) for path in files if path) + (" (a new key)" if new_key else ""))
+    return Exit.OK
+
+
+def _validity(renewed: Registered) -> str:
+    if renewed.not_after is None or renewed.renew_after is None:
+        return ""
+    return f": valid until {_utc(renewed.not_after)} UTC, renew after {_utc(renewed.renew_after)} UTC"
+
+
+def _keep_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = TRUST_DEFAULT
+    add = parser.add_argument
+    add("--out", type=Path, required=True, metavar="DIR", help="the folder of key.pem, cert.pem, ca.pem, granted.json")
+    add("--username", help="the name to register when there is no certificate yet")
+    add("--key-type", choices=KEY_TYPES, default="ec", help="the kind of key to make (default ec)")
+    _rights_arguments(parser, "ask for when registering")
+    add("--context", help="free text for the administrator, when registering")
+    add("--new-key", action="store_true", help="re-key at every renewal")
+    add(
+        "--max-interval",
+        type=float,
+        default=MAX_INTERVAL,
+        metavar="SECONDS",
+        help="the longest wait between two polls while registering (default %(default)g)",
+    )
+    parser.set_defaults(run=_run_keep, parser=parser)
+
+
+def _run_keep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    keep(
+        _server(args, parser),
+        args.out,
+        username=args.username,
+        key_type=args.key_type,
+        roles=args.roles,
+        permissions=args.permissions,
+        context=args.context,
+        new_key=args.new_key,
+        max_interval=args.max_interval,
+        report=_say,
+    )
+
+
 def _key(args: argparse.Namespace) -> tuple[PrivateKey | None, Path | None]:
     """The key to register with, and its file: OUT/key.pem for --generate-key, or --key."""
     if args.generate_key:
@@ -795,10 +1212,14 @@ def _password(args: argparse.Namespace) -> str | None:
 
 
 def _server(args: argparse.Namespace, parser: argparse.ArgumentParser, **client_files: Path | None) -> Server:
+    ca_file = args.ca_file
+    saved = getattr(args, "out", None) and args.out / "ca.pem"
+    if args.command in ("renew", "keep") and not (ca_file or args.insecure or args.ca_fingerprint) and saved.exists():
+        ca_file = saved  # the registry's CA, as registration saved it
     try:
         return Server(
             args.server,
-            ca_file=args.ca_file,
+            ca_file=ca_file,
             insecure=args.insecure,
             ca_fingerprint=args.ca_fingerprint,
             report=_say,
@@ -1012,7 +1433,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _when(iso: str) -> str:
     """An ISO 8601 time from the server, in UTC to the second."""
-    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return _utc(datetime.fromisoformat(iso))
+
+
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _shorten(text: str, width: int = 40) -> str:

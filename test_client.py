@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -31,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 import ca
 import client
+from conftest import FakeClock, serve
 
 ROOT = Path(__file__).parent
 TOKEN = "test-admin-token"
@@ -102,7 +105,7 @@ def command(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
-def admin(registry: RegistryProcess, *args: str) -> str:
+def admin(registry: RegistryProcess | InProcess, *args: str) -> str:
     """An administrator's command that must succeed; its standard output."""
     done = command("admin", *args, "--server", registry.url, "--ca-file", registry.ca_file, "--token", TOKEN)
     assert done.returncode == client.Exit.OK, done.stderr
@@ -355,7 +358,7 @@ def test_administrator_errors_are_one_line_and_an_exit_code(
     no_token = command("admin", "status", *base)
     assert no_token.returncode == client.Exit.USAGE and "REGISTRY_ADMIN_TOKEN" in no_token.stderr
     status = json.loads(admin(registry, "status", "--json"))
-    assert set(status) == {"locked", "unlockedUntil", "pending"}
+    assert {"locked", "unlockedUntil", "pending"} <= set(status)
 
 
 def test_trust_failures_stop_before_anything_is_sent(registry: RegistryProcess, tmp_path: Path) -> None:
@@ -415,7 +418,7 @@ def test_register_as_a_function_returns_what_the_administrator_narrowed_it_to(
     assert rejected.value.exit_code == client.Exit.REJECTED and "'password'" in rejected.value.message
 
 
-def _wait_until_pending(registry: RegistryProcess, username: str) -> None:
+def _wait_until_pending(registry: RegistryProcess | InProcess, username: str) -> None:
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
         requests = json.loads(admin(registry, "requests", "--json"))
@@ -453,3 +456,284 @@ def test_retry_after_reads_seconds_and_dates() -> None:
     assert 55 < client.retry_after({"retry-after": in_a_minute}, 5) <= 60
     assert client.retry_after({"retry-after": "soon"}, 5) == 5
     assert client.retry_after({}, 30) == 30
+
+
+# --- After registration: renewal, re-key, the keep-alive agent (SPEC section 7) ---
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """A ``server.py`` built in this process by conftest's ``serve``, reached as ``RegistryProcess`` is."""
+
+    url: str
+    ca_file: Path
+
+
+def registered(registry: RegistryProcess | InProcess, username: str, out: Path) -> client.Registered:
+    """``username`` registered with the key ``out/key.pem``, approved as asked."""
+    admin(registry, "unlock")
+    key, _ = client.load_or_generate_key(out / "key.pem", "ec")
+    server = client.Server(registry.url, ca_file=registry.ca_file)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(client.register, server, username, key=key, out=out, timeout=20, max_interval=1)
+        _wait_until_pending(registry, username)
+        admin(registry, "approve", username)
+        return future.result(timeout=WAIT)
+
+
+def assert_pair(registry: RegistryProcess | InProcess, out: Path) -> x509.Certificate:
+    """``out`` holds a key and its certificate, which authenticate over mutual TLS; the certificate."""
+    key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), password=None)
+    certificate = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    assert certificate.public_key() == key.public_key()
+    assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
+    whoami = command("whoami", "--server", registry.url, "--ca-file", registry.ca_file,
+                     "--cert", out / "cert.pem", "--key", out / "key.pem")  # fmt: skip
+    assert whoami.returncode == client.Exit.OK, whoami.stderr
+    return certificate
+
+
+def test_renew_and_rekey_over_mutual_tls(registry: RegistryProcess, tmp_path: Path) -> None:
+    out = tmp_path / "agent"
+    first = registered(registry, "renewing-1", out)
+    original = assert_pair(registry, out)
+    # The 201 tells when the certificate expires, and when to renew it: two thirds of the way (LIFE-7.1).
+    assert first.not_after == original.not_valid_after_utc
+    assert abs(first.renew_after - client.renewal_moment(original)) < timedelta(seconds=1)
+    kept = tmp_path / "original"
+    kept.mkdir()
+    for name in ("cert.pem", "key.pem"):
+        (kept / name).write_bytes((out / name).read_bytes())
+
+    # The same key renews: a new certificate, trusted through OUT/ca.pem.
+    renewed = command("renew", "--server", registry.url, "--out", out)
+    assert renewed.returncode == client.Exit.OK, renewed.stderr
+    assert renewed.stdout.startswith("renewed renewing-1: valid until ")
+    second = assert_pair(registry, out)
+    assert second.serial_number != original.serial_number and second.public_key() == original.public_key()
+    assert second.not_valid_after_utc >= original.not_valid_after_utc
+
+    # The previous certificate stays valid until its own notAfter (LIFE-7.2).
+    whoami = command("whoami", "--server", registry.url, "--ca-file", registry.ca_file,
+                     "--cert", kept / "cert.pem", "--key", kept / "key.pem")  # fmt: skip
+    assert whoami.returncode == client.Exit.OK, whoami.stderr
+
+    # A new key re-keys; the key is written with its certificate.
+    rekeyed = command("renew", "--server", registry.url, "--out", out, "--new-key", "--key-type", "ed25519")
+    assert rekeyed.returncode == client.Exit.OK, rekeyed.stderr
+    assert f"{out / 'key.pem'}" in rekeyed.stdout and "(a new key)" in rekeyed.stdout
+    third = assert_pair(registry, out)
+    assert third.public_key() != original.public_key()
+    assert (out / "key.pem").is_symlink() and len(list(out.glob(".pair-*"))) == 1
+    assert json.loads((out / "granted.json").read_text())["username"] == "renewing-1"
+    users = {user["username"]: user for user in json.loads(admin(registry, "users", "--json"))}
+    assert users["renewing-1"]["certificateSerial"] == f"{third.serial_number:x}"
+
+    # Registering again with the old key is a conflict: the new key is the credential now.
+    old_key = serialization.load_pem_private_key((kept / "key.pem").read_bytes(), password=None)
+    with pytest.raises(client.Conflict):
+        client.register(client.Server(registry.url, ca_file=registry.ca_file), "renewing-1", key=old_key, timeout=5)
+
+    # Once the user is removed, the certificate is revoked: exit code 8.
+    admin(registry, "delete-user", "renewing-1")
+    gone = command("renew", "--server", registry.url, "--out", out)
+    assert gone.returncode == client.Exit.REVOKED == 8
+    assert gone.stderr.startswith("client.py: the registry no longer accepts this certificate: 401 ")
+    assert "revoked" in gone.stderr and "register again" in gone.stderr
+
+
+class LosingServer(client.Server):
+    """A server whose first renewal answer is lost on its way back, as a reset connection loses it."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost: list[client.Reply] = []  # shared with the copies that present a certificate
+
+    def call(self, method: str, path: str, body: object = None, **kwargs: object) -> client.Reply:
+        reply = super().call(method, path, body, **kwargs)
+        if path == client.RENEW and not self.lost:
+            self.lost.append(reply)
+            raise client.Unreachable("no answer: the connection was reset")
+        return reply
+
+
+def test_a_lost_renewal_answer_is_fetched_again(registry: RegistryProcess, tmp_path: Path) -> None:
+    out = tmp_path / "agent"
+    registered(registry, "renewing-2", out)
+    before = (out / "key.pem").read_bytes(), (out / "cert.pem").read_bytes()
+    server = LosingServer(registry.url, ca_file=registry.ca_file)
+    new_key = client.generate_key()
+    with pytest.raises(client.Unreachable):
+        client.renew(server, out, new_key=new_key)
+    assert ((out / "key.pem").read_bytes(), (out / "cert.pem").read_bytes()) == before  # nothing written
+    assert_pair(registry, out)
+
+    # The same renewal again (the old certificate, the same new key) gets the lost certificate.
+    renewed = client.renew(server, out, new_key=new_key)
+    assert renewed.certificate_pem == json.loads(server.lost[0].body)["certificate"]
+    assert (out / "cert.pem").read_text() == renewed.certificate_pem
+    assert assert_pair(registry, out).public_key() == new_key.public_key()
+
+
+class Crash(BaseException):
+    """The process stopped dead: no handler runs."""
+
+
+@pytest.mark.parametrize("phase", ["the first re-key, of the files registration wrote", "a later re-key"])
+def test_a_rekey_interrupted_at_any_write_leaves_a_matching_key_and_certificate(
+    registry: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    out = tmp_path / "agent"
+    registered(registry, f"crashing-{len(phase)}", out)
+    server = client.Server(registry.url, ca_file=registry.ca_file)
+    if phase == "a later re-key":
+        client.renew(server, out, new_key=client.generate_key())
+    replace = os.replace
+    for step in itertools.count():
+        calls = itertools.count()
+
+        def crash_at_step(source: str, target: str, calls: Iterator[int] = calls, step: int = step) -> None:
+            if next(calls) == step:
+                raise Crash
+            replace(source, target)
+
+        monkeypatch.setattr(os, "replace", crash_at_step)
+        try:
+            client.renew(server, out, new_key=client.generate_key())
+        except Crash:
+            pass
+        else:
+            break
+        finally:
+            monkeypatch.setattr(os, "replace", replace)
+        # Every rename is a possible crash; after each, the folder holds a pair that works.
+        assert_pair(registry, out)
+    assert step >= 5  # granted.json, ca.pem, the new key, the new certificate, the link
+    assert_pair(registry, out)
+    assert len(list(out.glob(".pair-*"))) == 1
+
+
+class FlakyServer(client.Server):
+    """A server the first three renewals cannot reach and whose fourth answer is lost; it notes each try's time."""
+
+    def __init__(self, url: str, *, ca_file: Path, clock: FakeClock) -> None:
+        super().__init__(url, ca_file=ca_file)
+        self.clock = clock
+        self.tries: list[datetime] = []  # these lists are shared with the copies that present a certificate
+        self.lost: list[client.Reply] = []
+
+    def call(self, method: str, path: str, body: object = None, **kwargs: object) -> client.Reply:
+        if path != client.RENEW:
+            return super().call(method, path, body, **kwargs)
+        self.tries.append(self.clock())
+        if len(self.tries) <= 3:
+            raise client.Unreachable("no answer: connection refused")
+        reply = super().call(method, path, body, **kwargs)
+        if not self.lost:
+            self.lost.append(reply)
+            raise client.Unreachable("no answer: the connection was reset")
+        return reply
+
+
+class Narrator:
+    """The agent's ``report``, in lockstep: the agent waits at each line until the test asks for the next one."""
+
+    def __init__(self) -> None:
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._turn = threading.Semaphore(0)
+        self._holding = False
+
+    def __call__(self, line: str) -> None:
+        self._lines.put(line)
+        assert self._turn.acquire(timeout=WAIT), "the test did not go on"
+
+    def next(self, text: str) -> str:
+        """Let the agent go on, and return its next line, which must hold ``text``."""
+        self.release()
+        try:
+            line = self._lines.get(timeout=WAIT)
+        except queue.Empty:
+            pytest.fail(f"the agent did not say {text!r} within {WAIT} s")
+        self._holding = True
+        assert text in line
+        return line
+
+    def release(self) -> None:
+        """Let the agent go on from the line it waits at."""
+        if self._holding:
+            self._turn.release()
+            self._holding = False
+
+
+def test_the_keep_alive_agent_renews_on_its_own_and_stops_when_its_user_is_removed(tmp_path: Path) -> None:
+    # The registry and the agent share a fake clock that only the agent's
+    # sleep moves. OpenSSL still checks a client certificate against the real
+    # clock, so the fake one starts 20 hours back: with one-day certificates,
+    # the renewal (16 fake hours on) and the refused one (32 hours on) each
+    # show a certificate that both clocks hold valid.
+    clock = FakeClock(datetime.now(UTC) - timedelta(hours=20))
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock.advance(seconds=seconds)
+
+    out, narrator = tmp_path / "agent", Narrator()
+    with serve(tmp_path / "data", http=False, cert_days=1, retry_after=1, clock=clock) as instance:
+        registry = InProcess(instance.url, tmp_path / "data" / "ca.pem")
+        admin(registry, "unlock")
+        server = FlakyServer(registry.url, ca_file=registry.ca_file, clock=clock)
+        with ThreadPoolExecutor(1) as pool:
+            agent = pool.submit(client.keep, server, out, username="keeper-1", roles=["minimum"], new_key=True,
+                                now=clock, sleep=sleep, report=narrator)  # fmt: skip
+            narrator.next("pending, pairing id")
+            admin(registry, "approve", "keeper-1")
+            narrator.next("registered keeper-1: roles minimum")
+            first = assert_pair(registry, out)
+
+            # It sleeps until renewAfter, plus a tenth of the rest at most.
+            line = narrator.next("the certificate of keeper-1 is valid until ")
+            wake = datetime.strptime(line.split("renewing at ")[1], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=UTC)
+            earliest, latest = client.renewal_moment(first), first.not_valid_after_utc
+            assert earliest - timedelta(seconds=1) <= wake <= earliest + (latest - earliest) / 10
+
+            # The registry cannot be reached: it tries again, backing off, and says so once.
+            narrator.next("cannot renew yet (no answer: connection refused)")
+            narrator.next("renewed keeper-1 with a new key")
+            assert earliest <= server.tries[0] <= wake + timedelta(seconds=1)
+            gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(server.tries)]
+            assert [low <= gap <= 2 * low for low, gap in zip([2.5, 5, 10, 20], gaps, strict=True)] == [True] * 4
+            assert max(naps) <= client.LONGEST_NAP
+
+            # The lost answer was fetched again: the same certificate, for the new key.
+            second = assert_pair(registry, out)
+            assert (out / "cert.pem").read_text() == json.loads(server.lost[0].body)["certificate"]
+            assert second.public_key() != first.public_key()
+            assert second.not_valid_after_utc > first.not_valid_after_utc
+
+            # The administrator removes the user: at its next renewal the agent stops, exit code 8.
+            admin(registry, "delete-user", "keeper-1")
+            narrator.next("the certificate of keeper-1 is valid until ")
+            narrator.release()
+            with pytest.raises(client.Revoked) as revoked:
+                agent.result(timeout=WAIT)
+    assert revoked.value.exit_code == client.Exit.REVOKED
+    assert revoked.value.status == 401 and "revoked" in revoked.value.message
+    assert clock() >= client.renewal_moment(second)
+    assert len(server.tries) == 6
+
+    # An expired certificate stops it before anything is sent.
+    with pytest.raises(client.Expired) as expired:
+        client.keep(server, out, now=lambda: second.not_valid_after_utc, sleep=sleep)
+    assert expired.value.exit_code == client.Exit.REVOKED and len(server.tries) == 6
+
+
+def test_keep_needs_a_username_only_to_register(tmp_path: Path) -> None:
+    done = command("keep", "--server", "https://127.0.0.1:9", "--insecure", "--out", tmp_path)
+    assert done.returncode == client.Exit.ERROR
+    assert "there is no certificate in" in done.stderr and "give a username" in done.stderr
+
+
+def test_the_backoff_grows_from_five_seconds_to_five_minutes() -> None:
+    for failures, low in enumerate([2.5, 5, 10, 20, 40, 80, 150, 150], start=1):
+        assert low <= client._backoff(failures, client.RETRY_MAX, client.RETRY_FIRST) <= min(2 * low, 300)
