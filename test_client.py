@@ -117,10 +117,10 @@ def _env() -> dict[str, str]:
 
 
 class Agent:
-    """``python3 client.py register ARGS`` in the background; its progress lines are read as they come."""
+    """``python3 client.py register ARGS`` (or another command) in the background; its progress lines as they come."""
 
-    def __init__(self, *args: str | Path) -> None:
-        command = [sys.executable, "client.py", "register", *map(str, args)]
+    def __init__(self, *args: str | Path, command: str = "register") -> None:
+        command = [sys.executable, "client.py", command, *map(str, args)]
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
         )
@@ -726,6 +726,44 @@ def test_the_keep_alive_agent_renews_on_its_own_and_stops_when_its_user_is_remov
     with pytest.raises(client.Expired) as expired:
         client.keep(server, out, now=lambda: second.not_valid_after_utc, sleep=sleep)
     assert expired.value.exit_code == client.Exit.REVOKED and len(server.tries) == 6
+
+
+def test_keep_on_the_command_line_registers_then_sleeps_until_renewal(
+    registry: RegistryProcess, agents: list[Agent], tmp_path: Path
+) -> None:
+    admin(registry, "unlock")
+    out = tmp_path / "agent"
+    agent = Agent("--server", registry.url, "--username", "keeper-3", "--role", "minimum", "--out", out,
+                  "--max-interval", "1", command="keep")  # fmt: skip
+    agents.append(agent)
+    agent.wait_for("SHA-256 fingerprint")  # no OUT/ca.pem yet: it pins the server's CA
+    agent.wait_for("pending, pairing id")
+    admin(registry, "approve", "keeper-3")
+    agent.wait_for("registered keeper-3: roles minimum")
+    line = agent.wait_for("the certificate of keeper-3 is valid until ")
+    wake = datetime.strptime(line.split("renewing at ")[1], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=UTC)
+    assert wake >= client.renewal_moment(assert_pair(registry, out)) - timedelta(seconds=1)
+    assert agent.process.poll() is None  # asleep until then
+
+
+def test_keep_on_the_command_line_ends_with_exit_code_8_when_its_user_is_gone(tmp_path: Path) -> None:
+    # A certificate already past its renewAfter (issued 20 hours ago for a
+    # day) is renewed at once, with no sleep.
+    clock = FakeClock(datetime.now(UTC) - timedelta(hours=20))
+    with serve(tmp_path / "data", http=False, cert_days=1, retry_after=1, clock=clock) as instance:
+        registry = InProcess(instance.url, tmp_path / "data" / "ca.pem")
+        out = tmp_path / "agent"
+        registered(registry, "keeper-2", out)
+        clock.now = datetime.now(UTC)  # 20 hours on, the user is removed
+        admin(registry, "delete-user", "keeper-2")
+        done = command("keep", "--server", registry.url, "--out", out)
+    assert done.returncode == client.Exit.REVOKED == 8
+    progress, error = done.stderr.splitlines()
+    assert progress.startswith("the certificate of keeper-2 is valid until ")
+    assert error == (
+        "client.py: the registry no longer accepts this certificate: 401 unauthorized: this certificate was revoked"
+        " (the name may register again, for the administrator to approve anew)"
+    )
 
 
 def test_keep_needs_a_username_only_to_register(tmp_path: Path) -> None:
