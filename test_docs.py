@@ -6,15 +6,20 @@
   repository, and every relative link names a file that exists.
 - The README's state diagram is generated from ``registry.TRANSITIONS``:
   the test fails when the table and the diagram differ.
-- The README's API table names every route of ``server.ROUTES``, and no other.
+- The README's API table names every route of ``server.ROUTES``, and no other;
+  its Settings name every flag of ``server.py --help`` and every field of
+  ``registry.Settings``.
 - The README's Python examples (the ```python blocks of "Embedding
   `registry.py`") run as printed, in a temporary folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,6 +125,19 @@ def test_the_api_table_is_the_route_table() -> None:
 def test_the_route_reader_carries_the_method() -> None:
     table = "| call | who |\n|---|---|\n| `GET /`, `/admin` | anyone |\n| `DELETE /api/users/{username}` | x |\n"
     assert documented_routes(table) == {("GET", "/"), ("GET", "/admin"), ("DELETE", "/api/users/{username}")}
+
+
+def test_the_settings_are_the_flags_and_fields() -> None:
+    settings = section(README.read_text(), "Settings")
+    printed = subprocess.run(
+        [sys.executable, "server.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True
+    ).stdout
+    served = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", printed)) - {"--help"}
+    documented = set(re.findall(r"`(--[a-z][a-z-]+)", settings))
+    assert documented == served, f"only in the README: {documented - served}; only served: {served - documented}"
+    fields = {field.name for field in dataclasses.fields(registry.Settings)}
+    missing = {name for name in fields if f"`{name}`" not in settings}
+    assert not missing, f"registry.Settings fields the README does not name: {missing}"
 
 
 def embedding_examples() -> list[str]:
