@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 
+import client
 import server
 
 # The tour gives the server a fixed administrator token, so that its curl
@@ -319,13 +319,6 @@ def crl_lines(crl: x509.CertificateRevocationList, serials: list[str]) -> list[s
     return lines
 
 
-def make_csr(username: str, key: ec.EllipticCurvePrivateKey) -> str:
-    """A PEM CSR whose Common Name is the username, signed by the key (the proof of possession)."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 # --- The registry, and calls to it ------------------------------------------------
 
 
@@ -367,8 +360,8 @@ class Tour:
         self.folder = folder
         self.show = show
         self.data = folder / "registry"
-        for client in ("sensor", "agent", "camera"):
-            (folder / client).mkdir(mode=0o700)
+        for device in ("sensor", "agent", "camera"):
+            (folder / device).mkdir(mode=0o700)
         config = server.Config(port=0, data_dir=self.data, admin_token=ADMIN_TOKEN, http=False)
         self.server = server.build(config)
         self.port = self.server.server_address[1]
@@ -492,8 +485,8 @@ class Tour:
         self.show.mask.name(self.pairing_ids[owner], f"<pairing id of {owner}>")
 
     def make_agent_key(self) -> ec.EllipticCurvePrivateKey:
-        """The agent's EC P-256 key, written 0600 as a device keeps it."""
-        self.agent_key = ec.generate_private_key(ec.SECP256R1())
+        """The agent's EC P-256 key, made as client.py makes it, and written 0600 as a device keeps it."""
+        self.agent_key = client.generate_key("ec")
         path = self.folder / "agent/key.pem"
         path.touch(mode=0o600)
         private = serialization.PrivateFormat.PKCS8
@@ -623,16 +616,16 @@ def agent_asks(tour: Tour) -> None:
     key = tour.make_agent_key()
     tour.agent_request = {
         "username": AGENT,
-        "csr": make_csr(AGENT, key),
+        "csr": client.make_csr(AGENT, key),
         "roles": ["minimum"],
         "permissions": [{"resource": "sensors/#", "operation": "read", "context": "mqtt"}],
     }
     tour.show.step(
         "The agent asks with a CSR: 202",
         f"The agent {AGENT} made an EC P-256 key ($TOUR/agent/key.pem) and a certificate signing request "
-        "whose Common Name is its username, and asks to read everything under sensors/ (the body is in "
-        "$TOUR/agent/register.json). Before it sends anything it can compute its pairing id from its own "
-        f"key: {pairing_id(key.public_key())}.",
+        "whose Common Name is its username, as client.py does, and asks to read everything under sensors/ "
+        "(the body is in $TOUR/agent/register.json). Before it sends anything it can compute its pairing id "
+        f"from its own key: {pairing_id(key.public_key())}.",
     )
     answer = tour.call(AGENT_ID, "POST", REGISTER, tour.agent_request, expect=202, body_file=AGENT_FILE)
     tour.pending(answer, AGENT)
@@ -812,7 +805,7 @@ def renew(tour: Tour) -> None:
         "its key (or for a new key, to re-key), authenticated by the certificate it holds; no administrator "
         "is involved, and the registry may be locked.",
     )
-    body = {"csr": make_csr(AGENT, tour.agent_key)}
+    body = {"csr": client.make_csr(AGENT, tour.agent_key)}
     answer = tour.call(AGENT_TLS, "POST", "/api/client-registry/renew", body, expect=201, body_file="agent/renew.json")
     tour.certificate(answer.json()["certificate"], "renewed certificate", save_as="agent/renewed.pem")
     tour.show.rules(
