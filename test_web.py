@@ -3,12 +3,20 @@
 Each test starts the server on a free port over plain HTTP, opens the page
 as an administrator would, and plays the clients with plain HTTP requests
 from the test. ``screenshots.py`` uses the same harness for the README.
+
+The accessibility test runs axe-core 4.14.1 (Deque Systems, MPL-2.0), the
+minified script of the npm package ``axe-core@4.14.1`` vendored as
+``axe.min.js`` beside this file with its licence header intact. It is put
+into the page through the DevTools protocol, which the page's
+Content-Security-Policy does not govern, so the policy stays as it is served.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +26,7 @@ from typing import Any
 import pytest
 
 import server
-from conftest import serve
+from conftest import make_csr, serve
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed: pip install playwright"
@@ -51,6 +59,33 @@ window.cspViolations = [];
 document.addEventListener("securitypolicyviolation", (event) => {
   window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI}`);
 });
+"""
+
+AXE = Path(__file__).with_name("axe.min.js")
+# The three screens of issue 18: a laptop, a small laptop or tablet, a phone.
+VIEWPORTS = {"1440x900": (1440, 900), "1024x768": (1024, 768), "390x844": (390, 844)}
+# Every element of the page whose box leaves the viewport sideways, and the page's own width.
+SIDEWAYS = """
+(root) => {
+  const width = document.documentElement.clientWidth;
+  const out = [];
+  for (const node of document.querySelectorAll(root)) {
+    if (node.closest(".visually-hidden, [hidden], thead")) continue;
+    const box = node.getBoundingClientRect();
+    if (box.width && (box.right > width + 0.5 || box.left < -0.5)) {
+      out.push(`${node.tagName}.${node.className} ${Math.round(box.left)}..${Math.round(box.right)}`);
+    }
+  }
+  return { page: document.documentElement.scrollWidth, width, out: out.slice(0, 8) };
+}
+"""
+# Counts what changes in the requests table from now on.
+WATCH_ROWS = """
+() => {
+  window.rowMutations = 0;
+  new MutationObserver((records) => { window.rowMutations += records.length; })
+    .observe(document.getElementById("requests-body"), { childList: true, subtree: true, characterData: true });
+}
 """
 
 pytestmark = pytest.mark.skipif(
@@ -111,9 +146,10 @@ def give_token(page: sync_api.Page, token: str = TOKEN) -> None:
 def sign_in(page: sync_api.Page, base: str) -> None:
     """Open the page and give it the administrator token."""
     page.goto(base + "/")
+    expect(page.locator("#lock-state")).to_have_text("Unknown")  # the status call needs the token
     give_token(page)
     expect(page.locator("#token-dialog")).to_be_hidden()
-    expect(page.locator("#lock-state")).to_have_text("Locked")
+    expect(page.locator("#lock-state")).to_have_text(re.compile(r"^(Locked|Unlocked)$"))
 
 
 def unlock(page: sync_api.Page) -> None:
@@ -124,6 +160,38 @@ def unlock(page: sync_api.Page) -> None:
 
 def request_row(page: sync_api.Page, username: str) -> sync_api.Locator:
     return page.locator(f'#requests-body tr[data-username="{username}"]')
+
+
+def open_request(page: sync_api.Page, username: str) -> None:
+    """Open a pending request's Grant Access dialog with its button, as a keyboard or a screen reader finds it."""
+    page.get_by_role("button", name=f"Review the request of {username}").click()
+    expect(page.locator("#grant-dialog")).to_be_visible()
+
+
+def approve(base: str, username: str, body: object = None) -> None:
+    assert call(base, "POST", f"/api/client-registry/requests/{username}/approve", body, token=TOKEN)[0] == 200
+
+
+def assert_fits(page: sync_api.Page, root: str = "body *") -> None:
+    """Nothing under ``root`` leaves the viewport sideways, and the page does not scroll sideways."""
+    report = page.evaluate(SIDEWAYS, root)
+    assert report["page"] <= report["width"], report
+    assert report["out"] == [], report
+
+
+def inside(inner: dict[str, float], outer: dict[str, float]) -> bool:
+    """Whether one bounding box lies wholly within another (half a pixel of rounding allowed)."""
+    return (
+        inner["x"] >= outer["x"] - 0.5
+        and inner["y"] >= outer["y"] - 0.5
+        and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 0.5
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 0.5
+    )
+
+
+def viewport_box(page: sync_api.Page) -> dict[str, float]:
+    size = page.viewport_size
+    return {"x": 0, "y": 0, "width": size["width"], "height": size["height"]}
 
 
 # --- Fixtures ----------------------------------------------------------------
@@ -201,7 +269,7 @@ def test_allow_sends_the_edited_permissions(page: sync_api.Page, base: str) -> N
     unlock(page)
     assert register(base, "sensor-0003", permissions=requested)[0] == 202
     request_row(page, "sensor-0003").click()
-    rows = page.locator("#grant-permissions-body tr")
+    rows = page.locator("#grant-permissions li")
     expect(rows).to_have_count(2)
     expect(rows.nth(0).locator("input")).to_have_value("/api/telemetry")  # the server keeps them sorted
     rows.nth(0).locator("button").click()
@@ -255,7 +323,7 @@ def test_what_a_client_sent_is_shown_as_text(page: sync_api.Page, base: str) -> 
     expect(row.locator(".perm-resource")).to_have_text(resource)
     row.click()
     expect(page.locator("#grant-context")).to_have_text(context)
-    expect(page.locator("#grant-permissions-body input")).to_have_value(resource)
+    expect(page.locator("#grant-permissions input")).to_have_value(resource)
 
     assert page.locator("main script, main img, main b, dialog script, dialog img, dialog b").count() == 0
     assert page.evaluate("window.pwned") is None
@@ -275,15 +343,14 @@ def test_a_refresh_keeps_rows_scroll_and_the_open_dialog(page: sync_api.Page, ba
         assert register(base, name, roles=["minimum", "operator"])[0] == 202
     expect(page.locator("#requests-body tr")).to_have_count(30)
 
-    page.evaluate("document.querySelector('#requests-body tr').marked = true")
-    scroller = page.locator("#requests-scroll")
-    scroller.evaluate("element => { element.scrollTop = 400; }")
+    page.evaluate("document.querySelector('#requests-body tr:last-child').marked = true")
+    page.evaluate("window.scrollTo(0, 400)")
     assert register(base, names[-1], roles=["minimum", "operator"])[0] == 202  # a poll changes one row
     expect(request_row(page, names[-1])).to_contain_text("1 poll")
-    assert page.evaluate("document.querySelector('#requests-body tr').marked") is True
-    assert scroller.evaluate("element => element.scrollTop") == 400
+    assert page.evaluate("document.querySelector('#requests-body tr:last-child').marked") is True
+    assert page.evaluate("window.scrollY") == 400
 
-    request_row(page, names[-1]).click()
+    open_request(page, names[-1])
     page.uncheck("#grant-roles input[value=operator]")
     assert register(base, names[-1], roles=["minimum", "operator"])[0] == 202
     expect(page.locator("#grant-polled")).to_contain_text("2 polls")  # a refresh reached the open dialog
@@ -367,6 +434,8 @@ def test_users_view_deletes_after_asking(page: sync_api.Page, base: str) -> None
     rows.nth(1).get_by_role("button", name="Delete remove-me").click()
     page.click("#confirm-ok")
     expect(rows).to_have_count(1)
+    # The focus does not fall to <body>: it goes to the neighbour's Delete.
+    expect(page.get_by_role("button", name="Delete keep-me")).to_be_focused()
     assert [user["username"] for user in call(base, "GET", "/api/users", token=TOKEN)[1]] == ["keep-me"]
     assert register(base, "remove-me", roles=["minimum"])[0] == 202  # the name is free again
 
@@ -391,8 +460,8 @@ def test_the_page_is_served_with_a_strict_policy_and_breaks_none_of_it(page: syn
     request_row(page, "agent-0004").click()
     page.click("#grant-add-permission")
     page.click("#grant-allow")
-    expect(page.locator("#grant-form")).to_contain_text("has no resource")
-    page.locator("#grant-permissions-body tr").nth(1).locator("button").click()
+    expect(page.locator("#grant-form")).to_contain_text("Enter a resource")
+    page.locator("#grant-permissions li").nth(1).locator("button").click()
     page.click("#grant-allow")
     expect(page.locator("#grant-dialog")).to_be_hidden()
     page.click("#tab-users")
@@ -402,4 +471,338 @@ def test_the_page_is_served_with_a_strict_policy_and_breaks_none_of_it(page: syn
     expect(page.locator("#lock-state")).to_have_text("Locked")
 
     assert page.evaluate("window.cspViolations") == []
+    assert page.console_errors == []
+
+
+# --- Issue 18: long values, small screens ---------------------------------------------------
+
+LONG_NAME = "a" * 20 + "-very-long-device-name-" + "b" * 21  # 64 characters, the most a username may have
+LONG_TOPIC = "plant/" + "/".join(f"area-{number:02d}-cabinet-{number:02d}-unit" for number in range(10))
+LONG_CONTEXT = "Installed by the night shift; " + "serial-" + "X" * 300 + " " + "words " * 100
+
+
+def populate_long_values(base: str) -> dict[str, str]:
+    """Requests and users whose values are as long as the registry allows; the long CSR user's serial."""
+    assert len(LONG_NAME) == 64 and 240 <= len(LONG_TOPIC) <= 260
+    permissions = [
+        {"resource": LONG_TOPIC, "operation": "readWrite", "context": "mqtt"},
+        {"resource": "/api/" + "segment/" * 25, "operation": "read", "context": "http"},
+    ]
+    body = {"username": LONG_NAME, "csr": make_csr(LONG_NAME), "roles": ["minimum", "operator"]}
+    body |= {"permissions": permissions, "context": LONG_CONTEXT[:1024]}
+    assert call(base, "POST", "/api/client-registry/register", body)[0] == 202
+    approve(base, LONG_NAME)
+    assert register(base, "p" + LONG_NAME[1:], permissions=permissions, context=LONG_CONTEXT[:1024])[0] == 202
+    assert register(base, "pressure-sensor-0003", roles=["minimum"])[0] == 202
+    for number in range(5):
+        assert register(base, f"sensor-{number:04d}", roles=["minimum"], context="line 2, cabinet 4")[0] == 202
+    users = call(base, "GET", "/api/users", token=TOKEN)[1]
+    return {user["username"]: user["certificateSerial"] for user in users}
+
+
+@pytest.mark.parametrize("size", VIEWPORTS, ids=list(VIEWPORTS))
+def test_long_values_fit_every_screen(page: sync_api.Page, base: str, size: str) -> None:
+    """64-character names, 250-character topics, a long context: no sideways scroll, Allow wholly visible."""
+    width, height = VIEWPORTS[size]
+    page.set_viewport_size({"width": width, "height": height})
+    sign_in(page, base)
+    unlock(page)
+    serials = populate_long_values(base)
+    expect(page.locator("#requests-body tr")).to_have_count(8)
+    assert_fits(page)
+    if width < 500:  # the phone: the lock panel wraps, its three controls on screen
+        for button in ("#unlock", "#lock", "#sign-out"):
+            assert inside(page.locator(button).bounding_box(), viewport_box(page)), button
+
+    open_request(page, "p" + LONG_NAME[1:])
+    dialog = page.locator("#grant-dialog")
+    assert_fits(page, "#grant-dialog *")
+    allow = page.locator("#grant-allow").bounding_box()
+    assert inside(allow, dialog.bounding_box())
+    assert inside(allow, viewport_box(page))
+    assert allow["width"] >= 80  # the whole button, not a sliver
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+
+    # A name that fits on a line of its own is not broken mid-word.
+    open_request(page, "pressure-sensor-0003")
+    rects = page.locator("#grant-username").evaluate("node => [...node.getClientRects()].map((r) => [r.x, r.width])")
+    assert len(rects) == 1, (rects, page.locator("#grant-username").text_content())
+    page.keyboard.press("Escape")
+
+    page.click("#tab-users")
+    expect(page.locator("#users-body tr")).to_have_count(1)
+    assert_fits(page)
+    delete = page.get_by_role("button", name=f"Delete {LONG_NAME}")
+    assert inside(delete.bounding_box(), viewport_box(page))
+    serial = page.locator("#users-body .serial")
+    expect(serial).to_have_text(serials[LONG_NAME])  # in full: no ellipsis
+    assert serial.evaluate("node => node.scrollWidth <= node.clientWidth")
+
+
+# --- Issue 18: the dialog's focus, errors in view ------------------------------------------
+
+
+def test_the_dialog_opens_on_its_heading_and_two_enters_approve_nothing(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "agent-0005", roles=["minimum"])[0] == 202
+    button = page.get_by_role("button", name="Review the request of agent-0005")
+    button.focus()
+    page.keyboard.press("Enter")
+    page.keyboard.press("Enter")
+    expect(page.locator("#grant-dialog")).to_be_visible()
+    expect(page.locator("#grant-heading")).to_be_focused()
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(300)
+    expect(page.locator("#grant-dialog")).to_be_visible()
+    requests = call(base, "GET", "/api/client-registry/requests", token=TOKEN)[1]
+    assert [request["state"] for request in requests] == ["pending"]
+
+    # Escape keeps a typed denial reason: first it warns, then it closes and keeps the reason.
+    page.locator("#grant-reason").press_sequentially("unknown device")
+    page.keyboard.press("Escape")
+    expect(page.locator("#grant-dialog")).to_be_visible()
+    expect(page.locator("#grant-error")).to_contain_text("reason for a denial")
+    page.keyboard.press("Escape")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+    expect(page.locator("#toast")).to_contain_text("is kept")
+    expect(button).to_be_focused()
+    open_request(page, "agent-0005")
+    expect(page.locator("#grant-reason")).to_have_value("unknown device")
+    page.click("#grant-deny")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+    assert register(base, "agent-0005", roles=["minimum"])[1]["reason"] == "unknown device"
+
+
+def test_a_refused_permission_is_marked_next_to_its_field_in_view(page: sync_api.Page, base: str) -> None:
+    """At 1024x768 the server's 400 names permissions[2]: that field is marked, its message beside it, on screen."""
+    page.set_viewport_size({"width": 1024, "height": 768})
+    sign_in(page, base)
+    unlock(page)
+    requested = [
+        {"resource": f"plant/line{number}/#", "operation": "read", "context": "mqtt"} for number in range(1, 6)
+    ]
+    assert register(base, "agent-0006", roles=["minimum"], permissions=requested, context=LONG_CONTEXT[:600])[0] == 202
+    open_request(page, "agent-0006")
+    items = page.locator("#grant-permissions li")
+    items.nth(2).locator("input").fill("plant/#/oops")  # the page lets it through; the server does not
+    page.click("#grant-allow")
+
+    field = items.nth(2).locator("input")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    expect(field).to_be_focused()
+    message = items.nth(2).locator(".field-error")
+    expect(message).to_contain_text("Resource is not an MQTT topic filter")
+    assert field.get_attribute("aria-describedby") == message.get_attribute("id")
+    body = page.locator("#grant-body").bounding_box()
+    for node in (field, message):
+        box = node.bounding_box()
+        assert inside(box, body) and inside(box, viewport_box(page)), box
+    summary = page.locator("#grant-error")
+    expect(summary).to_contain_text("The server refused this grant")
+    assert inside(summary.bounding_box(), viewport_box(page))
+    for text in (summary.text_content(), message.text_content()):
+        assert "permissions[" not in text and "permission 3" not in text
+    assert items.nth(1).locator("input").get_attribute("aria-invalid") is None
+
+    field.fill("plant/oops/#")
+    expect(field).not_to_have_attribute("aria-invalid", "true")
+    expect(summary).to_be_hidden()
+    page.click("#grant-allow")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+
+
+# --- Issue 18: granted and collected; finding a request -------------------------------------
+
+
+def test_approved_rows_show_what_was_granted_and_whether_it_was_collected(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)
+    unlock(page)
+    permissions = [{"resource": "plant/line2/#", "operation": "readWrite", "context": "mqtt"}]
+    assert register(base, "agent-0007", roles=["minimum", "operator"], permissions=permissions)[0] == 202
+    open_request(page, "agent-0007")
+    page.uncheck("#grant-roles input[value=operator]")
+    page.click("#grant-allow")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+
+    row = request_row(page, "agent-0007")
+    rights = row.locator("td.rights")
+    expect(rights).to_contain_text("Granted")
+    expect(rights.locator(".not-granted")).to_contain_text("operator")
+    expect(rights.locator(".chip").first).to_have_text("minimum")
+    expect(row).to_contain_text("Not collected yet")
+    assert register(base, "agent-0007", roles=["minimum", "operator"], permissions=permissions)[0] == 201
+    expect(row).to_contain_text("Collected")
+    expect(row).not_to_contain_text("Not collected yet")
+
+
+def shown_usernames(page: sync_api.Page) -> list[str]:
+    return page.locator("#requests-body tr").evaluate_all("rows => rows.map((row) => row.dataset.username)")
+
+
+def test_pending_first_newest_first_with_filter_search_and_new_arrivals(page: sync_api.Page, base: str) -> None:
+    assert call(base, "POST", "/api/client-registry/unlock", token=TOKEN)[0] == 200
+    pairing = {}
+    for number in range(1, 6):
+        status, body = register(base, f"dev-{number}")
+        assert status == 202
+        pairing[body["username"]] = body["pairingId"]
+    approve(base, "dev-1")
+    approve(base, "dev-2")
+    sign_in(page, base)
+    expect(page.locator("#requests-body tr")).to_have_count(5)
+    expect(page.locator("#requests-body tr").first).to_have_attribute("data-username", "dev-5")
+    assert shown_usernames(page) == ["dev-5", "dev-4", "dev-3", "dev-2", "dev-1"]
+    expect(page).to_have_title("(3 pending) Client Registry")
+    expect(page.locator("#requests-body .is-new")).to_have_count(0)  # all were there at sign-in
+
+    page.click("#filter-pending")
+    expect(page.locator("#requests-body tr")).to_have_count(3)
+    expect(page.locator("#filter-pending")).to_have_attribute("aria-pressed", "true")
+    page.fill("#search", "DEV-4")
+    expect(page.locator("#requests-body tr")).to_have_count(1)
+    page.fill("#search", pairing["dev-3"])
+    assert shown_usernames(page) == ["dev-3"]
+    page.fill("#search", "dev-1")
+    expect(page.locator("#requests-empty")).to_contain_text("No pending request matches")
+    page.click("#filter-all")
+    assert shown_usernames(page) == ["dev-1"]
+    page.fill("#search", "")
+    page.select_option("#sort", "oldest")
+    assert shown_usernames(page) == ["dev-1", "dev-2", "dev-3", "dev-4", "dev-5"]
+    page.select_option("#sort", "pending")
+
+    assert register(base, "dev-6")[0] == 202
+    expect(page.locator("#requests-body tr").first).to_have_attribute("data-username", "dev-6")
+    expect(request_row(page, "dev-6")).to_have_class("actionable is-new")
+    expect(request_row(page, "dev-6")).to_contain_text("New")
+    expect(page).to_have_title("(4 pending) Client Registry")
+    expect(page.locator("#toast")).to_contain_text("New request from dev-6")
+    open_request(page, "dev-6")
+    page.keyboard.press("Escape")
+    expect(request_row(page, "dev-6")).not_to_have_class("actionable is-new")
+
+
+# --- Issue 18: stale state ---------------------------------------------------------------------
+
+
+def test_no_stale_state_before_sign_in_after_sign_out_or_after_an_outage(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)  # says "Unknown" before the token, "Locked" after
+    unlock(page)
+    expect(page.locator("#lock-detail")).to_contain_text("Accepting new requests")
+
+    # The server goes away; a button is pressed meanwhile; the server comes back.
+    page.route("**/api/**", lambda route: route.abort("connectionrefused"))
+    page.click("#lock")
+    expect(page.locator("#banner")).to_contain_text("cannot be reached")
+    page.unroute("**/api/**")
+    expect(page.locator("#banner")).to_be_hidden()
+    expect(page.locator("#lock-state")).to_have_text("Unlocked")
+
+    page.click("#sign-out")
+    expect(page.locator("#token-dialog")).to_be_visible()
+    expect(page.locator("#lock-state")).to_have_text("Unknown")
+    detail = page.locator("#lock-detail").text_content()
+    assert "Accepting" not in detail
+    page.wait_for_timeout(1200)
+    expect(page.locator("#lock-detail")).to_have_text(detail)  # no countdown runs
+    expect(page).to_have_title("Client Registry")
+
+
+# --- Issue 18: accessibility -------------------------------------------------------------------
+
+
+def axe_violations(page: sync_api.Page) -> list[str]:
+    """The serious and critical violations axe-core finds in the page as it is now."""
+    if not page.evaluate("typeof window.axe !== 'undefined'"):
+        page.evaluate(AXE.read_text())
+    results = page.evaluate("axe.run(document, { resultTypes: ['violations'] })")
+    return [
+        f"{violation['id']} ({violation['impact']}): {[node['target'] for node in violation['nodes']][:5]}"
+        for violation in results["violations"]
+        if violation["impact"] in ("serious", "critical")
+    ]
+
+
+@pytest.mark.parametrize("size", ["1440x900", "390x844"])
+def test_axe_finds_no_serious_violation(page: sync_api.Page, base: str, size: str) -> None:
+    """axe-core on the sign-in dialog, the Requests view, the Grant Access dialog and the Users view."""
+    width, height = VIEWPORTS[size]
+    page.set_viewport_size({"width": width, "height": height})
+    page.goto(base + "/")
+    expect(page.locator("#token-dialog")).to_be_visible()
+    assert page.locator("#token-input").get_attribute("autocomplete") == "off"  # no password manager
+    assert axe_violations(page) == []
+    give_token(page)
+    expect(page.locator("#lock-state")).to_have_text("Locked")
+    unlock(page)
+    serials = populate_long_values(base)
+    assert register(base, "denied-0001")[0] == 202
+    assert call(base, "POST", "/api/client-registry/requests/denied-0001/deny", {"reason": "no"}, token=TOKEN)[0] == 200
+    late = [{"resource": "a/b", "operation": "read", "context": "mqtt"}]
+    assert register(base, "late-0001", permissions=late)[0] == 202
+    expect(request_row(page, "late-0001")).to_have_class("actionable is-new")
+    assert axe_violations(page) == []
+
+    open_request(page, "late-0001")
+    page.click("#grant-add-permission")
+    labels = page.locator("#grant-permissions input, #grant-permissions select, #grant-permissions button")
+    names = labels.evaluate_all("nodes => nodes.map((node) => node.getAttribute('aria-label'))")
+    assert len(names) == 8 and len(set(names)) == 8, names
+    page.click("#grant-allow")  # the empty resource is marked
+    expect(page.locator("#grant-error")).to_be_visible()
+    assert axe_violations(page) == []
+    page.locator("#grant-close").click()
+
+    page.click("#tab-users")
+    expect(page.locator("#users-body .serial")).to_have_text(serials[LONG_NAME])
+    expect(page.locator("#view-users h1")).to_have_text("Users")
+    expect(page.locator("#users-body")).to_contain_text("Renew from")
+    assert axe_violations(page) == []
+    assert page.evaluate("window.cspViolations") == []
+
+
+# --- Issue 18: refreshing cheaply ---------------------------------------------------------------
+
+
+def test_an_unchanged_list_is_not_rendered_again(page: sync_api.Page, base: str) -> None:
+    """300 requests: refreshes that bring nothing new change nothing in the page; a poll changes one row."""
+    sign_in(page, base)
+    unlock(page)
+    for number in range(300):
+        assert register(base, f"bulk-{number:04d}", roles=["minimum"])[0] == 202
+    expect(page.locator("#requests-body tr")).to_have_count(300)
+    page.evaluate(WATCH_ROWS)
+    page.wait_for_timeout(7000)  # two refreshes at least
+    assert page.evaluate("window.rowMutations") == 0
+    assert register(base, "bulk-0150", roles=["minimum"])[0] == 202
+    expect(request_row(page, "bulk-0150")).to_contain_text("1 poll")
+    assert page.evaluate("window.rowMutations") > 0
+
+
+def test_the_page_sends_its_etag_and_keeps_the_rows_on_304(page: sync_api.Page, base: str) -> None:
+    """With a server that tags its lists, the page asks If-None-Match and a 304 leaves the rows as they are."""
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "tagged-0001")[0] == 202
+    listing = call(base, "GET", "/api/client-registry/requests", token=TOKEN)[1]
+    asked: list[str | None] = []
+
+    def answer(route: sync_api.Route) -> None:
+        asked.append(route.request.headers.get("if-none-match"))
+        if route.request.headers.get("if-none-match") == '"v1"':
+            route.fulfill(status=304, headers={"ETag": '"v1"'})
+        else:
+            route.fulfill(json=listing, headers={"ETag": '"v1"'})
+
+    page.route("**/api/client-registry/requests", answer)
+    expect(request_row(page, "tagged-0001")).to_be_visible()
+    page.evaluate(WATCH_ROWS)
+    deadline = time.monotonic() + REFRESH_TIMEOUT_MS / 1000
+    while asked.count('"v1"') < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    assert asked.count('"v1"') >= 2, asked
+    expect(request_row(page, "tagged-0001")).to_contain_text("Pending")
+    assert page.evaluate("window.rowMutations") == 0
     assert page.console_errors == []

@@ -8,14 +8,24 @@
 // Staying in place: the lists are refreshed every few seconds, but each row is
 // kept and rewritten only when its request changed, so the scroll position,
 // the focus and an open dialog survive a refresh.
+//
+// Refreshing cheaply: a list is fetched with the ETag of its last answer in
+// If-None-Match (RFC 9110 section 13.1.2). A 304 keeps what is shown; so does
+// an answer whose text is the one already shown, for a server that sends no
+// ETag. Only a list that changed is rendered again.
 "use strict";
 
 const TOKEN_KEY = "clientRegistry.adminToken"; // sessionStorage: this browser tab only
 const REFRESH_MS = 3000;
 const TOAST_MS = 5000;
+const TITLE = "Client Registry";
 const OPERATIONS = ["read", "write", "readWrite"];
 const CONTEXTS = ["mqtt", "http"];
 const STATE_LABELS = { pending: "Pending", approved: "Approved", denied: "Denied" };
+const CERTIFICATE_LABELS = { valid: "Valid", renew: "Renewal due", expired: "Expired" };
+const PERMISSION_FIELDS = ["resource", "operation", "context"];
+// How the registry names a permission in an error: "permissions[1].resource must start with '/' ..."
+const PERMISSION_PROBLEM = /^permissions\[(\d+)\](?:\.(resource|operation|context))?\s+(.*)$/s;
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,12 +40,26 @@ class ApiError extends Error {
 
 const page = {
   view: "registry",
+  session: 0, // grows at each sign-out, so that an answer to an older session is dropped
+  statusKnown: false, // the lock state is unknown until a signed-in call answers
   unlockedUntil: null, // milliseconds since the epoch, or null when locked
+  pending: 0,
+  lists: new Map(), // API path -> { etag, text, data } of its last answer
   requests: new Map(), // username -> the request as the server last listed it
+  position: new Map(), // username -> its place in the server's listing, oldest first
   requestRows: new Map(), // username -> { row, key }
   userRows: new Map(),
+  filter: "all",
+  search: "",
+  sort: "pending",
+  known: null, // the usernames of the first listing after sign-in: anything else arrived since
+  fresh: new Set(), // arrivals not yet opened, highlighted as new
+  drafts: new Map(), // username -> a denial reason typed but not sent
   catalog: null, // [{name, description}]
   openRequest: null, // the username whose Grant Access dialog is open
+  opening: false,
+  focusAfterClose: null,
+  warnedDraft: false,
   signingIn: false, // a 401 now means the token just typed is wrong
   refreshing: false,
   refreshAgain: false,
@@ -52,13 +76,20 @@ function element(tag, className, text) {
   return node;
 }
 
+function cell(label, className, ...children) {
+  const node = element("td", className);
+  if (label) node.dataset.label = label;
+  node.append(...children);
+  return node;
+}
+
 function chips(values, className, emptyText) {
   if (!values.length) return [element("span", "none", emptyText)];
   return values.map((value) => element("span", className, value));
 }
 
 function permissionNodes(permissions) {
-  if (!permissions.length) return [element("span", "none", "none")];
+  if (!permissions.length) return [element("span", "none", "no permissions")];
   return permissions.map((permission) => {
     const line = element("span", "perm");
     line.append(
@@ -68,6 +99,14 @@ function permissionNodes(permissions) {
     );
     return line;
   });
+}
+
+function rightsNodes(label, rights) {
+  return [element("span", "rights-label", label), ...chips(rights.roles, "chip", "no roles"), ...permissionNodes(rights.permissions)];
+}
+
+function polls(count) {
+  return `${count} ${count === 1 ? "poll" : "polls"}`;
 }
 
 function formatTime(iso) {
@@ -92,10 +131,10 @@ function formatCountdown(milliseconds) {
   return hours ? `${hours}:${String(minutes).padStart(2, "0")}:${seconds}` : `${minutes}:${seconds}`;
 }
 
-function timeCell(iso) {
-  const cell = element("td", "time", formatTime(iso));
-  if (iso) cell.title = new Date(iso).toString();
-  return cell;
+function timeLine(prefix, iso) {
+  const line = element("span", "line time", `${prefix} ${formatTime(iso)}`);
+  if (iso) line.title = new Date(iso).toString();
+  return line;
 }
 
 // --- Messages: the error banner and the success toast ----------------------
@@ -130,10 +169,14 @@ function describe(error) {
   return `${error.message}${details}`;
 }
 
-/** Put an error on the page; a refused token also asks for the token again. */
+/**
+ * Put an error on the page. A refused token has already asked for the token
+ * again; an unreachable server is one banner, whichever call found it, which
+ * the next call that reaches the server clears.
+ */
 function report(error, source) {
-  if (error instanceof ApiError && error.status === 401) return; // api() has asked for the token
-  showBanner(describe(error), source);
+  if (error instanceof ApiError && error.status === 401) return;
+  showBanner(describe(error), error instanceof ApiError && error.status === 0 ? "network" : source);
 }
 
 // --- The API ---------------------------------------------------------------
@@ -142,11 +185,11 @@ function token() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
 
-async function api(method, path, body) {
-  const headers = { Authorization: `Bearer ${token() || ""}` };
-  const init = { method, headers, cache: "no-store" };
+/** One call to the API: its response, whatever its status; a refused token asks for the token again. */
+async function send(method, path, body, headers = {}) {
+  const init = { method, headers: { Authorization: `Bearer ${token() || ""}`, ...headers }, cache: "no-store" };
   if (body !== undefined) {
-    headers["Content-Type"] = "application/json";
+    init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
   let response;
@@ -155,7 +198,7 @@ async function api(method, path, body) {
   } catch {
     throw new ApiError(0, null);
   }
-  const data = await response.json().catch(() => null);
+  clearBanner("network"); // the server answered
   if (response.status === 401) {
     sessionStorage.removeItem(TOKEN_KEY);
     askForToken(
@@ -164,8 +207,39 @@ async function api(method, path, body) {
         : "Your administrator token was refused: it may have been changed. Enter it again.",
     );
   }
+  return response;
+}
+
+async function api(method, path, body) {
+  const response = await send(method, path, body);
+  const data = await response.json().catch(() => null);
   if (!response.ok) throw new ApiError(response.status, data);
   return data;
+}
+
+/** A list, and whether it changed since the last time it was fetched (304, or the same text). */
+async function getList(path) {
+  const last = page.lists.get(path);
+  const response = await send("GET", path, undefined, last && last.etag ? { "If-None-Match": last.etag } : {});
+  if (response.status === 304 && last) return { data: last.data, changed: false };
+  const text = await response.text();
+  if (!response.ok) {
+    let body = null;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      // not JSON: the status says enough
+    }
+    throw new ApiError(response.status, body);
+  }
+  const etag = response.headers.get("ETag");
+  if (last && last.text === text) {
+    last.etag = etag;
+    return { data: last.data, changed: false };
+  }
+  const data = JSON.parse(text);
+  page.lists.set(path, { etag, text, data });
+  return { data, changed: true };
 }
 
 const registryPath = (username, action) =>
@@ -178,9 +252,11 @@ function askForToken(message) {
   $("token-error").textContent = message || "";
   $("token-error").hidden = !message;
   $("sign-out").hidden = true;
+  forgetSession();
   if (!dialog.open) {
     if (message) showBanner(message, "auth");
     $("token-input").value = "";
+    for (const open of document.querySelectorAll("dialog[open]")) open.close();
     dialog.showModal();
   }
   $("token-input").focus();
@@ -194,7 +270,7 @@ async function signIn(event) {
   $("token-submit").disabled = true;
   page.signingIn = true;
   try {
-    await api("GET", "/client-registry");
+    renderStatus(await api("GET", "/client-registry"));
     $("token-dialog").close();
     $("sign-out").hidden = false;
     clearBanner("auth");
@@ -211,13 +287,31 @@ async function signIn(event) {
   }
 }
 
-function signOut() {
-  sessionStorage.removeItem(TOKEN_KEY);
+/** Everything this tab learned while signed in, forgotten: the lists, the lock state, the countdown. */
+function forgetSession() {
+  page.session += 1;
   for (const rows of [page.requestRows, page.userRows]) {
     for (const { row } of rows.values()) row.remove();
     rows.clear();
   }
+  page.lists.clear();
   page.requests.clear();
+  page.known = null;
+  page.fresh.clear();
+  page.drafts.clear();
+  page.statusKnown = false;
+  page.unlockedUntil = null;
+  page.pending = 0;
+  $("pending-count").hidden = true;
+  $("crl").hidden = true;
+  updateFilterCounts([]);
+  $("requests-empty").hidden = true;
+  $("users-empty").hidden = true;
+  tick();
+}
+
+function signOut() {
+  sessionStorage.removeItem(TOKEN_KEY);
   clearBanner();
   askForToken();
 }
@@ -231,38 +325,68 @@ async function refresh() {
     return;
   }
   page.refreshing = true;
+  const session = page.session;
   try {
     do {
       page.refreshAgain = false;
       const [status, requests] = await Promise.all([
         api("GET", "/client-registry"),
-        api("GET", "/client-registry/requests"),
+        getList("/client-registry/requests"),
       ]);
+      if (session !== page.session) return;
       renderStatus(status);
-      renderRequests(requests);
-      if (page.view === "users") renderUsers(await api("GET", "/users"));
+      if (requests.changed) renderRequests(requests.data);
+      if (page.view === "users") {
+        const users = await getList("/users");
+        if (session !== page.session) return;
+        if (users.changed) renderUsers(users.data);
+      }
       clearBanner("refresh");
     } while (page.refreshAgain);
   } catch (error) {
-    report(error, "refresh");
+    if (session === page.session) report(error, "refresh");
   } finally {
     page.refreshing = false;
   }
 }
 
 function renderStatus(status) {
+  page.statusKnown = true;
   page.unlockedUntil = status.locked || !status.unlockedUntil ? null : Date.parse(status.unlockedUntil);
+  page.pending = status.pending;
   const count = $("pending-count");
   count.textContent = String(status.pending);
   count.hidden = status.pending === 0;
+  renderCrl(status.crl);
   tick();
 }
 
-/** The lock panel, with its live countdown. */
+function renderCrl(crl) {
+  const line = $("crl");
+  line.hidden = !crl;
+  if (!crl) return;
+  const link = element("a", null, "crl.pem");
+  link.href = "/api/client-registry/crl.pem";
+  line.replaceChildren(
+    `Certificate revocation list number ${crl.number}, next update ${formatTime(crl.nextUpdate)}: `,
+    link,
+  );
+}
+
+/** The lock panel, with its live countdown, and the tab's title. */
 function tick() {
+  document.title = page.statusKnown && page.pending ? `(${page.pending} pending) ${TITLE}` : TITLE;
+  const panel = $("lock-panel");
+  if (!page.statusKnown) {
+    panel.dataset.state = "unknown";
+    $("lock-state").textContent = "Unknown";
+    $("lock-detail").textContent = "Locked or unlocked: unknown until you sign in.";
+    $("unlock").textContent = "Unlock";
+    $("unlock").disabled = $("lock").disabled = true;
+    return;
+  }
   const left = page.unlockedUntil === null ? 0 : page.unlockedUntil - Date.now();
   const unlocked = left > 0;
-  const panel = $("lock-panel");
   panel.dataset.state = unlocked ? "unlocked" : "locked";
   $("lock-state").textContent = unlocked ? "Unlocked" : "Locked";
   if (unlocked) {
@@ -273,6 +397,7 @@ function tick() {
       "New requests are refused. Clients already pending can still poll, and you can still decide them.";
   }
   $("unlock").textContent = unlocked ? "Restart window" : "Unlock";
+  $("unlock").disabled = false;
   $("lock").disabled = !unlocked;
   if (page.unlockedUntil !== null && !unlocked) {
     page.unlockedUntil = null; // the window ended on its own: confirm with the server
@@ -289,7 +414,6 @@ async function setLock(action) {
   } catch (error) {
     report(error, "lock");
   } finally {
-    button.disabled = false;
     tick();
   }
 }
@@ -326,56 +450,156 @@ function reconcile(body, rows, items, fill) {
 
 function renderRequests(requests) {
   page.requests = new Map(requests.map((request) => [request.username, request]));
-  reconcile($("requests-body"), page.requestRows, requests, fillRequestRow);
-  $("requests-empty").hidden = requests.length > 0;
+  page.position = new Map(requests.map((request, index) => [request.username, index]));
+  noteArrivals(requests);
+  showRequests();
   if (page.openRequest !== null) updateGrantDialog(page.requests.get(page.openRequest));
+}
+
+/** Requests that arrived after the first listing are new until their dialog is opened or they are decided. */
+function noteArrivals(requests) {
+  if (page.known === null) {
+    page.known = new Set(requests.map((request) => request.username));
+    return;
+  }
+  const arrived = requests.filter((request) => !page.known.has(request.username));
+  for (const request of arrived) {
+    page.known.add(request.username);
+    if (request.state === "pending") page.fresh.add(request.username);
+  }
+  for (const name of page.fresh) {
+    const request = page.requests.get(name);
+    if (!request || request.state !== "pending") page.fresh.delete(name);
+  }
+  const pending = arrived.filter((request) => request.state === "pending");
+  if (pending.length === 1) showToast(`New request from ${pending[0].username}.`);
+  else if (pending.length > 1) showToast(`${pending.length} new requests.`);
+}
+
+const ORDERS = {
+  pending: (a, b) => (b.state === "pending") - (a.state === "pending") || newestFirst(a, b),
+  newest: (a, b) => newestFirst(a, b),
+  oldest: (a, b) => -newestFirst(a, b),
+  username: (a, b) => a.username.localeCompare(b.username),
+};
+
+/** Newest first; the server lists oldest first, which settles a tie within a millisecond. */
+function newestFirst(a, b) {
+  return Date.parse(b.createdAt) - Date.parse(a.createdAt) || page.position.get(b.username) - page.position.get(a.username);
+}
+
+/** The requests that the filter and the search let through, in the chosen order, as rows. */
+function showRequests() {
+  const all = [...page.requests.values()];
+  const query = page.search.trim().toLowerCase();
+  const shown = all
+    .filter((request) => page.filter === "all" || request.state === "pending")
+    .filter(
+      (request) =>
+        !query || request.username.toLowerCase().includes(query) || request.pairingId.toLowerCase().includes(query),
+    )
+    .sort(ORDERS[page.sort])
+    .map((request) => ({ ...request, isNew: page.fresh.has(request.username) }));
+  reconcile($("requests-body"), page.requestRows, shown, fillRequestRow);
+  updateFilterCounts(all);
+  const empty = $("requests-empty");
+  empty.hidden = shown.length > 0;
+  if (!all.length) empty.textContent = "No requests. Unlock the registry, then start the client: its request appears here.";
+  else if (query) empty.textContent = `No ${page.filter === "pending" ? "pending " : ""}request matches “${page.search.trim()}”.`;
+  else empty.textContent = "No pending request. Choose All to see the decided ones.";
+}
+
+function updateFilterCounts(all) {
+  $("filter-all-count").textContent = String(all.length);
+  $("filter-pending-count").textContent = String(all.filter((request) => request.state === "pending").length);
+}
+
+function setFilter(filter) {
+  page.filter = filter;
+  for (const button of document.querySelectorAll(".segment")) {
+    button.setAttribute("aria-pressed", String(button.dataset.filter === filter));
+  }
+  showRequests();
 }
 
 function fillRequestRow(row, request) {
   const pending = request.state === "pending";
   row.dataset.username = request.username;
   row.dataset.state = request.state;
-  row.className = pending ? "actionable" : "";
-  row.tabIndex = pending ? 0 : -1;
-  row.title = pending ? `Review the request of ${request.username}` : "";
+  row.className = [pending ? "actionable" : "", request.isNew ? "is-new" : ""].join(" ").trim();
 
-  const name = element("td", "username");
-  name.append(element("strong", null, request.username));
-  const context = element("td", "context-cell", request.context || "");
-  if (request.context) context.title = request.context;
-  const state = element("td");
-  state.append(element("span", `badge ${request.state}`, STATE_LABELS[request.state] || request.state));
-  if (request.reason) state.append(element("span", "reason", request.reason));
-  const lastPoll = timeCell(request.lastPollAt);
-  lastPoll.append(element("span", "polls", `${request.pollCount} ${request.pollCount === 1 ? "poll" : "polls"}`));
-  const roles = element("td");
-  roles.append(...chips(request.roles, "chip", "none"));
-  const permissions = element("td", "perms");
-  permissions.append(...permissionNodes(request.permissions));
-  const method = element("td");
-  method.append(element("span", `method ${request.method}`, request.method === "csr" ? "CSR" : "password"));
-
-  row.replaceChildren(
-    name,
-    state,
-    element("td", "mono pairing-cell", request.pairingId),
-    method,
-    roles,
-    permissions,
-    context,
-    element("td", "mono", request.clientAddress),
-    timeCell(request.createdAt),
-    lastPoll,
+  const client = cell(null, "client");
+  if (pending) {
+    // A real button, so that the row is announced and reached as a control.
+    const open = element("button", "open-request");
+    open.type = "button";
+    open.append(element("span", "visually-hidden", "Review the request of "), request.username);
+    client.append(open);
+  } else {
+    client.append(element("span", "username", request.username));
+  }
+  if (request.isNew) client.append(element("span", "new-tag", "New"));
+  const meta = element("span", "client-meta");
+  meta.append(
+    element("span", `method ${request.method}`, request.method === "csr" ? "CSR" : "password"),
+    element("span", "pairing-cell mono", `pairing ${request.pairingId}`),
   );
+  client.append(meta);
+
+  const state = cell("State", null, element("span", `badge ${request.state}`, STATE_LABELS[request.state] || request.state));
+  if (request.reason) state.append(element("span", "reason", request.reason));
+  if (request.state === "approved") {
+    const collected = request.collectedAt
+      ? element("span", "collected yes", `Collected ${formatTime(request.collectedAt)}`)
+      : element("span", "collected no", "Not collected yet");
+    collected.title = request.collectedAt
+      ? "The client fetched its credentials after the approval."
+      : "The client has not polled since the approval: it does not have its credentials yet.";
+    state.append(collected);
+  }
+  if (request.decidedAt) state.append(element("span", "sub", `Decided ${formatTime(request.decidedAt)}`));
+
+  const context = element("div", "clamp", request.context || "");
+  if (request.context) context.title = request.context;
+  const seen = cell(
+    "Seen",
+    null,
+    timeLine("First", request.createdAt),
+    timeLine("Last", request.lastPollAt),
+    element("span", "sub", polls(request.pollCount)),
+  );
+  row.replaceChildren(
+    client,
+    state,
+    cell(null, "rights", ...rightsCell(request)),
+    cell("Context", "context-cell", context),
+    cell("Address", "mono", request.clientAddress),
+    seen,
+  );
+}
+
+/** What an approved request was granted (and what of the request was not), or what a request asks for. */
+function rightsCell(request) {
+  if (request.state !== "approved" || !request.granted) return rightsNodes("Requested", request);
+  const nodes = rightsNodes("Granted", request.granted);
+  const key = (permission) => JSON.stringify([permission.context, permission.resource, permission.operation]);
+  const granted = new Set(request.granted.permissions.map(key));
+  const roles = request.roles.filter((role) => !request.granted.roles.includes(role));
+  const permissions = request.permissions.filter((permission) => !granted.has(key(permission)));
+  if (roles.length || permissions.length) {
+    const withheld = element("span", "not-granted");
+    withheld.append(element("span", "rights-label", "Requested, not granted"));
+    if (roles.length) withheld.append(...chips(roles, "chip"));
+    if (permissions.length) withheld.append(...permissionNodes(permissions));
+    nodes.push(withheld);
+  }
+  return nodes;
 }
 
 function onRequestActivated(event) {
   const row = event.target.closest("tr");
   if (!row || row.dataset.state !== "pending") return;
-  if (event.type === "keydown") {
-    if (event.key !== "Enter" && event.key !== " ") return;
-    event.preventDefault();
-  }
+  if (event.target.closest("a")) return;
   openGrantDialog(row.dataset.username);
 }
 
@@ -388,15 +612,20 @@ async function loadCatalog() {
 
 async function openGrantDialog(username) {
   const request = page.requests.get(username);
-  if (!request || request.state !== "pending") return;
+  if (!request || request.state !== "pending" || page.opening || $("grant-dialog").open) return;
   let catalog;
+  page.opening = true; // a second click or Enter while the catalog loads opens nothing more
   try {
     catalog = await loadCatalog();
   } catch (error) {
     report(error, "dialog");
     return;
+  } finally {
+    page.opening = false;
   }
   page.openRequest = username;
+  page.warnedDraft = false;
+  if (page.fresh.delete(username)) showRequests();
   $("grant-username").textContent = username;
   $("grant-pairing").textContent = request.pairingId;
   $("grant-method").textContent = request.method === "csr" ? "Certificate signing request (CSR)" : "Password";
@@ -407,13 +636,15 @@ async function openGrantDialog(username) {
   $("grant-context").textContent = request.context || "(none)";
   $("grant-context").classList.toggle("none", !request.context);
   fillRoleChoices(catalog, request.roles);
-  $("grant-permissions-body").replaceChildren(...request.permissions.map(permissionRow));
-  updatePermissionsEmpty();
-  $("grant-reason").value = "";
-  $("grant-error").hidden = true;
+  $("grant-permissions").replaceChildren(...request.permissions.map(permissionItem));
+  renumberPermissions();
+  $("grant-reason").value = page.drafts.get(username) || "";
+  clearGrantErrors();
   updateGrantDialog(request);
+  $("grant-body").scrollTop = 0;
   $("grant-dialog").showModal();
-  $("grant-allow").focus();
+  // Not on Allow: a second Enter must not approve what was not reviewed.
+  $("grant-heading").focus();
 }
 
 function fillRoleChoices(catalog, requested) {
@@ -441,52 +672,59 @@ function roleChoice(name, description, checked) {
   return label;
 }
 
-function select(options, value, label) {
-  const node = element("select");
-  node.setAttribute("aria-label", label);
+function select(options, value, field) {
+  const node = element("select", field);
   for (const option of options) node.append(new Option(option, option, false, option === value));
   return node;
 }
 
-function permissionRow(permission) {
-  const row = element("tr");
+/** One permission of the grant, as editable fields; its error, if any, is shown right below them. */
+function permissionItem(permission) {
+  const item = element("li", "permission");
+  const fields = element("div", "permission-fields");
   const resource = element("input", "resource");
   resource.type = "text";
   resource.value = permission.resource;
   resource.placeholder = "topic filter, or /path";
-  resource.setAttribute("aria-label", "Resource");
+  resource.spellcheck = false;
   const remove = element("button", "icon-button remove", "×");
   remove.type = "button";
-  remove.setAttribute("aria-label", "Remove this permission");
   remove.addEventListener("click", () => {
-    row.remove();
-    updatePermissionsEmpty();
+    const next = item.nextElementSibling || item.previousElementSibling;
+    item.remove();
+    renumberPermissions();
+    (next ? next.querySelector("input") : $("grant-add-permission")).focus();
   });
-  const cells = [
-    resource,
-    select(OPERATIONS, permission.operation, "Operation"),
-    select(CONTEXTS, permission.context, "Context"),
-    remove,
-  ];
-  row.append(...cells.map((control) => {
-    const cell = element("td");
-    cell.append(control);
-    return cell;
-  }));
-  return row;
+  fields.append(resource, select(OPERATIONS, permission.operation, "operation"), select(CONTEXTS, permission.context, "context"), remove);
+  const error = element("p", "field-error");
+  error.hidden = true;
+  item.append(fields, error);
+  fields.addEventListener("input", () => clearFieldError(item));
+  fields.addEventListener("change", () => clearFieldError(item));
+  return item;
+}
+
+/** Give each permission's controls names of their own: "Resource of permission 2", and so on. */
+function renumberPermissions() {
+  const items = [...$("grant-permissions").children];
+  items.forEach((item, index) => {
+    const number = index + 1;
+    item.querySelector(".resource").setAttribute("aria-label", `Resource of permission ${number}`);
+    item.querySelector(".operation").setAttribute("aria-label", `Operation of permission ${number}`);
+    item.querySelector(".context").setAttribute("aria-label", `Context of permission ${number}`);
+    item.querySelector(".remove").setAttribute("aria-label", `Remove permission ${number}`);
+    item.querySelector(".field-error").id = `grant-permission-error-${number}`;
+  });
+  const empty = items.length === 0;
+  $("grant-permissions-empty").hidden = !empty;
+  $("grant-permissions-head").hidden = empty;
 }
 
 function addPermission() {
-  const row = permissionRow({ resource: "", operation: "read", context: "mqtt" });
-  $("grant-permissions-body").append(row);
-  updatePermissionsEmpty();
-  row.querySelector("input").focus();
-}
-
-function updatePermissionsEmpty() {
-  const empty = $("grant-permissions-body").children.length === 0;
-  $("grant-permissions-empty").hidden = !empty;
-  $("grant-permissions").hidden = empty;
+  const item = permissionItem({ resource: "", operation: "read", context: "mqtt" });
+  $("grant-permissions").append(item);
+  renumberPermissions();
+  item.querySelector("input").focus();
 }
 
 /** What a refresh learned about the request whose dialog is open. */
@@ -498,43 +736,109 @@ function updateGrantDialog(request) {
   } else if (!decidable) {
     notice.textContent = `This request was ${request.state} meanwhile, by another administrator.`;
   } else {
-    const polls = `${request.pollCount} ${request.pollCount === 1 ? "poll" : "polls"}`;
-    $("grant-polled").textContent = `${formatTime(request.lastPollAt)} (${polls})`;
+    $("grant-polled").textContent = `${formatTime(request.lastPollAt)} (${polls(request.pollCount)})`;
   }
   notice.hidden = decidable;
   $("grant-allow").disabled = !decidable;
   $("grant-deny").disabled = !decidable;
 }
 
-/** The roles and permissions left ticked and edited, or a sentence saying what is wrong. */
+// --- Errors next to the field that caused them --------------------------------
+
+function markField(item, field, message) {
+  const control = item.querySelector(`.${field || "resource"}`);
+  control.setAttribute("aria-invalid", "true");
+  const error = item.querySelector(".field-error");
+  error.textContent = error.hidden ? message : `${error.textContent} ${message}`;
+  error.hidden = false;
+  for (const name of PERMISSION_FIELDS) {
+    const each = item.querySelector(`.${name}`);
+    if (each.getAttribute("aria-invalid") === "true") each.setAttribute("aria-describedby", error.id);
+  }
+  return control;
+}
+
+function clearFieldError(item) {
+  const error = item.querySelector(".field-error");
+  if (error.hidden) return;
+  error.hidden = true;
+  error.textContent = "";
+  for (const control of item.querySelectorAll("[aria-invalid]")) {
+    control.removeAttribute("aria-invalid");
+    control.removeAttribute("aria-describedby");
+  }
+  if (!$("grant-permissions").querySelector("[aria-invalid]")) $("grant-error").hidden = true;
+}
+
+function clearGrantErrors() {
+  for (const item of $("grant-permissions").children) clearFieldError(item);
+  $("grant-error").hidden = true;
+  $("grant-error").textContent = "";
+}
+
+/**
+ * Show what is wrong: each permission's problem next to its fields, and a
+ * sentence in the dialog's footer, which is always in view. The first field
+ * at fault gets the focus, which scrolls it into view.
+ */
+function showGrantProblems(summary, problems) {
+  const items = [...$("grant-permissions").children];
+  const general = [];
+  let first = null;
+  for (const { index, field, message } of problems) {
+    const item = index === undefined ? undefined : items[index];
+    if (!item) {
+      general.push(message);
+      continue;
+    }
+    const control = markField(item, field, message);
+    first = first || control;
+  }
+  const marked = problems.length - general.length;
+  const where = marked ? ` ${marked === 1 ? "The permission at fault is" : "The permissions at fault are"} marked in red.` : "";
+  $("grant-error").textContent = `${summary}${general.length ? ` ${general.join("; ")}.` : ""}${where}`;
+  $("grant-error").hidden = false;
+  if (first) first.focus();
+}
+
+/** The roles and permissions left ticked and edited, and what is wrong with them, as the server would say it. */
 function collectGrant() {
   const roles = [...$("grant-roles").querySelectorAll("input:checked")].map((box) => box.value);
   const permissions = [];
   const problems = [];
-  [...$("grant-permissions-body").rows].forEach((row, index) => {
-    const [resource, operation, context] = row.querySelectorAll("input, select");
-    const permission = { resource: resource.value.trim(), operation: operation.value, context: context.value };
-    if (!permission.resource) problems.push(`permission ${index + 1} has no resource`);
-    else if (permission.context === "http" && !permission.resource.startsWith("/")) {
-      problems.push(`permission ${index + 1}: an http resource starts with /`);
+  [...$("grant-permissions").children].forEach((item, index) => {
+    const permission = Object.fromEntries(PERMISSION_FIELDS.map((name) => [name, item.querySelector(`.${name}`).value]));
+    permission.resource = permission.resource.trim();
+    if (!permission.resource) {
+      problems.push({ index, field: "resource", message: "Enter a resource: an MQTT topic filter, or a /path for http." });
+    } else if (permission.context === "http" && !permission.resource.startsWith("/")) {
+      problems.push({ index, field: "resource", message: "An http resource starts with /." });
     }
     permissions.push(permission);
   });
   return { grant: { roles, permissions }, problems };
 }
 
-function showGrantError(message) {
-  $("grant-error").textContent = message;
-  $("grant-error").hidden = false;
+/** The server's problems, each tied to the permission it names ("permissions[1].resource ..."), where it names one. */
+function serverProblems(error) {
+  const texts = Array.isArray(error.body.details) && error.body.details.length ? error.body.details : [error.message];
+  return texts.map((text) => {
+    const match = PERMISSION_PROBLEM.exec(text);
+    if (!match) return { message: text };
+    const [, index, field, rest] = match;
+    const subject = field ? field[0].toUpperCase() + field.slice(1) : "This permission";
+    return { index: Number(index), field, message: `${subject} ${rest}` };
+  });
 }
 
 async function decide(action) {
   const username = page.openRequest;
+  clearGrantErrors();
   let body;
   if (action === "approve") {
     const { grant, problems } = collectGrant();
     if (problems.length) {
-      showGrantError(`Fix the permissions first: ${problems.join("; ")}.`);
+      showGrantProblems("Fix the permissions first.", problems);
       return;
     }
     body = grant;
@@ -545,6 +849,9 @@ async function decide(action) {
   $("grant-allow").disabled = $("grant-deny").disabled = true;
   try {
     const answer = await api("POST", registryPath(username, action), body);
+    page.drafts.delete(username);
+    $("grant-reason").value = "";
+    page.focusAfterClose = nextToReview(username);
     $("grant-dialog").close();
     if (action === "approve") {
       const roles = answer.roles.length ? answer.roles.join(", ") : "none";
@@ -559,13 +866,53 @@ async function decide(action) {
       const state = error.body.state ? ` (it is ${error.body.state} now)` : "";
       showBanner(`${username} was already decided by someone else${state}: nothing was changed.`, "decision");
       refresh();
-    } else if (error.status !== 401) {
-      showGrantError(describe(error));
-      updateGrantDialog(page.requests.get(username));
+      return;
+    }
+    updateGrantDialog(page.requests.get(username));
+    if (error.status === 401) return;
+    const verb = action === "approve" ? "grant" : "denial";
+    if (error.status === 400 || error.status === 422) {
+      showGrantProblems(`The server refused this ${verb}.`, serverProblems(error));
     } else {
-      updateGrantDialog(page.requests.get(username));
+      showGrantProblems(`The ${verb} did not go through: ${describe(error)}`, []);
     }
   }
+}
+
+/** Escape, or the close button: a denial reason typed but not sent is kept for this request, and said so. */
+function onGrantCancel(event) {
+  const reason = $("grant-reason").value.trim();
+  if (!reason || page.warnedDraft || !event.cancelable) return;
+  event.preventDefault();
+  page.warnedDraft = true;
+  $("grant-error").textContent =
+    "You typed a reason for a denial but did not press Deny. Press Escape again to close: the reason is kept for when you reopen this request.";
+  $("grant-error").hidden = false;
+}
+
+function onGrantClosed() {
+  const username = page.openRequest;
+  page.openRequest = null;
+  if (username === null) return;
+  const reason = $("grant-reason").value.trim();
+  if (reason && page.requests.get(username)?.state === "pending") {
+    page.drafts.set(username, $("grant-reason").value);
+    showToast(`Your reason for denying ${username} is kept: open the request again to send it.`);
+  }
+  const target = page.focusAfterClose || requestButton(username);
+  page.focusAfterClose = null;
+  if (target) target.focus();
+}
+
+function requestButton(username) {
+  return $("requests-body").querySelector(`tr[data-username="${CSS.escape(username)}"] .open-request`);
+}
+
+/** Where the focus goes once a request is decided: the next pending request, or the list's heading. */
+function nextToReview(username) {
+  const buttons = [...$("requests-body").querySelectorAll(".open-request")];
+  const here = buttons.indexOf(requestButton(username));
+  return buttons[here + 1] || buttons[here - 1] || $("requests-heading");
 }
 
 // --- The Users view ----------------------------------------------------------
@@ -575,33 +922,34 @@ function renderUsers(users) {
   $("users-empty").hidden = users.length > 0;
 }
 
+function certificateCell(user) {
+  if (!user.certificateSerial) return cell("Certificate", null, element("span", "none", "none: signs in with a password"));
+  const node = cell("Certificate", null);
+  const status = user.certificateStatus;
+  node.append(element("span", `badge ${status}`, CERTIFICATE_LABELS[status] || status));
+  const serial = element("span", "line");
+  serial.append("Serial ", element("span", "serial", user.certificateSerial));
+  node.append(serial, timeLine(status === "expired" ? "Expired" : "Expires", user.certificateNotAfter));
+  node.append(timeLine("Renew from", user.certificateRenewAfter));
+  return node;
+}
+
 function fillUserRow(row, user) {
-  const name = element("td", "username");
-  name.append(element("strong", null, user.username));
-  const method = element("td");
-  method.append(element("span", `method ${user.method}`, user.method === "csr" ? "CSR" : "password"));
-  const roles = element("td");
-  roles.append(...chips(user.roles, "chip", "none"));
-  const permissions = element("td", "perms");
-  permissions.append(...permissionNodes(user.permissions));
-  const expires = element("td", "time", formatDate(user.certificateNotAfter) || "—");
-  if (user.certificateNotAfter) expires.title = new Date(user.certificateNotAfter).toString();
+  const name = cell(null, "client", element("span", "username", user.username));
+  const meta = element("span", "client-meta");
+  meta.append(element("span", `method ${user.method}`, user.method === "csr" ? "CSR" : "password"));
+  name.append(meta);
   const remove = element("button", "button small danger-outline", "Delete");
   remove.type = "button";
   remove.dataset.username = user.username;
   remove.setAttribute("aria-label", `Delete ${user.username}`);
-  const actions = element("td", "actions");
-  actions.append(remove);
   row.dataset.username = user.username;
   row.replaceChildren(
     name,
-    method,
-    roles,
-    permissions,
-    element("td", "mono serial", user.certificateSerial || "—"),
-    expires,
-    timeCell(user.createdAt),
-    actions,
+    cell("Roles and permissions", "rights", ...rightsNodes("Granted", user)),
+    certificateCell(user),
+    cell("Registered", null, timeLine("", user.createdAt)),
+    cell(null, "actions", remove),
   );
 }
 
@@ -633,12 +981,31 @@ async function onUserAction(event) {
   try {
     await api("DELETE", `/users/${encodeURIComponent(username)}`);
     showToast(`${username} was deleted.`);
+    dropUserRow(username);
   } catch (error) {
-    if (error.status === 404) showBanner(`${username} was already deleted by someone else.`, "users");
-    else report(error, "users");
-    button.disabled = false;
+    if (error.status === 404) {
+      showBanner(`${username} was already deleted by someone else.`, "users");
+      dropUserRow(username);
+    } else {
+      report(error, "users");
+      button.disabled = false;
+      button.focus();
+    }
   }
   refresh();
+}
+
+/** Remove a deleted user's row at once, and give the focus to its neighbour's Delete (or the heading). */
+function dropUserRow(username) {
+  const entry = page.userRows.get(username);
+  if (!entry) return;
+  const neighbour = entry.row.nextElementSibling || entry.row.previousElementSibling;
+  entry.row.remove();
+  page.userRows.delete(username);
+  page.lists.delete("/users");
+  $("users-empty").hidden = page.userRows.size > 0;
+  const target = neighbour ? neighbour.querySelector("button[data-username]") : $("users-heading");
+  target.focus();
 }
 
 // --- Views and start -----------------------------------------------------------
@@ -669,14 +1036,23 @@ function start() {
   window.addEventListener("hashchange", showView);
   $("unlock").addEventListener("click", () => setLock("unlock"));
   $("lock").addEventListener("click", () => setLock("lock"));
+  for (const button of document.querySelectorAll(".segment")) {
+    button.addEventListener("click", () => setFilter(button.dataset.filter));
+  }
+  $("search").addEventListener("input", (event) => {
+    page.search = event.target.value;
+    showRequests();
+  });
+  $("sort").addEventListener("change", (event) => {
+    page.sort = event.target.value;
+    showRequests();
+  });
   $("requests-body").addEventListener("click", onRequestActivated);
-  $("requests-body").addEventListener("keydown", onRequestActivated);
   $("users-body").addEventListener("click", onUserAction);
   $("grant-form").addEventListener("submit", (event) => event.preventDefault());
   $("grant-close").addEventListener("click", () => $("grant-dialog").close());
-  $("grant-dialog").addEventListener("close", () => {
-    page.openRequest = null;
-  });
+  $("grant-dialog").addEventListener("cancel", onGrantCancel);
+  $("grant-dialog").addEventListener("close", onGrantClosed);
   $("grant-add-permission").addEventListener("click", addPermission);
   $("grant-allow").addEventListener("click", () => decide("approve"));
   $("grant-deny").addEventListener("click", () => decide("deny"));
@@ -688,6 +1064,7 @@ function start() {
     if (!document.hidden) refresh();
   }, REFRESH_MS);
   setInterval(tick, 500);
+  tick();
   if (token()) $("sign-out").hidden = false;
   else askForToken();
   showView();
