@@ -9,6 +9,8 @@
 - The README's API table names every route of ``server.ROUTES``, and no other;
   its Settings name every flag of ``server.py --help`` and every field of
   ``registry.Settings``.
+- Each requirement of SPEC.md has one id and a strength, and every id that
+  the code or the docs cite is one of them.
 - The README's Python examples (the ```python blocks of "Embedding
   `registry.py`") run as printed, in a temporary folder.
 """
@@ -138,6 +140,28 @@ def test_the_settings_are_the_flags_and_fields() -> None:
     fields = {field.name for field in dataclasses.fields(registry.Settings)}
     missing = {name for name in fields if f"`{name}`" not in settings}
     assert not missing, f"registry.Settings fields the README does not name: {missing}"
+
+
+REQUIREMENT = re.compile(r"^\s*- \*\*([A-Z]+-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\*\* \((MUST|SHOULD)\b", re.MULTILINE)
+CITED = re.compile(r"\b((?:REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP)-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\b")
+
+
+def test_each_requirement_has_one_id_and_a_strength() -> None:
+    text = (HERE / "SPEC.md").read_text()
+    ids = [found.group(1) for found in REQUIREMENT.finditer(text)]
+    assert len(ids) == len(set(ids)), f"ids used twice: {sorted({i for i in ids if ids.count(i) > 1})}"
+    stated = set(re.findall(r"\*\*([A-Z]+-[0-9][^*]*)\*\*", text))
+    assert stated == set(ids), f"ids without a strength: {sorted(stated - set(ids))}"
+
+
+def test_every_cited_requirement_exists() -> None:
+    """A citation names a requirement (REG-2.3-USERNAME) or the start of one (LIFE-7.2 for LIFE-7.2-RENEW)."""
+    ids = {found.group(1) for found in REQUIREMENT.finditer((HERE / "SPEC.md").read_text())}
+    known = ids | {prefix for name in ids for prefix in re.findall(r"^[A-Z]+-[0-9][0-9.]*(?=-)", name)}
+    sources = [path for path in HERE.glob("*.py") if not path.name.startswith("test_")]
+    for path in [*sources, *documents()]:
+        unknown = set(CITED.findall(path.read_text())) - known
+        assert not unknown, f"{path.name} cites requirements that SPEC.md does not have: {sorted(unknown)}"
 
 
 def embedding_examples() -> list[str]:
