@@ -1660,7 +1660,8 @@ def test_the_readme_curl_workflow_runs_as_printed(tmp_path: Path) -> None:
     for number, block in enumerate(blocks):
         script += [
             f"printf '\\n@@ block {number}\\n'",
-            block.replace(":8443", f":{port}").replace("registry-data", str(data)),
+            # The README's scratch folder, $work, is this test's, to read what the commands wrote.
+            block.replace(":8443", f":{port}").replace("registry-data", str(data)).replace("$(mktemp -d)", str(work)),
         ]
 
     with server_process(data, port, tmp_path / "server.log") as process:
