@@ -760,10 +760,11 @@ def _install_pair(out: Path, key_pem: bytes, certificate_pem: bytes) -> None:
     the old pair, and each after it the new one.
     """
     _link_pair_names(out)
-    _replace_link(out / PAIR_LINK, _pair_folder(out, key_pem, certificate_pem))
+    current = _pair_folder(out, key_pem, certificate_pem)
+    _replace_link(out / PAIR_LINK, current)
     _sync_folder(out)
-    for folder in out.glob(PAIR_LINK + "-*"):
-        if folder.name != os.readlink(out / PAIR_LINK):
+    for folder in out.glob(PAIR_LINK + "-*"):  # the old pair, and any a crash left half made
+        if folder.name != current:
             shutil.rmtree(folder)
 
 
