@@ -244,6 +244,7 @@ HEADERS: dict[str, Schema] = {
         "schema": {"type": "integer", "minimum": 1},
     },
     "WWW-Authenticate": {"description": "The scheme to authenticate with", "schema": TEXT},
+    "ETag": {"description": "The listing's validator: send it back as If-None-Match", "schema": TEXT},
 }
 
 SECURITY_SCHEMES: dict[str, Schema] = {
@@ -325,10 +326,14 @@ NOTES: dict[str, dict[int, str]] = {
 }
 
 # What a status means on any route, where its phrase alone says too little.
-STATUS_NOTES: dict[int, str] = {401: "The credentials are missing or wrong; nothing happened"}
+STATUS_NOTES: dict[int, str] = {
+    304: "Not modified: the listing is the one whose ETag came in If-None-Match",
+    401: "The credentials are missing or wrong; nothing happened",
+}
 
 # Headers that go with a status whatever the route.
 STATUS_HEADERS: dict[int, tuple[str, ...]] = {
+    304: ("ETag",),
     202: ("Retry-After",),
     401: ("WWW-Authenticate",),
     423: ("Retry-After",),
@@ -434,8 +439,9 @@ def _responses(route: Route) -> dict[str, Any]:
 
 def _response(handler: str, status: int) -> dict[str, Any]:
     note = NOTES.get(handler, {}).get(status) or STATUS_NOTES.get(status) or HTTPStatus(status).phrase
-    content = SUCCESS.get(handler, {}).get(status, _json(_ref("Error")))
-    response: dict[str, Any] = {"description": note, "content": content}
+    response: dict[str, Any] = {"description": note}
+    if status != HTTPStatus.NOT_MODIFIED:  # RFC 9110 section 15.4.5: a 304 has no content
+        response["content"] = SUCCESS.get(handler, {}).get(status, _json(_ref("Error")))
     if status in STATUS_HEADERS:
         response["headers"] = {name: {"$ref": f"#/components/headers/{name}"} for name in STATUS_HEADERS[status]}
     return response

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import email.utils
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -187,7 +188,7 @@ ROUTES = (
     Route("GET", "/api/client-registry", "status", "admin", "The lock state and the pending count"),
     Route("POST", "/api/client-registry/unlock", "unlock", "admin", "Open the registry for new requests", (200, 400)),
     Route("POST", "/api/client-registry/lock", "lock", "admin", "Close the registry at once"),
-    Route("GET", "/api/client-registry/requests", "requests", "admin", "Every stored request"),
+    Route("GET", "/api/client-registry/requests", "requests", "admin", "Every stored request", (200, 304)),
     Route("POST", "/api/client-registry/requests/{username}/approve", "approve", "admin",
           "Approve a pending request, optionally granting other rights", (200, 400, 404, 409, 422)),
     Route("POST", "/api/client-registry/requests/{username}/deny", "deny", "admin",
@@ -196,7 +197,7 @@ ROUTES = (
           "Forget a pending or denied request", (200, 404, 409)),
     Route("GET", "/api/client-registry/roles", "roles", "admin", "The role catalog"),
     Route("GET", "/api/client-registry/audit", "audit", "admin", "The audit trail, newest first", (200, 400)),
-    Route("GET", "/api/users", "users", "admin", "Every registered user"),
+    Route("GET", "/api/users", "users", "admin", "Every registered user", (200, 304)),
     Route("DELETE", "/api/users/{username}", "remove_user", "admin",
           "Remove a user and its request", (200, 404)),
     Route("GET", "/api/client-registry/ca", "ca", "public", "The CA certificate (PEM)", (200, 404)),
@@ -276,7 +277,7 @@ class App:
         return Response.json(HTTPStatus.OK, self.core.lock(**_actor(request)))
 
     def requests(self, request: Request) -> Response:
-        return Response.json(HTTPStatus.OK, self.core.requests())
+        return _validated(request, self.core.requests())
 
     def approve(self, request: Request, username: str) -> Response:
         user = self.core.approve(username, _json_body(request), **_actor(request))
@@ -300,7 +301,7 @@ class App:
         return Response.json(HTTPStatus.OK, self.core.audit(limit, before))
 
     def users(self, request: Request) -> Response:
-        return Response.json(HTTPStatus.OK, self.core.users())
+        return _validated(request, self.core.users())
 
     def remove_user(self, request: Request, username: str) -> Response:
         self.core.remove_user(username, **_actor(request))
@@ -400,6 +401,20 @@ REFUSALS = {error.status: error for error in (BadFraming, HeadersTooLarge, UriTo
 def _json_body(request: Request) -> Any:
     """An optional body as JSON; None when it is empty."""
     return registry.parse_json(request.body) if request.body.strip() else None
+
+
+def _validated(request: Request, data: object) -> Response:
+    """A listing with its ETag (RFC 9110 section 8.8.3), or 304 when the client holds it already (section 13.1.2).
+
+    The administrator's page asks every few seconds; a list that has not
+    changed costs one hash, and the page nothing.
+    """
+    response = Response.json(HTTPStatus.OK, data)
+    tag = f'"{hashlib.sha256(response.body).hexdigest()[:32]}"'
+    held = {candidate.strip() for candidate in request.headers.get("if-none-match", "").split(",")}
+    if tag in held or "*" in held:
+        return Response(HTTPStatus.NOT_MODIFIED, b"", JSON, {"ETag": tag})
+    return Response(response.status, response.body, JSON, {"ETag": tag})
 
 
 def _is_number(text: str) -> bool:
@@ -629,13 +644,10 @@ class Handler(BaseHTTPRequestHandler):
     def _write(self, response: Response) -> None:
         self.server.watchdog.arm(self.connection, self.server.config.timeout)
         status = HTTPStatus(response.status)
-        headers = {
-            "Date": http_date(),
-            "Content-Type": response.content_type,
-            "Content-Length": len(response.body),
-            "Cache-Control": "no-store",
-            **response.headers,
-        }
+        headers = {"Date": http_date(), "Content-Type": response.content_type, "Content-Length": len(response.body)}
+        if status is HTTPStatus.NOT_MODIFIED:
+            headers = {"Date": headers["Date"]}  # RFC 9110 section 15.4.5: no content, and no length of none
+        headers |= {"Cache-Control": "no-store", **response.headers}
         if self.close_connection:
             headers["Connection"] = "close"
         # The status line and the headers in one piece, as send_response_only

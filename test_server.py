@@ -1710,3 +1710,31 @@ def test_the_readme_curl_workflow_runs_as_printed(tmp_path: Path) -> None:
     by_certificate, by_password = json_documents(outputs[7])
     assert by_certificate == {"username": "agent-0001", "roles": [], "permissions": [], "method": "certificate"}
     assert by_password == {"username": "sensor-0003", "roles": [], "permissions": [], "method": "password"}
+
+
+# --- Listings carry a validator (issue 18) --------------------------------------
+
+
+@pytest.mark.parametrize("path", [REQUESTS, USERS])
+def test_a_listing_that_has_not_changed_is_304_without_a_body(client: Client, path: str) -> None:
+    """RFC 9110 sections 8.8.3 and 13.1.2: the page asks again with the ETag it holds, and gets 304 until a change."""
+    admin = {"Authorization": f"Bearer {client.token}"}
+    unlocked(client)
+    first = client.admin("GET", path)
+    tag = first.headers["ETag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}"', tag)
+
+    client.connection.request("GET", path, headers=admin | {"If-None-Match": tag})
+    response = client.connection.getresponse()
+    assert (response.status, response.read(), response.headers["ETag"]) == (304, b"", tag)
+    assert response.headers["Content-Length"] is None and response.headers["Content-Type"] is None
+
+    # The connection goes on, and a change gives a new list and a new tag.
+    assert client.register({"username": "sensor-0003", "password": "s3cret-pass"}).status == 202
+    if path == USERS:
+        assert client.admin("POST", f"{REQUESTS}/sensor-0003/approve").status == 200
+    client.connection.request("GET", path, headers=admin | {"If-None-Match": tag})
+    response = client.connection.getresponse()
+    body = response.read()
+    assert response.status == 200 and response.headers["ETag"] != tag
+    assert [entry["username"] for entry in json.loads(body)] == ["sensor-0003"]
