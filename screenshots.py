@@ -1,10 +1,11 @@
-"""Take the README's screenshots of the administrator's page with the browser tests' harness.
+"""Take the screenshots of docs/admin-page.md with the browser tests' harness.
 
-    python3 screenshots.py            # writes docs/registry-view.png and docs/grant-access.png
+    python3 screenshots.py   # writes docs/registry-view.png, grant-access.png, users-view.png, registry-phone.png
 
 It starts a registry in a temporary folder, lets a few clients ask to be
-registered, and photographs the Client Registry view and the Grant Access
-dialog in Debian's headless Chromium.
+registered, and photographs the Client Registry view, the Grant Access
+dialog and the Users view at 1440x860, and the Client Registry view on a
+phone (390x844), in Debian's headless Chromium.
 """
 
 from __future__ import annotations
@@ -13,20 +14,25 @@ import tempfile
 from pathlib import Path
 
 from conftest import make_csr
-from test_web import TOKEN, call, chromium, register, request_row, running_server, sign_in, unlock
+from test_web import TOKEN, call, chromium, register, request_row, running_server, sign_in
 
 DOCS = Path(__file__).with_name("docs")
 VIEWPORT = {"width": 1440, "height": 860}
+PHONE = {"width": 390, "height": 844}
+ADMIN = {"token": TOKEN}
 
 
 def populate(base: str) -> None:
-    """The requests of a small plant: two pending, one approved, one denied."""
-    admin = {"token": TOKEN}
-    call(base, "POST", "/api/client-registry/unlock", **admin)
-    register(base, "plc-0007", roles=["minimum"], context="PLC of the packaging line")
-    call(base, "POST", "/api/client-registry/requests/plc-0007/approve", **admin)
+    """The requests of a small plant: two approved (one collected), one denied, two pending."""
+    call(base, "POST", "/api/client-registry/unlock", **ADMIN)
+    plc = {"username": "plc-0007", "csr": make_csr("plc-0007"), "roles": ["minimum"], "context": "PLC, packaging line"}
+    call(base, "POST", "/api/client-registry/register", plc)
+    call(base, "POST", "/api/client-registry/requests/plc-0007/approve", **ADMIN)
+    call(base, "POST", "/api/client-registry/register", plc)  # it collects its certificate
+    register(base, "hmi-0012", roles=["minimum", "operator"], context="Operator panel, line 1")
+    call(base, "POST", "/api/client-registry/requests/hmi-0012/approve", {"roles": ["minimum"]}, **ADMIN)
     register(base, "cam-0042", context="no idea who I am")
-    call(base, "POST", "/api/client-registry/requests/cam-0042/deny", {"reason": "not in the asset list"}, **admin)
+    call(base, "POST", "/api/client-registry/requests/cam-0042/deny", {"reason": "not in the asset list"}, **ADMIN)
     register(
         base,
         "sensor-0003",
@@ -58,23 +64,36 @@ AGENT_CSR = make_csr("agent-0001")
 def main() -> None:
     DOCS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as folder, running_server(Path(folder)) as srv, chromium() as browser:
+        populate(srv.url)
         context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
         page = context.new_page()
         sign_in(page, srv.url)
-        populate(srv.url)
-        unlock(page)
         request_row(page, "agent-0001").wait_for()
-        page.locator("#lock-detail").wait_for()
-        page.wait_for_timeout(300)  # let the countdown tick once
+        register(srv.url, "sensor-0004", roles=["minimum"], context="Pressure sensor, line 2")  # arrives: new
+        page.locator("#requests-body tr.is-new").wait_for()
+        page.mouse.move(0, VIEWPORT["height"] - 1)  # no row under the pointer, so none is shown hovered
+        page.wait_for_timeout(5500)  # let the toast go, and the countdown tick
         page.screenshot(path=DOCS / "registry-view.png")
 
         request_row(page, "agent-0001").click()
         page.locator("#grant-dialog").wait_for()
         page.uncheck("#grant-roles input[value=operator]")
-        page.locator("#grant-dialog").evaluate("dialog => { dialog.scrollTop = 0; }")
         page.screenshot(path=DOCS / "grant-access.png")
+        page.keyboard.press("Escape")
+
+        page.click("#tab-users")
+        page.locator("#users-body tr").nth(1).wait_for()
+        page.screenshot(path=DOCS / "users-view.png")
         context.close()
-    print(f"wrote {DOCS / 'registry-view.png'} and {DOCS / 'grant-access.png'}")
+
+        context = browser.new_context(viewport=PHONE, device_scale_factor=1)
+        page = context.new_page()
+        sign_in(page, srv.url)
+        request_row(page, "agent-0001").wait_for()
+        page.mouse.move(0, 0)
+        page.screenshot(path=DOCS / "registry-phone.png")
+        context.close()
+    print(f"wrote registry-view.png, grant-access.png, users-view.png and registry-phone.png in {DOCS}")
 
 
 if __name__ == "__main__":
