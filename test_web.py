@@ -776,6 +776,19 @@ def test_an_unchanged_list_is_not_rendered_again(page: sync_api.Page, base: str)
     page.evaluate(WATCH_ROWS)
     page.wait_for_timeout(7000)  # two refreshes at least
     assert page.evaluate("window.rowMutations") == 0
+
+    # A row's control, focused from the keyboard, shows a solid ring below the sticky header.
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    button = page.get_by_role("button", name="Review the request of bulk-0299")
+    button.focus()
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")
+    expect(button).to_be_focused()
+    header = page.locator("#requests thead th").first.bounding_box()
+    assert button.bounding_box()["y"] >= header["y"] + header["height"]
+    ring = button.evaluate("node => [getComputedStyle(node).outlineStyle, getComputedStyle(node).outlineColor]")
+    assert ring == ["solid", "rgb(35, 87, 217)"]  # #2357d9: 6.1:1 on white
+
     assert register(base, "bulk-0150", roles=["minimum"])[0] == 202
     expect(request_row(page, "bulk-0150")).to_contain_text("1 poll")
     assert page.evaluate("window.rowMutations") > 0
@@ -804,5 +817,6 @@ def test_the_page_sends_its_etag_and_keeps_the_rows_on_304(page: sync_api.Page, 
         page.wait_for_timeout(250)
     assert asked.count('"v1"') >= 2, asked
     expect(request_row(page, "tagged-0001")).to_contain_text("Pending")
+    expect(page.locator("#banner")).to_be_hidden()
     assert page.evaluate("window.rowMutations") == 0
     assert page.console_errors == []

@@ -304,6 +304,7 @@ function forgetSession() {
   page.pending = 0;
   $("pending-count").hidden = true;
   $("crl").hidden = true;
+  delete $("crl").dataset.key;
   updateFilterCounts([]);
   $("requests-empty").hidden = true;
   $("users-empty").hidden = true;
@@ -363,6 +364,9 @@ function renderStatus(status) {
 
 function renderCrl(crl) {
   const line = $("crl");
+  const key = JSON.stringify(crl || null);
+  if (line.dataset.key === key) return;
+  line.dataset.key = key;
   line.hidden = !crl;
   if (!crl) return;
   const link = element("a", null, "crl.pem");
@@ -673,7 +677,8 @@ function roleChoice(name, description, checked) {
 }
 
 function select(options, value, field) {
-  const node = element("select", field);
+  const node = element("select");
+  node.dataset.field = field;
   for (const option of options) node.append(new Option(option, option, false, option === value));
   return node;
 }
@@ -683,6 +688,7 @@ function permissionItem(permission) {
   const item = element("li", "permission");
   const fields = element("div", "permission-fields");
   const resource = element("input", "resource");
+  resource.dataset.field = "resource";
   resource.type = "text";
   resource.value = permission.resource;
   resource.placeholder = "topic filter, or /path";
@@ -709,9 +715,10 @@ function renumberPermissions() {
   const items = [...$("grant-permissions").children];
   items.forEach((item, index) => {
     const number = index + 1;
-    item.querySelector(".resource").setAttribute("aria-label", `Resource of permission ${number}`);
-    item.querySelector(".operation").setAttribute("aria-label", `Operation of permission ${number}`);
-    item.querySelector(".context").setAttribute("aria-label", `Context of permission ${number}`);
+    for (const name of PERMISSION_FIELDS) {
+      const label = `${name[0].toUpperCase()}${name.slice(1)} of permission ${number}`;
+      item.querySelector(`[data-field="${name}"]`).setAttribute("aria-label", label);
+    }
     item.querySelector(".remove").setAttribute("aria-label", `Remove permission ${number}`);
     item.querySelector(".field-error").id = `grant-permission-error-${number}`;
   });
@@ -746,13 +753,13 @@ function updateGrantDialog(request) {
 // --- Errors next to the field that caused them --------------------------------
 
 function markField(item, field, message) {
-  const control = item.querySelector(`.${field || "resource"}`);
+  const control = item.querySelector(`[data-field="${field || "resource"}"]`);
   control.setAttribute("aria-invalid", "true");
   const error = item.querySelector(".field-error");
   error.textContent = error.hidden ? message : `${error.textContent} ${message}`;
   error.hidden = false;
   for (const name of PERMISSION_FIELDS) {
-    const each = item.querySelector(`.${name}`);
+    const each = item.querySelector(`[data-field="${name}"]`);
     if (each.getAttribute("aria-invalid") === "true") each.setAttribute("aria-describedby", error.id);
   }
   return control;
@@ -795,7 +802,7 @@ function showGrantProblems(summary, problems) {
     first = first || control;
   }
   const marked = problems.length - general.length;
-  const where = marked ? ` ${marked === 1 ? "The permission at fault is" : "The permissions at fault are"} marked in red.` : "";
+  const where = marked ? ` ${marked === 1 ? "The permission at fault is" : "The permissions at fault are"} marked, with the reason beside it.` : "";
   $("grant-error").textContent = `${summary}${general.length ? ` ${general.join("; ")}.` : ""}${where}`;
   $("grant-error").hidden = false;
   if (first) first.focus();
@@ -807,7 +814,9 @@ function collectGrant() {
   const permissions = [];
   const problems = [];
   [...$("grant-permissions").children].forEach((item, index) => {
-    const permission = Object.fromEntries(PERMISSION_FIELDS.map((name) => [name, item.querySelector(`.${name}`).value]));
+    const permission = Object.fromEntries(
+      PERMISSION_FIELDS.map((name) => [name, item.querySelector(`[data-field="${name}"]`).value]),
+    );
     permission.resource = permission.resource.trim();
     if (!permission.resource) {
       problems.push({ index, field: "resource", message: "Enter a resource: an MQTT topic filter, or a /path for http." });
