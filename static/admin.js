@@ -102,7 +102,11 @@ function permissionNodes(permissions) {
 }
 
 function rightsNodes(label, rights) {
-  return [element("span", "rights-label", label), ...chips(rights.roles, "chip", "no roles"), ...permissionNodes(rights.permissions)];
+  return [
+    element("span", "rights-label", label),
+    ...chips(rights.roles, "chip", "no roles"),
+    ...permissionNodes(rights.permissions),
+  ];
 }
 
 function polls(count) {
@@ -132,7 +136,7 @@ function formatCountdown(milliseconds) {
 }
 
 function timeLine(prefix, iso) {
-  const line = element("span", "line time", `${prefix} ${formatTime(iso)}`);
+  const line = element("span", "line time", prefix ? `${prefix} ${formatTime(iso)}` : formatTime(iso));
   if (iso) line.title = new Date(iso).toString();
   return line;
 }
@@ -489,7 +493,8 @@ const ORDERS = {
 
 /** Newest first; the server lists oldest first, which settles a tie within a millisecond. */
 function newestFirst(a, b) {
-  return Date.parse(b.createdAt) - Date.parse(a.createdAt) || page.position.get(b.username) - page.position.get(a.username);
+  const age = Date.parse(b.createdAt) - Date.parse(a.createdAt);
+  return age || page.position.get(b.username) - page.position.get(a.username);
 }
 
 /** The requests that the filter and the search let through, in the chosen order, as rows. */
@@ -508,9 +513,14 @@ function showRequests() {
   updateFilterCounts(all);
   const empty = $("requests-empty");
   empty.hidden = shown.length > 0;
-  if (!all.length) empty.textContent = "No requests. Unlock the registry, then start the client: its request appears here.";
-  else if (query) empty.textContent = `No ${page.filter === "pending" ? "pending " : ""}request matches “${page.search.trim()}”.`;
-  else empty.textContent = "No pending request. Choose All to see the decided ones.";
+  if (!all.length) {
+    empty.textContent = "No requests. Unlock the registry, then start the client: its request appears here.";
+  } else if (query) {
+    const which = page.filter === "pending" ? "pending request" : "request";
+    empty.textContent = `No ${which} matches “${page.search.trim()}”.`;
+  } else {
+    empty.textContent = "No pending request. Choose All to see the decided ones.";
+  }
 }
 
 function updateFilterCounts(all) {
@@ -550,7 +560,8 @@ function fillRequestRow(row, request) {
   );
   client.append(meta);
 
-  const state = cell("State", null, element("span", `badge ${request.state}`, STATE_LABELS[request.state] || request.state));
+  const badge = element("span", `badge ${request.state}`, STATE_LABELS[request.state] || request.state);
+  const state = cell("State", null, badge);
   if (request.reason) state.append(element("span", "reason", request.reason));
   if (request.state === "approved") {
     const collected = request.collectedAt
@@ -701,7 +712,12 @@ function permissionItem(permission) {
     renumberPermissions();
     (next ? next.querySelector("input") : $("grant-add-permission")).focus();
   });
-  fields.append(resource, select(OPERATIONS, permission.operation, "operation"), select(CONTEXTS, permission.context, "context"), remove);
+  fields.append(
+    resource,
+    select(OPERATIONS, permission.operation, "operation"),
+    select(CONTEXTS, permission.context, "context"),
+    remove,
+  );
   const error = element("p", "field-error");
   error.hidden = true;
   item.append(fields, error);
@@ -802,7 +818,8 @@ function showGrantProblems(summary, problems) {
     first = first || control;
   }
   const marked = problems.length - general.length;
-  const where = marked ? ` ${marked === 1 ? "The permission at fault is" : "The permissions at fault are"} marked, with the reason beside it.` : "";
+  const which = marked === 1 ? "The permission at fault is" : "The permissions at fault are";
+  const where = marked ? ` ${which} marked, with the reason beside it.` : "";
   $("grant-error").textContent = `${summary}${general.length ? ` ${general.join("; ")}.` : ""}${where}`;
   $("grant-error").hidden = false;
   if (first) first.focus();
@@ -819,7 +836,8 @@ function collectGrant() {
     );
     permission.resource = permission.resource.trim();
     if (!permission.resource) {
-      problems.push({ index, field: "resource", message: "Enter a resource: an MQTT topic filter, or a /path for http." });
+      const message = "Enter a resource: an MQTT topic filter, or a /path for http.";
+      problems.push({ index, field: "resource", message });
     } else if (permission.context === "http" && !permission.resource.startsWith("/")) {
       problems.push({ index, field: "resource", message: "An http resource starts with /." });
     }
@@ -895,7 +913,8 @@ function onGrantCancel(event) {
   event.preventDefault();
   page.warnedDraft = true;
   $("grant-error").textContent =
-    "You typed a reason for a denial but did not press Deny. Press Escape again to close: the reason is kept for when you reopen this request.";
+    "You typed a reason for a denial but did not press Deny. Press Escape again to close: " +
+    "the reason is kept for when you reopen this request.";
   $("grant-error").hidden = false;
 }
 
@@ -932,7 +951,9 @@ function renderUsers(users) {
 }
 
 function certificateCell(user) {
-  if (!user.certificateSerial) return cell("Certificate", null, element("span", "none", "none: signs in with a password"));
+  if (!user.certificateSerial) {
+    return cell("Certificate", null, element("span", "none", "none: signs in with a password"));
+  }
   const node = cell("Certificate", null);
   const status = user.certificateStatus;
   node.append(element("span", `badge ${status}`, CERTIFICATE_LABELS[status] || status));
@@ -957,7 +978,7 @@ function fillUserRow(row, user) {
     name,
     cell("Roles and permissions", "rights", ...rightsNodes("Granted", user)),
     certificateCell(user),
-    cell("Registered", null, timeLine("", user.createdAt)),
+    cell("Registered", null, timeLine(null, user.createdAt)),
     cell(null, "actions", remove),
   );
 }
