@@ -129,6 +129,8 @@ class CA:
             if not cert_path.exists():
                 raise FileNotFoundError(f"{cert_path} is missing beside {key_path}: restore it, or remove both")
             certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            if certificate.public_key() != key.public_key():
+                raise ValueError(f"{key_path} is not the key of {cert_path}: restore the pair from one backup")
             return cls(key, certificate, cert_days=cert_days)
         # The key is written last: a CA is there only when its key is.
         ca = cls.create(now, cert_days=cert_days)

@@ -27,6 +27,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import textwrap
@@ -102,7 +103,7 @@ TLS12_CIPHERS = ":".join(
 
 @dataclass(frozen=True)
 class Config:
-    """The server's settings: each is a command-line flag but ``scrypt_n``, which tests lower."""
+    """The server's settings: each is a command-line flag but ``scrypt_n`` (tests lower it) and ``token_source``."""
 
     host: str = "127.0.0.1"
     port: int = 8443
@@ -110,6 +111,7 @@ class Config:
     http: bool = False
     server_names: tuple[str, ...] = ()
     admin_token: str | None = None
+    token_source: str = ""  # where a given token came from: "--admin-token" or "$REGISTRY_ADMIN_TOKEN"
     unlock_minutes: float = 5
     retry_after: int = 5
     retry_after_locked: int = 30
@@ -126,6 +128,7 @@ class Config:
     log_level: str = "INFO"
     scrypt_n: int = 2**14
     fast_http: bool = True
+    backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
 
 
 @dataclass(frozen=True)
@@ -885,11 +888,22 @@ class RegistryServer(ThreadingHTTPServer):
                 connection.do_handshake()
             except OSError as error:  # ssl.SSLError is one
                 log.debug("TLS handshake with %s failed: %s", client_address[0], error)
+                if getattr(error, "reason", None) == "HTTP_REQUEST":
+                    self._refuse_plain_http(connection)
                 return
             super().finish_request(connection, client_address)
         finally:
             self.watchdog.forget(connection)
             self.shutdown_request(connection)
+
+    def _refuse_plain_http(self, connection: socket.socket) -> None:
+        """Answer a plain HTTP request on the TLS port in plain HTTP, as nginx does: the scheme is wrong."""
+        host, port = self.server_address[:2]
+        message = f"this server speaks HTTPS: send the request to https://{host}:{port}, not http://"
+        body = json.dumps({"error": "https_required", "message": message}).encode()
+        head = f"HTTP/1.1 400 Bad Request\r\nContent-Type: {JSON}\r\nContent-Length: {len(body)}\r\n"
+        with contextlib.suppress(OSError):  # the plain socket under the TLS one, as the watchdog's shutdown
+            socket.socket.sendall(connection, (head + "Connection: close\r\n\r\n").encode() + body)
 
     def shutdown_request(self, request: Any) -> None:
         # RFC 9112 section 9.6: close in stages. Input the handler left unread
@@ -920,8 +934,17 @@ class RegistryServer(ThreadingHTTPServer):
 
 
 def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> RegistryServer:
-    """Open the data folder (creating what is missing) and bind the server."""
+    """Check what can be checked, open the data folder (creating what is missing), and bind the server.
+
+    A mistake in the settings, a port in use or a damaged database stops it
+    before anything is made, with ``OSError`` or ``ValueError`` saying which.
+    """
+    roles = load_roles(config.roles)
+    check_port(config.host, config.port)
     data = config.data_dir
+    database = data / "registry.db"
+    if database.exists():
+        check_database(database)
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)
     authority = ca_module.CA.load_or_create(data, clock(), cert_days=config.cert_days)
@@ -935,11 +958,8 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         scrypt_n=config.scrypt_n,
         crl_validity=timedelta(days=config.crl_days),
     )
-    database = data / "registry.db"
     database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
-    core = registry.Registry(
-        str(database), clock=clock, roles=load_roles(config.roles), ca=authority, settings=settings
-    )
+    core = registry.Registry(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
     app = App(core, admin_token(config), max_body=config.max_body)
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
     return RegistryServer(config, app, tls)
@@ -958,11 +978,67 @@ def admin_token(config: Config) -> str:
     return token
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before anything is made, an address another program listens on."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(
+                f"cannot listen on {host}:{port}: {error.strerror}: stop what holds it, or choose another --port"
+            ) from None
+
+
+def check_database(path: Path) -> None:
+    """Refuse a database that SQLite finds damaged (``PRAGMA quick_check``): never serve it, never replace it."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as database:
+            verdict = database.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        verdict = str(error)
+    if verdict != "ok":
+        raise ValueError(f"{path} is damaged ({verdict}): restore it from a backup (--backup), or move it away")
+
+
+def backup(data: Path, destination: Path) -> None:
+    """Copy a registry's data folder to a new folder, consistently, while its server runs.
+
+    The database through SQLite's online backup API
+    (https://www.sqlite.org/backup.html); the CA's key and certificate, the
+    token and the server's certificate beside it, each readable by the owner
+    alone: the copy holds the CA's key, so it is as secret as the original.
+    """
+    database = data / "registry.db"
+    if not database.exists():
+        raise FileNotFoundError(f"{data} holds no registry: there is no {database}")
+    try:
+        destination.mkdir(mode=0o700)
+    except FileExistsError:
+        raise FileExistsError(f"{destination} exists: name a folder that does not, and it is made") from None
+    destination.chmod(0o700)
+    copy_path = destination / "registry.db"
+    copy_path.touch(mode=0o600)
+    with (
+        contextlib.closing(sqlite3.connect(database)) as source,
+        contextlib.closing(sqlite3.connect(copy_path)) as copy,
+    ):
+        source.backup(copy)
+    for name in ("ca.pem", "ca.key", "admin-token", "server.pem", "server.key"):
+        if (data / name).exists():
+            files.write_private(destination / name, (data / name).read_text())
+
+
 def load_roles(path: Path | None) -> dict[str, str]:
     """The role catalog: a JSON list of names, or an object of names to descriptions."""
     if path is None:
         return {"minimum": "The least a client needs"}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the role catalog {path} is not JSON: {error}") from None
     if isinstance(data, list) and all(isinstance(name, str) for name in data):
         return dict.fromkeys(data, "")
     if isinstance(data, dict) and all(isinstance(text, str) for text in data.values()):
@@ -1021,8 +1097,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     option(
         "--admin-token",
-        default=os.environ.get("REGISTRY_ADMIN_TOKEN"),
         help="administrator token; default $REGISTRY_ADMIN_TOKEN, else made once and kept in the data folder",
+    )
+    option(
+        "--backup",
+        type=Path,
+        metavar="DEST",
+        help="copy the data folder to the new folder DEST while a server may run on it, then exit",
     )
     option("--unlock-minutes", type=float, default=d.unlock_minutes, help="the unlock window")
     option("--retry-after", type=int, default=d.retry_after, help="Retry-After seconds of a 202")
@@ -1060,6 +1141,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     option("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
+    if args.admin_token:
+        args.token_source = "--admin-token"
+    elif os.environ.get("REGISTRY_ADMIN_TOKEN"):
+        args.admin_token, args.token_source = os.environ["REGISTRY_ADMIN_TOKEN"], "$REGISTRY_ADMIN_TOKEN"
     return Config(**vars(args))
 
 
@@ -1067,6 +1152,13 @@ def main(argv: list[str] | None = None) -> None:
     """Start the server; Ctrl-C or SIGTERM stops it."""
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    if config.backup:
+        try:
+            backup(config.data_dir, config.backup)
+        except OSError as error:
+            sys.exit(f"server.py: cannot back up: {error}")
+        print(f"Backed up {config.data_dir} to {config.backup}; serve the copy with --data-dir {config.backup}")
+        return
     kept = config.data_dir / "admin-token"
     made_now = not config.admin_token and not kept.exists()
     try:
@@ -1080,6 +1172,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Administrator token: {admin_token(config)} (kept in {kept})", flush=True)
     elif not config.admin_token:
         print(f"The administrator token is kept in {kept}", flush=True)
+    else:
+        unused = f"; the one kept in {kept} is not used" if kept.exists() else ""
+        print(f"The administrator token is the one given in {config.token_source}{unused}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()
