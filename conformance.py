@@ -165,6 +165,10 @@ REQUIREMENTS: dict[str, tuple[str, str, str]] = {
     "HTTP-8.3-CONNECTION": ("SHOULD", "8", "an over-long body is drained; a closing connection lingers"),
     "HTTP-8.4-LIMITS": ("MUST", "8", "a request arrives within a timeout; at most 256 connections"),
     "HTTP-8.5-ACCESS-LOG": ("SHOULD", "8", "one access line per request, written in batches"),
+    "CLIENT-9.1-RETRY-AFTER": ("MUST", "9", "a client sends again no sooner than the Retry-After it was given"),
+    "CLIENT-9.2-SAME-REQUEST": ("MUST", "9", "a client polls with the very request it sent"),
+    "CLIENT-9.3-DENIED": ("SHOULD", "9", "a denied client stops asking"),
+    "CLIENT-9.4-LOST-ANSWER": ("MUST", "9", "a client sends again when an answer is lost, and takes a 201 twice"),
 }
 
 # Why the kit leaves a requirement (or a part of one) to the implementation's own tests.
@@ -185,6 +189,10 @@ NOT_CHECKED: dict[str, str] = {
     "HTTP-8.3-CONNECTION": "no: HTTP framing (section 8), tested by test_hardening.py",
     "HTTP-8.4-LIMITS": "no: slow and many connections (section 8), tested by test_hardening.py",
     "HTTP-8.5-ACCESS-LOG": "no: the server's log file",
+    "CLIENT-9.1-RETRY-AFTER": "no: a client's duty, which `server.py --test-clients` checks",
+    "CLIENT-9.2-SAME-REQUEST": "no: a client's duty, which `server.py --test-clients` checks",
+    "CLIENT-9.3-DENIED": "no: a client's duty, which `server.py --test-clients` checks",
+    "CLIENT-9.4-LOST-ANSWER": "no: a client's duty, which `server.py --test-clients` tests by losing answers",
 }
 # Requirements the kit checks only in part: what it leaves out.
 PARTLY: dict[str, str] = {

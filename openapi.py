@@ -236,6 +236,36 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
     "Removal": _closed({"status": {"enum": ["forgotten", "removed"]}, "username": TEXT}),
+    "ClientReport": _closed(
+        {
+            "clean": {"type": "boolean", "description": "No client did anything wrong"},
+            "varied": _closed(
+                {"busy": {"type": "integer", "minimum": 0}, "lost": {"type": "integer", "minimum": 0}},
+                description="How often a 429 or 503 stood in for an answer, and how often an answer was lost",
+            ),
+            "clients": {
+                "type": "array",
+                "items": _closed(
+                    {
+                        "username": TEXT,
+                        "address": TEXT,
+                        "requests": {"type": "integer", "minimum": 0},
+                        "findings": {
+                            "type": "array",
+                            "items": _closed(
+                                {
+                                    "at": {"type": "number", "description": "Seconds since the server started"},
+                                    "rule": {"type": "string", "description": "The SPEC.md id of section 9"},
+                                    "message": TEXT,
+                                }
+                            ),
+                        },
+                    }
+                ),
+            },
+        },
+        description="SPEC section 9: what each client did wrong, under --test-clients",
+    ),
 }
 
 HEADERS: dict[str, Schema] = {
@@ -291,6 +321,7 @@ SUCCESS: dict[str, dict[int, Schema]] = {
     "crl": {200: {PKIX_CRL: {"schema": {"type": "string", "contentEncoding": "binary"}}}},
     "crl_pem": {200: {PEM: {"schema": TEXT}}},
     "renew": {201: _json(_ref("RenewedAnswer"))},
+    "client_report": {200: _json(_ref("ClientReport"))},
     "whoami": {200: _json(_ref("Identity"))},
     "openapi": {200: _json({"type": "object", "description": "This document"})},
     "page": {200: {STATIC_TYPES[0]: {"schema": TEXT}}},
@@ -322,6 +353,7 @@ NOTES: dict[str, dict[int, str]] = {
         422: "A key the policy refuses",
     },
     "crl": {404: "The registry has no CA"},
+    "client_report": {404: "The server was not started with --test-clients"},
     "crl_pem": {404: "The registry has no CA"},
 }
 

@@ -15,6 +15,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import dataclasses
 import email.utils
 import functools
 import hashlib
@@ -44,6 +45,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import ca as ca_module
+import clientcheck
 import files
 import openapi
 import registry
@@ -55,6 +57,7 @@ access_logger = logging.getLogger("registry.access")
 JSON = "application/json"
 PEM = "application/x-pem-file"
 PKIX_CRL = "application/pkix-crl"  # RFC 2585 section 4.2
+TEST_UNLOCK = timedelta(seconds=30)  # the longest unlock window under --test-clients
 CRL_CHECK_SECONDS = 60.0  # how often the server asks whether the CRL is due to be signed again
 STATIC = Path(__file__).with_name("static")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
@@ -129,6 +132,7 @@ class Config:
     scrypt_n: int = 2**14
     fast_http: bool = True
     backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
+    test_clients: bool = False  # vary the answers to registrations and report what clients do wrong
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Response:
     body: bytes
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
+    lost: bool = False  # --test-clients: close the connection instead of answering
 
     @classmethod
     def json(cls, status: HTTPStatus, data: object, headers: dict[str, str] | None = None) -> Response:
@@ -210,6 +215,8 @@ ROUTES = (
           "Renew or re-key the client certificate presented over mutual TLS", (201, 400, 401, 422, 503)),
     Route("GET", "/api/auth/whoami", "whoami", "client",
           "Who the caller is, by HTTP Basic or by its client certificate", (200, 401, 429)),
+    Route("GET", "/api/client-registry/client-report", "client_report", "admin",
+          "What each client did wrong (a server started with --test-clients)", (200, 404)),
     Route("GET", "/api/openapi.json", "openapi", "public", "This API as an OpenAPI 3.1 document"),
     Route("GET", "/", "page", "public", "The administrator's page (HTML)", (200, 404)),
     Route("GET", "/admin", "page", "public", "The administrator's page (HTML)", (200, 404)),
@@ -220,9 +227,17 @@ ROUTES = (
 class App:
     """The HTTP face of a ``registry.Registry``: routes, authentication, JSON."""
 
-    def __init__(self, core: registry.Registry, admin_token: str, *, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        core: registry.Registry,
+        admin_token: str,
+        *,
+        max_body: int = 64 * 1024,
+        check: clientcheck.ClientCheck | None = None,
+    ) -> None:
         self.core = core
         self.max_body = max_body
+        self.check = check  # --test-clients: registrations varied, their clients watched
         self._token = admin_token.encode()
         self._routes = [(route, route.regex) for route in ROUTES]
 
@@ -232,6 +247,8 @@ class App:
             route, arguments = self._route(request)
             if route.access == "admin":
                 self._authorize(request)
+            if self.check is not None and route.handler == "register":
+                return self._checked_register(request)
             return getattr(self, route.handler)(request, **arguments)
         except Exception as error:
             return error_response(error, f"in {request.method} {request.path}")
@@ -265,6 +282,33 @@ class App:
             )
 
     # --- Handlers: parse, call the core, serialize ------------------------
+
+    def _checked_register(self, request: Request) -> Response:
+        """A registration under ``--test-clients``: as the check varies its answer, its client watched."""
+        assert self.check is not None
+        username, address = _username_of(request.body), request.client_address
+        busy = self.check.arrive(username, address)
+        if busy is not None:
+            status, _ = busy
+            code = "too_many_requests" if status == HTTPStatus.TOO_MANY_REQUESTS else "service_unavailable"
+            message = "the registry is busy (it tests its clients: --test-clients): try again after Retry-After"
+            response = Response.json(status, {"error": code, "message": message})
+        else:
+            try:
+                response = self.register(request)
+            except registry.RegistryError as error:
+                response = error_response(error)
+        error = json.loads(response.body).get("error") if response.status >= 400 else None
+        retry_after, lost = self.check.answered(username, address, response.status, error)
+        if busy is not None:
+            retry_after = busy[1]
+        headers = response.headers | ({"Retry-After": str(retry_after)} if retry_after is not None else {})
+        return dataclasses.replace(response, headers=headers, lost=lost)
+
+    def client_report(self, request: Request) -> Response:
+        if self.check is None:
+            raise registry.NotFound("this server tests no clients: start it with --test-clients")
+        return Response.json(HTTPStatus.OK, self.check.report())
 
     def register(self, request: Request) -> Response:
         outcome = self.core.register_body(request.body, request.client_address)
@@ -420,6 +464,16 @@ def _validated(request: Request, data: object) -> Response:
     return Response(response.status, response.body, JSON, {"ETag": tag})
 
 
+def _username_of(body: bytes) -> str | None:
+    """The username a registration names, if its body is a JSON object with one."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    name = payload.get("username") if isinstance(payload, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _is_number(text: str) -> bool:
     """Only ASCII digits: str.isdigit also takes '²', which int() refuses."""
     return text.isascii() and text.isdigit()
@@ -503,12 +557,16 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.server.watchdog.arm(self.connection, None)  # the answer is ours to make
             response = self.server.app.handle(request)
-        self._write(response)
+        if response.lost:
+            self.close_connection = True
+        else:
+            self._write(response)
         if access_logger.isEnabledFor(logging.INFO):
             elapsed = (time.perf_counter() - started) * 1000
             path = (self.path or "-").partition("?")[0]
+            status = f"{response.status} lost" if response.lost else response.status
             self.server.access_log.write(
-                f"{self.command or '-'} {path} {response.status} {elapsed:.1f}ms {self.client_address[0]}"
+                f"{self.command or '-'} {path} {status} {elapsed:.1f}ms {self.client_address[0]}"
             )
 
     def _read_request(self) -> Request:
@@ -949,7 +1007,10 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     data.chmod(0o700)
     authority = ca_module.CA.load_or_create(data, clock(), cert_days=config.cert_days)
     settings = registry.Settings(
-        unlock_duration=timedelta(minutes=config.unlock_minutes),
+        # --test-clients: short windows, so that clients meet the lock again.
+        unlock_duration=min(timedelta(minutes=config.unlock_minutes), TEST_UNLOCK)
+        if config.test_clients
+        else timedelta(minutes=config.unlock_minutes),
         retention=timedelta(hours=config.retention_hours),
         retry_after_pending=config.retry_after,
         retry_after_locked=config.retry_after_locked,
@@ -960,7 +1021,8 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     )
     database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
     core = registry.Registry(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
-    app = App(core, admin_token(config), max_body=config.max_body)
+    check = clientcheck.ClientCheck() if config.test_clients else None
+    app = App(core, admin_token(config), max_body=config.max_body, check=check)
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
     return RegistryServer(config, app, tls)
 
@@ -1139,6 +1201,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="read request heads with http.server's own parser instead of the faster one",
     )
     option("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    option(
+        "--test-clients",
+        action="store_true",
+        help="test the clients (SPEC section 9): vary Retry-After, answer 429 and 503 now and then, lose answers,"
+        " unlock for 30 s; report what each client does wrong at /api/client-registry/client-report",
+    )
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
     if args.admin_token:
