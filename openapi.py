@@ -373,6 +373,7 @@ STATUS_HEADERS: dict[int, tuple[str, ...]] = {
     503: ("Retry-After",),
 }
 
+AUDIT_LARGEST_ID = 2**62  # server.App.audit refuses more
 QUERIES: dict[str, list[Schema]] = {
     "audit": [
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
@@ -380,7 +381,7 @@ QUERIES: dict[str, list[Schema]] = {
             "name": "before",
             "in": "query",
             "description": "Entries older than this id: the 'next' of the previous page",
-            "schema": {"type": "integer", "minimum": 1},
+            "schema": {"type": "integer", "minimum": 1, "maximum": AUDIT_LARGEST_ID},
         },
     ],
 }

@@ -789,6 +789,9 @@ def parse_duration(body: object, default: timedelta, longest: timedelta) -> time
     if not isinstance(body, dict) or set(body) != {"duration"}:
         raise MalformedRequest("the body may hold only 'duration', in milliseconds")
     duration = body["duration"]
+    # JSON has one kind of number: 386.0 is the whole number 386 (as JSON Schema's "integer" counts it).
+    if type(duration) is float and duration.is_integer():
+        duration = int(duration)
     if type(duration) is not int or not 0 < duration <= most:
         raise MalformedRequest(f"'duration' must be a whole number of milliseconds from 1 to {most}")
     return timedelta(milliseconds=duration)

@@ -344,7 +344,7 @@ class App:
 
     def audit(self, request: Request) -> Response:
         limit = _query_int(request, "limit", 100, 1, 1000)
-        before = _query_int(request, "before", None, 1, 2**62)
+        before = _query_int(request, "before", None, 1, openapi.AUDIT_LARGEST_ID)
         return Response.json(HTTPStatus.OK, self.core.audit(limit, before))
 
     def users(self, request: Request) -> Response:
@@ -446,8 +446,13 @@ REFUSALS = {error.status: error for error in (BadFraming, HeadersTooLarge, UriTo
 
 
 def _json_body(request: Request) -> Any:
-    """An optional body as JSON; None when it is empty."""
-    return registry.parse_json(request.body) if request.body.strip() else None
+    """An optional body as JSON; None when it is empty. A body that is there is an object (JSON's null is not)."""
+    if not request.body.strip():
+        return None
+    body = registry.parse_json(request.body)
+    if body is None:
+        raise registry.MalformedRequest("the body must be a JSON object, or empty")
+    return body
 
 
 def _validated(request: Request, data: object) -> Response:
@@ -591,7 +596,8 @@ class Handler(BaseHTTPRequestHandler):
         return Request(
             method=self.command,
             path=url.path,
-            query=parse_qs(url.query) if url.query else {},
+            # An empty ?limit= is a value, to be refused as one, not a missing parameter.
+            query=parse_qs(url.query, keep_blank_values=True) if url.query else {},
             headers=self.headers,
             body=body,
             client_address=self.client_address[0],

@@ -1738,3 +1738,32 @@ def test_a_listing_that_has_not_changed_is_304_without_a_body(client: Client, pa
     body = response.read()
     assert response.status == 200 and response.headers["ETag"] != tag
     assert [entry["username"] for entry in json.loads(body)] == ["sensor-0003"]
+
+
+# --- The server agrees with its OpenAPI document (issue 19 item 9) ----------------
+
+
+@pytest.mark.parametrize("path", [f"{AUDIT}?limit=", f"{AUDIT}?before=", f"{AUDIT}?limit=5&before="])
+def test_an_empty_integer_parameter_is_a_bad_request(client: Client, path: str) -> None:
+    assert_error(client.admin("GET", path), 400, "malformed_request")
+
+
+@pytest.mark.parametrize("path", [UNLOCK, f"{REQUESTS}/sensor-0003/deny", f"{REQUESTS}/sensor-0003/approve"])
+def test_a_null_body_is_a_bad_request_as_for_a_registration(client: Client, path: str) -> None:
+    unlocked(client)
+    assert client.register({"username": "sensor-0003", "password": "s3cret-pass"}).status == 202
+    before = snapshot(client)
+
+    reply = client.call("POST", path, "null", {"Authorization": f"Bearer {client.token}"})
+
+    assert assert_error(reply, 400, "malformed_request")["message"] == "the body must be a JSON object, or empty"
+    assert snapshot(client) == before
+    assert assert_error(client.register(None), 400, "malformed_request")
+
+
+def test_a_whole_duration_written_with_a_point_is_a_whole_number(live: Running, client: Client) -> None:
+    """JSON Schema's "integer" takes 386.0; so does the server."""
+    reply = client.admin("POST", UNLOCK, {"duration": 386.0})
+    assert reply.status == 200
+    assert datetime.fromisoformat(reply.body["unlockedUntil"]) == live.clock.now + timedelta(milliseconds=386)
+    assert_error(client.admin("POST", UNLOCK, {"duration": 386.5}), 400, "malformed_request")
