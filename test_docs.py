@@ -143,7 +143,8 @@ def test_the_settings_are_the_flags_and_fields() -> None:
 
 
 REQUIREMENT = re.compile(r"^\s*- \*\*([A-Z]+-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\*\* \((MUST|SHOULD)\b", re.MULTILINE)
-CITED = re.compile(r"\b((?:REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP)-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\b")
+AREAS = "REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP|CLIENT"
+CITED = re.compile(rf"\b((?:{AREAS})-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\b")
 
 
 def test_each_requirement_has_one_id_and_a_strength() -> None:
