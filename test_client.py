@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -377,6 +378,205 @@ def test_trust_failures_stop_before_anything_is_sent(registry: RegistryProcess, 
     assert closed.returncode == client.Exit.UNREACHABLE and "no answer from" in closed.stderr
     requests = json.loads(admin(registry, "requests", "--json"))
     assert "trusting" not in {r["username"] for r in requests}
+
+
+# --- Every message tells a newcomer what to do (issue 17) ----------------------
+
+
+def test_a_server_url_that_ends_in_api_is_taken_as_the_servers_root(registry: RegistryProcess) -> None:
+    # The README's curl examples set URL=https://localhost:8443/api; the same URL works for client.py.
+    for url in (f"{registry.url}/api", f"{registry.url}/api/"):
+        assert client.Server(url).url == registry.url
+        done = command("admin", "status", "--server", url, "--token", TOKEN)  # pins the CA it serves
+        assert done.returncode == client.Exit.OK, done.stderr
+        assert "pending" in done.stdout
+
+
+def test_a_certificate_given_for_the_key_is_named_a_certificate_not_a_key_to_chmod(tmp_path: Path) -> None:
+    ca.CA.load_or_create(tmp_path, datetime.now(UTC))
+    certificate = tmp_path / "ca.pem"
+    certificate.chmod(0o644)
+    done = command("register", "--server", "https://127.0.0.1:9", "--insecure", "--username", "agent-0017",
+                   "--key", certificate, "--out", tmp_path / "out")  # fmt: skip
+    assert done.returncode == client.Exit.ERROR
+    assert done.stderr == (
+        f"client.py: {certificate} is a certificate, not a private key: give the key's file, such as key.pem\n"
+    )
+    # A key that others may read is still refused, once it is known to be a key.
+    key = tmp_path / "key.pem"
+    client.load_or_generate_key(key)
+    key.chmod(0o644)
+    with pytest.raises(client.ClientError, match=f"others may read the key; run chmod 600 {key}"):
+        client.load_or_generate_key(key, None)
+
+
+def test_the_unlock_window_is_bounded_in_minutes_before_anything_is_sent(registry: RegistryProcess) -> None:
+    unreachable = ["--server", f"https://127.0.0.1:{_free_port()}", "--insecure", "--token", TOKEN]
+    for minutes in ("100000", "1440.5", "0"):
+        done = command("admin", "unlock", "--minutes", minutes, *unreachable)
+        assert done.returncode == client.Exit.USAGE
+        assert "error: --minutes must be more than 0 and at most 1440 minutes (a day)" in done.stderr
+        assert "millisecond" not in done.stderr
+    opened = admin(registry, "unlock", "--minutes", "1440")
+    until = datetime.strptime(opened.split("until ")[1].split(" UTC")[0], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert timedelta(hours=23, minutes=59) < until - datetime.now(UTC) <= timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["register", "--username", "agent-0017", "--pasword", "s3cret-pass", "--out", "out"],
+         "did you mean --password for --pasword?"),
+        (["admin", "approve", "agent-0017", "--roles", "minimum", "--token", TOKEN],
+         "did you mean --role for --roles?"),
+        (["admin", "deny", "agent-0017", "--reasn=not ours", "--token", TOKEN], "did you mean --reason for --reasn?"),
+        (["whoami", "--username", "agent-0017", "--pasword-file", "pass"],
+         "did you mean --password-file for --pasword-file?"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_option_gets_the_near_one_as_a_hint(args: list[str], hint: str) -> None:
+    done = command(*args, "--server", f"https://127.0.0.1:{_free_port()}", "--insecure")
+    assert done.returncode == client.Exit.USAGE
+    assert done.stderr.startswith("usage: client.py ")
+    assert done.stderr.splitlines()[-1].endswith(f" ({hint})")
+    # An abbreviation argparse accepts is no typo; a word near no option gets no guess.
+    quiet = command("register", "--user", "agent-0017", "--colour", "--server", "https://127.0.0.1:9")
+    assert quiet.returncode == client.Exit.USAGE and "did you mean" not in quiet.stderr
+
+
+def test_a_wrong_scheme_is_named_with_the_one_to_use(registry: RegistryProcess, tmp_path: Path) -> None:
+    # http:// to the TLS port: the server answers in plain HTTP, and its message is shown.
+    port = registry.url.rsplit(":", 1)[1]
+    plain = f"http://127.0.0.1:{port}"
+    told = command("admin", "status", "--server", plain, "--token", TOKEN)
+    assert told.returncode == client.Exit.UNREACHABLE
+    assert told.stderr == f"client.py: this server speaks HTTPS: send the request to {registry.url}, not http://\n"
+    # An agent stops at once: waiting does not cure a wrong scheme.
+    started = time.monotonic()
+    agent = command("register", "--server", plain, "--username", "agent-0017", "--password", "s3cret-pass",
+                    "--out", tmp_path / "out", "--timeout", "5")  # fmt: skip
+    assert agent.returncode == client.Exit.UNREACHABLE and "this server speaks HTTPS" in agent.stderr
+    assert time.monotonic() - started < 2
+
+    # https:// to a plain-HTTP server (server.py --http).
+    with serve(tmp_path / "data") as instance:
+        secure = instance.url.replace("http://", "https://")
+        for trust in ([], ["--insecure"]):
+            done = command("admin", "status", "--server", secure, "--token", TOKEN, *trust)
+            assert done.returncode == client.Exit.UNREACHABLE
+            assert done.stderr == f"client.py: the server at {secure} speaks plain HTTP: use {instance.url}\n"
+
+
+def test_with_json_every_error_is_a_json_object_on_standard_output(registry: RegistryProcess) -> None:
+    base = ["--server", registry.url, "--ca-file", registry.ca_file, "--token", TOKEN, "--json"]
+    unknown = command("admin", "approve", "nobody-here", *base)
+    assert unknown.returncode == client.Exit.ERROR and unknown.stderr == ""
+    assert json.loads(unknown.stdout) == {
+        "error": "not_found",
+        "message": "404 not_found: there is no request for 'nobody-here'",
+        "exitCode": 1,
+        "status": 404,
+    }
+    wrong_token = json.loads(command("admin", "status", *base, "--token", "not-the-token").stdout)
+    assert (wrong_token["error"], wrong_token["exitCode"], wrong_token["status"]) == ("unauthorized", 3, 401)
+    assert "check --token" in wrong_token["message"]
+
+    closed = command("admin", "status", "--server", f"https://127.0.0.1:{_free_port()}", "--insecure",
+                     "--token", TOKEN, "--json")  # fmt: skip
+    assert closed.returncode == client.Exit.UNREACHABLE
+    assert json.loads(closed.stdout)["error"] == "unreachable" and json.loads(closed.stdout)["exitCode"] == 7
+
+    # A wrong command line too, found by argparse or by the command.
+    for args in (["admin", "status", "--tokn", TOKEN], ["admin", "unlock", "--minutes", "0", "--token", TOKEN]):
+        usage = command(*args, "--json", "--server", registry.url)
+        assert usage.returncode == client.Exit.USAGE and usage.stderr == ""
+        error = json.loads(usage.stdout)
+        assert (error["error"], error["exitCode"]) == ("usage", 2)
+    assert (
+        "did you mean --token for --tokn?"
+        in json.loads(command("admin", "status", "--tokn", "x", "--json").stdout)["message"]
+    )
+    whoami = command("whoami", "--server", registry.url, "--ca-file", registry.ca_file, "--username", "nobody-here",
+                     "--password", "not-the-pass", "--json")  # fmt: skip
+    assert json.loads(whoami.stdout)["status"] == 401 and whoami.returncode == client.Exit.DENIED
+
+
+def test_the_administrators_commands_do_not_ask_to_compare_the_fingerprint(registry: RegistryProcess) -> None:
+    done = command("admin", "status", "--server", registry.url, "--token", TOKEN)  # no CA file: it pins
+    assert done.returncode == client.Exit.OK and done.stderr == ""
+    # A client's command still shows it, for its person to compare.
+    whoami = command("whoami", "--server", registry.url, "--username", "nobody-here", "--password", "not-the-pass")
+    assert "; pinned: compare it with the administrator's" in whoami.stderr
+
+
+# Runs client.py as a script with every import of cryptography failing, as on a Python without it.
+WITHOUT_CRYPTOGRAPHY = """
+import runpy, sys
+
+class Uninstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "cryptography":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Uninstalled())
+sys.argv[0] = "client.py"
+runpy.run_path("client.py", run_name="__main__")
+"""
+
+
+def test_without_cryptography_client_py_says_in_one_line_what_to_install() -> None:
+    def without(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", WITHOUT_CRYPTOGRAPHY, *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WAIT, env=_env())
+
+    done = without("admin", "status")
+    assert done.returncode == 1
+    assert done.stderr == (
+        "client.py needs the cryptography package: run .venv/bin/pip install -r requirements.txt"
+        " (or pip install cryptography)\n"
+    )
+    as_json = without("admin", "status", "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["error"] == "missing_dependency"
+
+
+def _rows(table: str) -> dict[str, dict[str, str]]:
+    """An administrator's table, as {username: {column: cell}}; cells are two spaces apart at the least."""
+    headers, *lines = (re.split(r"  +", line.strip()) for line in table.splitlines())
+    return {cells[0]: dict(zip(headers, cells, strict=True)) for cells in lines}
+
+
+def test_the_requests_show_what_was_granted_and_whether_the_client_collected_it(registry: RegistryProcess) -> None:
+    admin(registry, "unlock")
+    server = client.Server(registry.url, ca_file=registry.ca_file)
+    body = client.registration_request("collector-1", password="s3cret-pass", roles=["minimum"],
+                                       permissions=[client.parse_permission("mqtt:read:plant/#")])  # fmt: skip
+    assert server.call("POST", client.REGISTER, body).status == 202
+    asked = _rows(admin(registry, "requests"))["collector-1"]
+    assert (asked["ROLES"], asked["PERMISSIONS"], asked["COLLECTED"]) == ("minimum", "mqtt:read:plant/#", "-")
+
+    # Once approved, the rights shown are those granted, not those asked for.
+    admin(registry, "approve", "collector-1", "--permission", "mqtt:read:plant/line-2/#")
+    approved = _rows(admin(registry, "requests"))["collector-1"]
+    assert (approved["ROLES"], approved["PERMISSIONS"]) == ("-", "mqtt:read:plant/line-2/#")
+    assert approved["COLLECTED"] == "not yet"
+
+    assert server.call("POST", client.REGISTER, body).status == 201  # the client fetches its approval
+    assert _rows(admin(registry, "requests"))["collector-1"]["COLLECTED"] == "yes"
+
+
+def test_the_users_show_their_certificates_status_and_renewal_time(tmp_path: Path) -> None:
+    clock = FakeClock(datetime.now(UTC))
+    with serve(tmp_path / "data", http=False, cert_days=1, retry_after=1, clock=clock) as instance:
+        registry = InProcess(instance.url, tmp_path / "data" / "ca.pem")
+        renew_after = registered(registry, "status-1", tmp_path / "agent").renew_after
+        user = _rows(admin(registry, "users"))["status-1"]
+        assert (user["CERTIFICATE"], user["RENEW AFTER (UTC)"]) == ("valid", client._utc(renew_after))
+        clock.advance(hours=17)  # past renewAfter, two thirds of the day
+        assert _rows(admin(registry, "users"))["status-1"]["CERTIFICATE"] == "renewal due"
+        clock.advance(hours=8)
+        assert _rows(admin(registry, "users"))["status-1"]["CERTIFICATE"] == "expired"
+        users = {user["username"]: user for user in json.loads(admin(registry, "users", "--json"))}
+        assert users["status-1"]["certificateStatus"] == "expired"
 
 
 # --- register() for embedders -------------------------------------------------
