@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -113,6 +117,23 @@ def reg(clock: FakeClock, authority: ca.CA) -> registry.Registry:
     instance = registry.Registry(clock=clock, ca=authority, roles=("minimum", "operator"), settings=FAST)
     yield instance
     instance.close()
+
+
+def call(base: str, method: str, path: str, body: object = None, *, token: str | None = None) -> tuple[int, Any]:
+    """One HTTP call to a registry at ``base`` (its URL): the status, and the JSON body (or the bytes of another)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        response = urllib.request.urlopen(request, timeout=10)
+    except urllib.error.HTTPError as error:
+        response = error
+    with response:
+        raw = response.read()
+        is_json = response.headers.get("Content-Type") == "application/json"
+        return response.status, json.loads(raw) if is_json else raw
 
 
 @contextlib.contextmanager

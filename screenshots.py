@@ -13,8 +13,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from conftest import make_csr
-from test_web import TOKEN, call, chromium, register, request_row, running_server, sign_in
+from conftest import call, make_csr
+from test_web import TOKEN, chromium, register, request_row, running_server, sign_in
 
 DOCS = Path(__file__).with_name("docs")
 VIEWPORT = {"width": 1440, "height": 860}

@@ -19,7 +19,7 @@ import client
 import clientcheck
 import server
 from clientcheck import ClientCheck, Variation
-from conftest import ADMIN_TOKEN, make_key, serve
+from conftest import ADMIN_TOKEN, call, make_key, serve
 
 CALM = Variation(busy=0.0, lost=0.0)
 
@@ -150,14 +150,7 @@ class Scripted(ClientCheck):
 
 
 def admin(instance: server.RegistryServer, method: str, path: str) -> tuple[int, object]:
-    host, port = instance.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        connection.request(method, path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
+    return call(instance.url, method, path, token=ADMIN_TOKEN)
 
 
 def approve_when_pending(instance: server.RegistryServer, names: set[str], stop: threading.Event) -> None:

@@ -23,7 +23,6 @@ process handle whatever happens.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pwd
 import shutil
@@ -37,13 +36,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 import ca
-from conftest import ADMIN_TOKEN, make_csr, make_key, serve
+from conftest import ADMIN_TOKEN, call, make_csr, make_key, serve
 
 HOST = "127.0.0.1"
 # Debian puts the broker in /usr/sbin, which is not on every user's PATH.
@@ -62,21 +60,6 @@ pytestmark = pytest.mark.skipif(
 
 
 # --- The registry, seen over HTTP --------------------------------------------
-
-
-def call(base: str, method: str, path: str, body: object = None, *, token: str | None = None) -> tuple[int, Any]:
-    """One HTTP call to the registry: its status and its JSON body."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
 
 
 def download(base: str, path: str, target: Path) -> bytes:

@@ -19,7 +19,7 @@ import pytest
 
 import ca
 import server
-from conftest import ADMIN_TOKEN, START, make_csr, serve
+from conftest import ADMIN_TOKEN, START, call, make_csr, serve
 
 
 def start_fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -37,17 +37,8 @@ def start_fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
     return stopped.value.code
 
 
-def call(instance: server.RegistryServer, method: str, path: str, body: object = None) -> tuple[int, object]:
-    host, port = instance.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        connection.request(method, path, None if body is None else json.dumps(body), headers)
-        response = connection.getresponse()
-        raw = response.read()
-        return response.status, json.loads(raw) if response.headers["Content-Type"] == "application/json" else raw
-    finally:
-        connection.close()
+def admin(instance: server.RegistryServer, method: str, path: str, body: object = None) -> tuple[int, object]:
+    return call(instance.url, method, path, body, token=ADMIN_TOKEN)
 
 
 # --- Start-up: stop with one line, before anything is made --------------------
@@ -90,7 +81,7 @@ def test_a_bad_role_catalog_is_named_and_nothing_is_made(
 
 def test_a_damaged_database_stops_the_server_and_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with serve(tmp_path) as instance:
-        assert call(instance, "POST", "/api/client-registry/unlock")[0] == 200
+        assert admin(instance, "POST", "/api/client-registry/unlock")[0] == 200
     database = tmp_path / "registry.db"
     damaged = bytearray(database.read_bytes())
     damaged[4096:8192] = b"\xa5" * 4096  # the second page: a table's rows
@@ -161,13 +152,13 @@ def test_a_backup_taken_while_the_server_runs_serves_the_same_registry(
 ) -> None:
     data, copy = tmp_path / "data", tmp_path / "copy"
     with serve(data) as running:
-        assert call(running, "POST", "/api/client-registry/unlock")[0] == 200
+        assert admin(running, "POST", "/api/client-registry/unlock")[0] == 200
         csr = make_csr("agent-0001")
         for name, body in (("agent-0001", {"csr": csr}), ("sensor-0003", {"password": "s3cret-pass"})):
-            assert call(running, "POST", "/api/client-registry/register", {"username": name, **body})[0] == 202
-        assert call(running, "POST", "/api/client-registry/requests/agent-0001/approve")[0] == 200
-        before = [call(running, "GET", path)[1] for path in ("/api/client-registry", "/api/users")]
-        requests = call(running, "GET", "/api/client-registry/requests")[1]
+            assert admin(running, "POST", "/api/client-registry/register", {"username": name, **body})[0] == 202
+        assert admin(running, "POST", "/api/client-registry/requests/agent-0001/approve")[0] == 200
+        before = [admin(running, "GET", path)[1] for path in ("/api/client-registry", "/api/users")]
+        requests = admin(running, "GET", "/api/client-registry/requests")[1]
 
         (data / "admin-token").write_text(ADMIN_TOKEN + "\n")  # as a server that made its token keeps it
         server.main(["--data-dir", str(data), "--backup", str(copy)])
@@ -175,7 +166,7 @@ def test_a_backup_taken_while_the_server_runs_serves_the_same_registry(
         assert capsys.readouterr().out == f"Backed up {data} to {copy}; serve the copy with --data-dir {copy}\n"
         # The running server goes on.
         assert (
-            call(running, "POST", "/api/client-registry/register", {"username": "meter-9", "password": "pw-123"})[0]
+            admin(running, "POST", "/api/client-registry/register", {"username": "meter-9", "password": "pw-123"})[0]
             == 202
         )
 
@@ -185,10 +176,10 @@ def test_a_backup_taken_while_the_server_runs_serves_the_same_registry(
     assert {stat.S_IMODE((copy / name).stat().st_mode) for name in kept} == {0o600}
     assert (copy / "ca.key").read_bytes() == (data / "ca.key").read_bytes()
     with serve(copy) as restored:
-        assert [call(restored, "GET", path)[1] for path in ("/api/client-registry", "/api/users")] == before
-        assert call(restored, "GET", "/api/client-registry/requests")[1] == requests
-        assert call(restored, "GET", "/api/client-registry/ca")[1] == (data / "ca.pem").read_bytes()
-        answer = call(restored, "POST", "/api/client-registry/register", {"username": "agent-0001", "csr": csr})
+        assert [admin(restored, "GET", path)[1] for path in ("/api/client-registry", "/api/users")] == before
+        assert admin(restored, "GET", "/api/client-registry/requests")[1] == requests
+        assert admin(restored, "GET", "/api/client-registry/ca")[1] == (data / "ca.pem").read_bytes()
+        answer = admin(restored, "POST", "/api/client-registry/register", {"username": "agent-0001", "csr": csr})
         assert answer[0] == 201
 
 

@@ -17,8 +17,6 @@ import contextlib
 import json
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import pytest
 
 import server
-from conftest import make_csr, serve
+from conftest import call, make_csr, serve
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed: pip install playwright"
@@ -114,21 +112,6 @@ def chromium() -> Iterator[sync_api.Browser]:
             yield browser
         finally:
             browser.close()
-
-
-def call(base: str, method: str, path: str, body: object = None, *, token: str | None = None) -> tuple[int, Any]:
-    """One HTTP call to the registry: its status and its JSON body."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
 
 
 def register(base: str, username: str, **fields: object) -> tuple[int, Any]:
