@@ -114,7 +114,7 @@ CA_PATH = f"{API}/client-registry/ca"
 RENEW = f"{API}/client-registry/renew"
 DEFAULT_SERVER = "https://localhost:8443"
 REQUEST_TIMEOUT = 10.0  # seconds one call may take
-MAX_INTERVAL = 60.0  # the longest wait between two polls, whatever Retry-After says
+MAX_INTERVAL = 60.0  # the longest wait of the client's own choosing; a server's Retry-After is always honoured
 MIN_INTERVAL = 0.5  # the shortest, so that "Retry-After: 0" cannot make a busy loop
 FIRST_BACKOFF = 0.5  # the first wait after no answer; it doubles up to MAX_INTERVAL
 JITTER = 0.2  # a wait grows by up to this fraction, at random
@@ -648,7 +648,8 @@ def register(
     on first contact) or a ``Server``. With ``out``, a folder, the answer is
     written there: ``granted.json`` and, for a key, ``cert.pem`` and
     ``ca.pem``. ``timeout`` bounds the whole wait in seconds (None waits
-    for ever); ``max_interval`` caps the wait between polls; ``report``
+    for ever); ``max_interval`` caps the waits of the client's own choosing
+    (a server's Retry-After is honoured whatever it says); ``report``
     receives a sentence at every change of state.
 
     Raises ``Denied`` (403), ``Conflict`` (409), ``Rejected`` (400, 413,
@@ -702,8 +703,10 @@ def _poll(
             if state is None:
                 raise Refused.from_reply(reply)
             reporter.enter(*state)
-            default = 30.0 if reply.status == HTTPStatus.LOCKED else 5.0
-            wait = _jittered(min(retry_after(reply.headers, default), max_interval))
+            # SPEC CLIENT-9.1-RETRY-AFTER: never sooner than the server asked,
+            # however long; max_interval bounds only the waits we choose.
+            default = min(30.0 if reply.status == HTTPStatus.LOCKED else 5.0, max_interval)
+            wait = _jittered(retry_after(reply.headers, default))
         _sleep(wait, deadline, timeout, reporter.sentence)
 
 
@@ -1222,7 +1225,8 @@ def _register_parser(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=MAX_INTERVAL,
         metavar="SECONDS",
-        help="the longest wait between two polls (default %(default)g)",
+        help="the longest wait of its own choosing between two polls; a Retry-After is always honoured"
+        " (default %(default)g)",
     )
     parser.set_defaults(run=_run_register, parser=parser)
 

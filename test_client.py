@@ -975,3 +975,24 @@ def test_keep_needs_a_username_only_to_register(tmp_path: Path) -> None:
 def test_the_backoff_grows_from_five_seconds_to_five_minutes() -> None:
     for failures, low in enumerate([2.5, 5, 10, 20, 40, 80, 150, 150], start=1):
         assert low <= client._backoff(failures, client.RETRY_MAX, client.RETRY_FIRST) <= min(2 * low, 300)
+
+
+def test_a_retry_after_longer_than_max_interval_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC CLIENT-9.1-RETRY-AFTER: max_interval bounds the client's own waits, never a server's Retry-After."""
+    answers = [
+        client.Reply(202, {"retry-after": "90"}, b'{"status": "pending", "pairingId": "4f1c2a"}'),
+        client.Reply(423, {}, b'{"error": "locked", "message": "locked"}'),
+        client.Reply(201, {}, b'{"status": "approved", "username": "sensor-0003", "roles": [], "permissions": []}'),
+    ]
+
+    class Scripted:
+        def call(self, method: str, path: str, body: object, *, timeout: float) -> client.Reply:
+            return answers.pop(0)
+
+    waits: list[float] = []
+    monkeypatch.setattr(client.time, "sleep", waits.append)
+
+    client._poll(Scripted(), {"username": "sensor-0003", "password": "s3cret-pass"}, None, 10, lambda _: None)
+
+    assert 90 <= waits[0] <= 90 * (1 + client.JITTER)  # the server's 90 s, though max_interval is 10
+    assert 10 <= waits[1] <= 10 * (1 + client.JITTER)  # no Retry-After: the client's own default, capped at 10
