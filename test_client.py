@@ -62,7 +62,7 @@ class RegistryProcess:
     def start(self) -> None:
         """Start the server and wait until it listens."""
         command = [sys.executable, "server.py", "--port", str(self.port), "--data-dir", str(self.data)]
-        command += ["--admin-token", TOKEN, "--retry-after", "1", "--log-level", "WARNING"]
+        command += ["--admin-token", TOKEN, "--retry-after", "1", "--retry-after-locked", "1", "--log-level", "WARNING"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
         deadline = time.monotonic() + WAIT
