@@ -1338,7 +1338,7 @@ class PollCounter:
 
 
 class Registry:
-    """The registry of SPEC sections 1 to 5, over one SQLite database.
+    """The registry of SPEC sections 1 to 7, over one SQLite database.
 
     Every public method is safe to call from many threads at once.
     """
