@@ -78,6 +78,15 @@ USERNAME: Schema = {
     "maxLength": max(registry.USERNAME_LENGTH),
     "pattern": f"^{registry.USERNAME.pattern}$",
 }
+# MQTT 3.1.1 sections 4.7.1 and 4.7.3, as registry._is_topic_filter reads them: '+' alone in its level,
+# '#' alone and last, no NUL. One closing '$', so that a generator reads it as the end of the string.
+TOPIC_LEVEL = r"(?:\+|[^+#/\u0000]*)"
+TOPIC_FILTER = rf"^(?:#|{TOPIC_LEVEL}(?:/{TOPIC_LEVEL})*(?:/#)?)$"
+# What a path parameter may be: any other value names nothing, and is 404.
+PATH_PARAMETERS: dict[str, Schema] = {
+    "username": USERNAME,
+    "name": {"type": "string", "pattern": "^[^./][^/]*$", "description": "A file of the page, such as admin.js"},
+}
 LONGEST_UNLOCK_MS = registry.Settings().max_unlock_duration // timedelta(milliseconds=1)
 
 SCHEMAS: dict[str, Schema] = {
@@ -90,7 +99,12 @@ SCHEMAS: dict[str, Schema] = {
             },
             "operation": {"enum": list(registry.OPERATIONS)},
             "context": {"enum": list(registry.CONTEXTS)},
-        }
+        },
+        oneOf=[
+            {"properties": {"context": {"const": "http"}, "resource": {"pattern": "^/"}}},
+            {"properties": {"context": {"const": "mqtt"}, "resource": {"pattern": TOPIC_FILTER}}},
+        ],
+        description="SPEC REQ-1-PERMISSION: the resource's form follows the context",
     ),
     "Registration": _closed(
         {
@@ -373,6 +387,15 @@ STATUS_HEADERS: dict[int, tuple[str, ...]] = {
     503: ("Retry-After",),
 }
 
+# OpenAPI links (https://spec.openapis.org/oas/v3.1.0#link-object): the calls that take the username an
+# answer names, so that a reader, and a tool such as Schemathesis's stateful phase, can follow the workflow.
+LINKS: dict[str, dict[int, tuple[str, ...]]] = {
+    "register": {202: ("approve", "deny", "forget"), 201: ("remove_user",)},
+    "approve": {200: ("remove_user",)},
+    "deny": {200: ("forget",)},
+}
+BY_USERNAME = {"username": "$response.body#/username"}
+
 AUDIT_LARGEST_ID = 2**62  # server.App.audit refuses more
 QUERIES: dict[str, list[Schema]] = {
     "audit": [
@@ -459,7 +482,10 @@ def _slug(pattern: str) -> str:
 
 
 def _path_parameters(pattern: str) -> list[Schema]:
-    return [{"name": name, "in": "path", "required": True, "schema": TEXT} for name in PARAMETER.findall(pattern)]
+    return [
+        {"name": name, "in": "path", "required": True, "schema": PATH_PARAMETERS[name]}
+        for name in PARAMETER.findall(pattern)
+    ]
 
 
 def _responses(route: Route) -> dict[str, Any]:
@@ -477,4 +503,7 @@ def _response(handler: str, status: int) -> dict[str, Any]:
         response["content"] = SUCCESS.get(handler, {}).get(status, _json(_ref("Error")))
     if status in STATUS_HEADERS:
         response["headers"] = {name: {"$ref": f"#/components/headers/{name}"} for name in STATUS_HEADERS[status]}
+    if status in LINKS.get(handler, {}):
+        targets = LINKS[handler][status]
+        response["links"] = {target: {"operationId": target, "parameters": BY_USERNAME} for target in targets}
     return response
