@@ -85,7 +85,12 @@ TOPIC_FILTER = rf"^(?:#|{TOPIC_LEVEL}(?:/{TOPIC_LEVEL})*(?:/#)?)$"
 # What a path parameter may be: any other value names nothing, and is 404.
 PATH_PARAMETERS: dict[str, Schema] = {
     "username": USERNAME,
-    "name": {"type": "string", "pattern": "^[^./][^/]*$", "description": "A file of the page, such as admin.js"},
+    "name": {
+        "type": "string",
+        "pattern": "^[^./][^/]*$",
+        "description": "A file of the page",
+        "examples": ["admin.js", "admin.css", "favicon.png"],
+    },
 }
 LONGEST_UNLOCK_MS = registry.Settings().max_unlock_duration // timedelta(milliseconds=1)
 
@@ -122,6 +127,7 @@ SCHEMAS: dict[str, Schema] = {
         required=("username",),
         oneOf=[{"required": ["password"]}, {"required": ["csr"]}],
         description="SPEC section 1: exactly one of 'password' and 'csr'. Re-send the same request to poll.",
+        examples=[{"username": "sensor-0003", "password": "s3cret-pass", "roles": ["minimum"]}],
     ),
     "Unlock": _closed(
         {"duration": {"type": "integer", "minimum": 1, "maximum": LONGEST_UNLOCK_MS, "description": "Milliseconds"}},
