@@ -446,8 +446,11 @@ REFUSALS = {error.status: error for error in (BadFraming, HeadersTooLarge, UriTo
 
 
 def _json_body(request: Request) -> Any:
-    """An optional body as JSON; None when it is empty. A body that is there is an object (JSON's null is not)."""
-    if not request.body.strip():
+    """An optional body as JSON; None when there is none. A body that is there is an object (JSON's null is not).
+
+    White space alone is a body, and not JSON (RFC 8259 section 2): 400, as for a registration.
+    """
+    if not request.body:
         return None
     body = registry.parse_json(request.body)
     if body is None:

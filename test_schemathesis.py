@@ -112,8 +112,6 @@ def admit(base: str, client: dict[str, str]) -> None:
 
 REGISTER = "POST /api/client-registry/register"
 APPROVE = "POST /api/client-registry/requests/{username}/approve"
-DENY = "POST /api/client-registry/requests/{username}/deny"
-UNLOCK = "POST /api/client-registry/unlock"
 CATALOG = tuple(server.load_roles(None))
 # The codes of HTTP's own refusals (openapi.OTHER_ERRORS), which any route may answer.
 FRAMING_CODES = {
@@ -132,20 +130,6 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     if case.operation.label == REGISTER and isinstance(body.get("csr"), str):
         body["csr"] = make_csr(body["username"])
     return case
-
-
-@schemathesis.hook
-def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> bool:
-    """Marked, negative_data_rejection: a body of white space alone where a body is optional is not sent.
-
-    Such a body is not JSON (RFC 8259 section 2), so the document refuses it;
-    the server reads it as no body (``server._json_body`` strips it first) and
-    unlocks, approves or denies, where ``register`` answers 400 to the same
-    bytes. A disagreement in server.py, reported with issue 19; drop this hook
-    when the server answers 400.
-    """
-    blank = isinstance(case.body, bytes) and not case.body.strip()
-    return not (blank and case.operation.label in (UNLOCK, APPROVE, DENY))
 
 
 @schemathesis.check

@@ -1767,3 +1767,12 @@ def test_a_whole_duration_written_with_a_point_is_a_whole_number(live: Running, 
     assert reply.status == 200
     assert datetime.fromisoformat(reply.body["unlockedUntil"]) == live.clock.now + timedelta(milliseconds=386)
     assert_error(client.admin("POST", UNLOCK, {"duration": 386.5}), 400, "malformed_request")
+
+
+@pytest.mark.parametrize("body", ["\n", " ", "\r\n"])
+def test_a_body_of_white_space_alone_is_not_json_on_any_route(client: Client, body: str) -> None:
+    """RFC 8259 section 2: no JSON text is white space alone; an optional body that is there must be JSON."""
+    before = snapshot(client)
+    reply = client.call("POST", UNLOCK, body, {"Authorization": f"Bearer {client.token}"})
+    assert assert_error(reply, 400, "malformed_request")["message"] == "the body is not JSON"
+    assert snapshot(client) == before
