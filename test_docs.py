@@ -187,11 +187,6 @@ def test_the_complete_embedding_example_runs(tmp_path: Path, monkeypatch: pytest
     assert os.stat(tmp_path / "ca.key").st_mode & 0o077 == 0
 
 
-@pytest.mark.xfail(
-    not hasattr(registry, "decide"),
-    reason="waits for registry.decide and registry.Decision (the lead's rules layer)",
-    strict=True,
-)
 def test_the_rules_layer_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, rules = embedding_examples()
     run_example(rules, tmp_path, monkeypatch)
