@@ -41,6 +41,7 @@ LOCAL_URL = re.compile(r"^https?://(localhost|127\.0\.0\.1)(:\d+)?(/|$)")
 
 
 def documents() -> list[Path]:
+    """The Markdown pages of the repository: README.md, SPEC.md and docs/."""
     return [README, HERE / "SPEC.md", *sorted((HERE / "docs").glob("*.md"))]
 
 
