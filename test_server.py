@@ -1585,10 +1585,19 @@ needs_tools = pytest.mark.skipif(
 )
 
 
-def readme_workflow() -> list[str]:
-    """The ```sh blocks of the README's section "The workflow with curl"."""
+# The README's sections whose commands run, in this order, in one shell, as a newcomer runs them.
+README_WORKFLOWS = (
+    "The workflow with curl",
+    "The workflow with client.py",
+    "A certificate's life, and who trusts it",
+    "Learning, and testing other implementations",
+)
+
+
+def readme_workflow(title: str = README_WORKFLOWS[0]) -> list[str]:
+    """The ```sh blocks of the README's section ``title``."""
     readme = (HERE / "README.md").read_text()
-    section = readme.split("\n## The workflow with curl\n", 1)[1].split("\n## ", 1)[0]
+    section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^```sh\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
 
 
@@ -1651,22 +1660,27 @@ def wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
 
 
 @needs_tools
-def test_the_readme_curl_workflow_runs_as_printed(tmp_path: Path) -> None:
-    blocks = readme_workflow()
-    assert len(blocks) == 8, "the README's workflow changed: update this test with it"
+def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
+    """Issue 17: every example of the README, in order, in one shell, in this folder, against a fresh server."""
+    blocks = [block for title in README_WORKFLOWS for block in readme_workflow(title)]
+    assert len(blocks) == 12, "the README's workflow changed: update this test with it"
     data, work, port = tmp_path / "registry-data", tmp_path / "client", free_port()
     work.mkdir()
-    script = ["set -e -o pipefail"]
+    script = ["set -e -o pipefail", f"export REGISTRY_URL=https://localhost:{port}"]  # client.py's --server
     for number, block in enumerate(blocks):
         script += [
             f"printf '\\n@@ block {number}\\n'",
             # The README's scratch folder, $work, is this test's, to read what the commands wrote.
-            block.replace(":8443", f":{port}").replace("registry-data", str(data)).replace("$(mktemp -d)", str(work)),
+            block.replace(":8443", f":{port}")
+            .replace("registry-data", str(data))
+            .replace("$(mktemp -d)", str(work))
+            .replace(".venv/bin/python", sys.executable),
         ]
+    repository = set(HERE.iterdir())
 
     with server_process(data, port, tmp_path / "server.log") as process:
         wait_for_port(port, process)
-        run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=work, capture_output=True, text=True, timeout=60)
+        run = subprocess.run(["bash", "-c", "\n".join(script)], cwd=HERE, capture_output=True, text=True, timeout=240)
         assert run.returncode == 0, f"the README's commands failed:\n{run.stderr}\n{run.stdout}"
         # SIGTERM stops the server even while a client is halfway through a request.
         with (
@@ -1710,6 +1724,23 @@ def test_the_readme_curl_workflow_runs_as_printed(tmp_path: Path) -> None:
     by_certificate, by_password = json_documents(outputs[7])
     assert by_certificate == {"username": "agent-0001", "roles": [], "permissions": [], "method": "certificate"}
     assert by_password == {"username": "sensor-0003", "roles": [], "permissions": [], "method": "password"}
+
+    # client.py: unlock, the agent registered, approved, signed in and renewed.
+    assert outputs[8].startswith("unlocked until ")
+    assert re.search(r"^agent-0002 +pending +[0-9a-f]{6} +csr ", outputs[9], re.MULTILINE)
+    assert "registered agent-0002: roles minimum; permissions mqtt:read:sensors/#" in outputs[9] + run.stderr
+    assert "agent-0002, by certificate: roles minimum; permissions mqtt:read:sensors/#" in outputs[9]
+    renewed = x509.load_pem_x509_certificate((work / "agent" / "cert.pem").read_bytes())
+    assert renewed.subject.rfc4514_string() == "CN=agent-0002"
+    assert renewed.not_valid_before_utc > datetime.now(UTC) - timedelta(minutes=10)
+    # Revocation: the CRL lists the deleted agent's certificate.
+    assert "certificate revoked" in run.stderr + outputs[10]
+    crl = x509.load_pem_x509_crl((work / "crl.pem").read_bytes())
+    assert renewed.serial_number in {entry.serial_number for entry in crl}
+    # The tour ran, and the conformance kit found no MUST broken.
+    assert re.search(r"\d+ checks in [\d.]+ s: \d+ PASS, 0 FAIL", outputs[11] + run.stderr)
+    # Nothing was written into the repository.
+    assert set(HERE.iterdir()) == repository
 
 
 # --- Listings carry a validator (issue 18) --------------------------------------
