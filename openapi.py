@@ -92,6 +92,13 @@ PATH_PARAMETERS: dict[str, Schema] = {
         "examples": ["admin.js", "admin.css", "favicon.png"],
     },
 }
+# SPEC LIFE-7.1-TIMES: what every answer that carries a certificate carries.
+CERTIFIED: Schema = {
+    "certificate": {"type": "string", "description": "PEM of the issued certificate"},
+    "caCertificate": {"type": "string", "description": "PEM of the issuing CA"},
+    "notAfter": {**TIME, "description": "When the certificate expires"},
+    "renewAfter": {**TIME, "description": "From when to renew it: two thirds of its validity"},
+}
 LONGEST_UNLOCK_MS = registry.Settings().max_unlock_duration // timedelta(milliseconds=1)
 
 SCHEMAS: dict[str, Schema] = {
@@ -147,13 +154,10 @@ SCHEMAS: dict[str, Schema] = {
             "username": TEXT,
             "roles": ROLES,
             "permissions": PERMISSIONS,
-            "certificate": {"type": "string", "description": "PEM of the issued certificate (a CSR request)"},
-            "caCertificate": {"type": "string", "description": "PEM of the issuing CA (a CSR request)"},
-            "notAfter": {**TIME, "description": "When the certificate expires (a CSR request)"},
-            "renewAfter": {**TIME, "description": "From when to renew it: two thirds of its validity"},
+            **CERTIFIED,
         },
         required=("status", "username", "roles", "permissions"),
-        description="What was granted, which may be narrower than what was requested",
+        description="What was granted, which may be narrower than what was requested; a certificate for a CSR",
     ),
     "Renewal": _closed(
         {"csr": {"type": "string", "description": "PEM PKCS#10 request whose CN is your username: same key or new"}},
@@ -165,10 +169,7 @@ SCHEMAS: dict[str, Schema] = {
             "username": TEXT,
             "roles": ROLES,
             "permissions": PERMISSIONS,
-            "certificate": {"type": "string", "description": "PEM of the new certificate"},
-            "caCertificate": {"type": "string", "description": "PEM of the issuing CA"},
-            "notAfter": TIME,
-            "renewAfter": TIME,
+            **CERTIFIED,
         },
         description="The user's rights are unchanged; the previous certificate stays valid until its own notAfter",
     ),

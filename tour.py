@@ -40,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+import ca
 import client
 import server
 
@@ -72,15 +73,7 @@ PARTICIPANTS = {
 TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2}| UTC)?")
 CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 # KeyUsage's bits but encipher_only and decipher_only, which cryptography reads only beside key_agreement.
-KEY_USAGES = (
-    "digital_signature",
-    "content_commitment",
-    "key_encipherment",
-    "data_encipherment",
-    "key_agreement",
-    "key_cert_sign",
-    "crl_sign",
-)
+KEY_USAGES = tuple(bit for bit in ca.KEY_USAGE_BITS if bit not in ("encipher_only", "decipher_only"))
 
 
 # --- Masking, for the document -------------------------------------------------
