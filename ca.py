@@ -97,6 +97,7 @@ class CA:
         self.key = key
         self.certificate = certificate
         self.certificate_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
+        self.not_after = certificate.not_valid_after_utc
         self.validity = timedelta(days=cert_days)
         ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._authority_key_identifier = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
@@ -166,7 +167,9 @@ class CA:
         """Sign a client certificate for ``username`` and the verified key ``public_key`` (SPKI DER).
 
         The subject is the username alone, and the extensions are this CA's:
-        nothing of what the CSR asked for but its key (SPEC section 5).
+        nothing of what the CSR asked for but its key (SPEC section 5). It
+        ends ``cert_days`` after its notBefore, or with the CA if sooner
+        (LIFE-7.1-TIMES, LIFE-7.6-CA-EXPIRY).
         """
         key = serialization.load_der_public_key(public_key)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)])
@@ -229,7 +232,7 @@ class CA:
         """What a client and a server certificate share: issued by this CA, for one purpose."""
         usage = RSA_USAGE if isinstance(key, rsa.RSAPublicKey) else SIGNING_USAGE
         return (
-            _builder(subject, self.certificate.subject, key, now, validity)
+            _builder(subject, self.certificate.subject, key, now, validity, ends_by=self.not_after)
             # RFC 5280 section 4.2.1.9: not a CA, so it signs no certificates.
             .add_extension(END_ENTITY, critical=True)
             .add_extension(usage, critical=True)
@@ -241,14 +244,25 @@ class CA:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, key: CertificatePublicKeyTypes, now: datetime, validity: timedelta
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: CertificatePublicKeyTypes,
+    now: datetime,
+    validity: timedelta,
+    *,
+    ends_by: datetime | None = None,
 ) -> x509.CertificateBuilder:
     """What every certificate shares: names, key, random serial, validity, SKI.
 
     Times are whole seconds in UTC, as the certificate holds them (RFC 5280
-    section 4.1.2.5), so that what is recorded equals what is signed.
+    section 4.1.2.5), so that what is recorded equals what is signed. The
+    validity counts from notBefore (LIFE-7.1-TIMES), and ends by ``ends_by``
+    (the issuer's notAfter) at the latest.
     """
-    now = _whole_seconds(now)
+    not_before = _whole_seconds(now) - CLOCK_SKEW
+    not_after = not_before + validity
+    if ends_by is not None:
+        not_after = min(not_after, ends_by)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -257,8 +271,8 @@ def _builder(
         # RFC 5280 section 4.1.2.2: positive, at most 20 octets; random, so
         # that serials cannot be predicted.
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + validity)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         # RFC 5280 section 4.2.1.2: the SHA-1 of the key, method (1).
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
     )

@@ -108,6 +108,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import sqlite3
@@ -240,6 +241,12 @@ class Full(RegistryError):
     status, code = HTTPStatus.SERVICE_UNAVAILABLE, "registry_full"
 
 
+class CaExpired(RegistryError):
+    """The registry's CA has expired: it issues nothing (503; LIFE-7.6-CA-EXPIRY)."""
+
+    status, code = HTTPStatus.SERVICE_UNAVAILABLE, "ca_expired"
+
+
 class StorageUnavailable(RegistryError):
     """The database cannot take a write now, its disk full (503); nothing was stored."""
 
@@ -287,6 +294,85 @@ def transition(state: State, event: Event) -> State | None:
             code="not_pending",
             state=state.value,
         ) from None
+
+
+class Standing(enum.Enum):
+    """Where an issued certificate stands in its user's life (LIFE-7.2-RENEW)."""
+
+    CURRENT = "current"  # the user's credential: it renews and re-keys
+    SUPERSEDED = "superseded"  # a renewal replaced it: valid for relying parties, it may only repeat that renewal
+    REVOKED = "revoked"  # its user was removed
+    EXPIRED = "expired"  # past its notAfter
+
+
+class LifeEvent(enum.Enum):
+    """What happens to an issued certificate: a renewal presenting it, its user's removal, time."""
+
+    RENEW = "renew with the same key"
+    REKEY = "re-key"
+    REPEAT = "repeat the renewal that replaced"
+    REMOVE_USER = "remove the user of"
+    EXPIRE = "expire"
+
+
+class Renewal(enum.Enum):
+    """What a renewal answers (LIFE-7.2-RENEW)."""
+
+    ISSUE = "a new certificate, which becomes the current one"
+    REDELIVER = "the current certificate again"
+
+
+# LIFE-7.2-RENEW, LIFE-7.3-REVOKE: (standing, event) -> (the presented
+# certificate's standing after it, what a renewal answers). Only the current
+# certificate starts a renewal; the certificate it replaced may only fetch
+# the current one again (a lost answer); nothing else renews.
+CERTIFICATE_LIFE: dict[tuple[Standing, LifeEvent], tuple[Standing, Renewal | None]] = {
+    (Standing.CURRENT, LifeEvent.RENEW): (Standing.SUPERSEDED, Renewal.ISSUE),
+    (Standing.CURRENT, LifeEvent.REKEY): (Standing.SUPERSEDED, Renewal.ISSUE),
+    (Standing.SUPERSEDED, LifeEvent.REPEAT): (Standing.SUPERSEDED, Renewal.REDELIVER),
+    (Standing.CURRENT, LifeEvent.REMOVE_USER): (Standing.REVOKED, None),
+    (Standing.SUPERSEDED, LifeEvent.REMOVE_USER): (Standing.REVOKED, None),
+    (Standing.CURRENT, LifeEvent.EXPIRE): (Standing.EXPIRED, None),
+    (Standing.SUPERSEDED, LifeEvent.EXPIRE): (Standing.EXPIRED, None),
+}
+RENEWING = frozenset(standing for (standing, _), (_, answer) in CERTIFICATE_LIFE.items() if answer is not None)
+NOT_RENEWING = {
+    Standing.SUPERSEDED: "a renewal replaced this certificate: renew with the current one (repeating that renewal,"
+    " a CSR for the current certificate's key, fetches the current certificate again)",
+    Standing.REVOKED: "this certificate was revoked",
+    Standing.EXPIRED: "this certificate has expired",
+}
+
+
+def standing(*, revoked: bool, expired: bool, current: bool) -> Standing:
+    """How an issued certificate of an existing user stands: revocation first, then time, then renewal."""
+    if revoked:
+        return Standing.REVOKED
+    if expired:
+        return Standing.EXPIRED
+    return Standing.CURRENT if current else Standing.SUPERSEDED
+
+
+def renewal_event(csr_key: str, presented_key: str, current_key: str, *, replaced_by_current: bool) -> LifeEvent:
+    """Which renewal a CSR for ``csr_key`` is, from a certificate for ``presented_key`` (keys as SHA-256 hex).
+
+    A repeat is the certificate that the current one replaced asking again
+    for the current certificate's key: its lost answer.
+    """
+    if replaced_by_current and csr_key == current_key:
+        return LifeEvent.REPEAT
+    return LifeEvent.RENEW if csr_key == presented_key else LifeEvent.REKEY
+
+
+def renewal(presented: Standing, event: LifeEvent) -> Renewal:
+    """What a renewal answers, from ``CERTIFICATE_LIFE`` alone; ``Unauthorized`` when it renews nothing."""
+    _, answer = CERTIFICATE_LIFE.get((presented, event), (presented, None))
+    if answer is None:
+        raise Unauthorized(
+            NOT_RENEWING.get(presented, f"a {presented.value} certificate cannot {event.value}"),
+            headers=dict(CHALLENGE),
+        )
+    return answer
 
 
 @dataclass(frozen=True, order=True)
@@ -385,6 +471,7 @@ class CertificateAuthority(Protocol):
     """What the registry asks of a CA; ``ca.CA`` is one."""
 
     certificate_pem: str
+    not_after: datetime  # the CA certificate's own notAfter: nothing it issues outlives it
 
     def inspect_csr(self, pem: str) -> CsrInfo:
         """Parse and verify a CSR; ``ValueError`` when it is malformed."""
@@ -443,6 +530,12 @@ class Settings:
     max_auth_failures: int = 5
     max_auth_failures_per_username: int = 50
     auth_failure_window: timedelta = timedelta(minutes=1)
+    # AUTH-5.2-KNOWN-ADDRESS: an address the username signed in from within
+    # this period is spared the all-addresses limit (its own limit stays).
+    known_address_period: timedelta = timedelta(days=30)
+    # AUTH-5.2-BOUNDED: the failure windows and known addresses kept in
+    # memory, each; the least recently touched are forgotten first.
+    max_throttle_entries: int = 100_000
     # Retry-After of a 503 when the database cannot store (a full disk).
     retry_after_unavailable: int = 30
     # SPEC section 7: a CRL is valid this long, and signed anew when half of
@@ -473,6 +566,7 @@ class LockWindow:
 class Decision(enum.Enum):
     """What a well-formed registration within policy comes to (SPEC section 2.4), with its status."""
 
+    THROTTLED = "a password over the failed sign-ins' limit", HTTPStatus.TOO_MANY_REQUESTS
     REDELIVER = "the approved request again", HTTPStatus.CREATED
     POLL = "a poll of the pending request", HTTPStatus.ACCEPTED
     STORE = "a new pending request", HTTPStatus.ACCEPTED
@@ -501,16 +595,24 @@ STORED: dict[tuple[State, bool], Decision] = {
 
 
 def decide(
-    stored: State | None, matches: bool, *, locked: bool = False, full: bool = False, limited: bool = False
+    stored: State | None,
+    matches: bool,
+    *,
+    throttled: bool = False,
+    locked: bool = False,
+    full: bool = False,
+    limited: bool = False,
 ) -> Decision:
     """The answer to a registration for a username whose stored request is ``stored`` (None: none).
 
-    ``locked``, ``full`` and ``limited`` count only for a username with no
-    stored request, in that order (SPEC section 2.4: the lock keeps out only
-    new requests).
+    ``throttled`` counts only for a stored request, before it is matched
+    (REG-2.4-THROTTLE: no password is verified over the limit). ``locked``,
+    ``full`` and ``limited`` count only for a username with no stored
+    request, in that order (REG-2.5-LOCK-SCOPE: the lock keeps out only new
+    requests).
     """
     if stored is not None:
-        return STORED[stored, matches]
+        return Decision.THROTTLED if throttled else STORED[stored, matches]
     if locked:
         return Decision.LOCKED
     if full:
@@ -553,6 +655,11 @@ def refusal(
         return Full("the registry holds as many pending requests as it may: try again later", headers=retry)
     if decision is Decision.LIMITED:
         return TooManyRequests(f"more than {rate_limit} new requests a minute from this address", headers=retry)
+    if decision is Decision.THROTTLED:
+        return TooManyRequests(
+            f"too many failed sign-ins for {name!r} from this address: wait, then send the request again",
+            headers=retry,
+        )
     raise ValueError(f"{decision.name} is not a refusal")
 
 
@@ -1062,6 +1169,13 @@ class Store:
             (now,),
         ).fetchall()
 
+    def revoked_after(self, moment: int) -> bool:
+        """Whether a certificate was revoked after ``moment``."""
+        return (
+            self._db.execute("SELECT 1 FROM certificates WHERE revoked_at > ? LIMIT 1", (moment,)).fetchone()
+            is not None
+        )
+
     def crl(self) -> sqlite3.Row | None:
         """The current CRL: its number, thisUpdate, nextUpdate and DER."""
         return self._db.execute("SELECT * FROM crl ORDER BY number DESC LIMIT 1").fetchone()
@@ -1251,27 +1365,23 @@ class BoundedCache(collections.OrderedDict):
 
 
 class PasswordVerifier:
-    """Verifies passwords against scrypt hashes, paying for each hash once (capacity 0: every time).
+    """Remembers passwords that verified against scrypt hashes (capacity 0: none).
 
-    A password that verified against a hash is remembered as its HMAC under
-    a key that lives only in this process: the next check of the same hash
-    is one HMAC. A wrong password never enters, and a remembered hash tells
-    a different password apart without scrypt, since the HMAC differs.
+    A success is remembered as the password's HMAC under a key that lives
+    only in this process, so the same password's next check of the same
+    hash is one HMAC. Only a success is remembered: any other password is
+    not told apart here but goes the reference way, throttle then scrypt,
+    so that a wrong guess never costs less (Trust before speed).
     """
 
     def __init__(self, capacity: int = 250_000) -> None:
         self._key = secrets.token_bytes(32)
         self._known = BoundedCache(capacity)
 
-    def check(self, password: str, stored: str) -> bool:
-        tag = hmac.digest(self._key, password.encode(), "sha256")
+    def remembered(self, password: str, stored: str) -> bool:
+        """Whether ``password`` is the one remembered to match ``stored``; False says nothing."""
         known = self._known.get(stored)
-        if known is not None:
-            return hmac.compare_digest(known, tag)
-        if not check_password(password, stored):
-            return False
-        self._known.put(stored, tag)
-        return True
+        return known is not None and hmac.compare_digest(known, hmac.digest(self._key, password.encode(), "sha256"))
 
     def remember(self, password: str, stored: str) -> None:
         """Record a password that is known to match ``stored`` (just hashed)."""
@@ -1285,6 +1395,7 @@ class _Poll:
     username: str
     pairing_id: str
     requested: str  # the canonical text of the requested rights
+    password: bool  # whether the body holds a password: the throttle comes first
     outcome: Outcome
     created_at: int = 0
     checked: int = -1  # the registry's version when the stored request was last seen to match
@@ -1304,7 +1415,13 @@ class RepeatedPolls:
         return self._seen.get(fingerprint)
 
     def remember(self, fingerprint: bytes, registration: Registration, outcome: Outcome) -> None:
-        poll = _Poll(registration.username, outcome.body["pairingId"], registration.rights.dumps(), outcome)
+        poll = _Poll(
+            registration.username,
+            outcome.body["pairingId"],
+            registration.rights.dumps(),
+            registration.password is not None,
+            outcome,
+        )
         self._seen.put(fingerprint, poll)
 
 
@@ -1332,6 +1449,88 @@ class PollCounter:
         for name, (at, count, address) in counts.items():
             later_at, later, later_address = self._counts.get(name, (at, 0, address))
             self._counts[name] = (later_at, count + later, later_address)
+
+
+# --- The sign-in throttle (AUTH-5.2) ------------------------------------------
+
+
+class SignInThrottle:
+    """Failed sign-ins of a username, per client address and from all addresses together (AUTH-5.2-THROTTLE).
+
+    A failure is a password that does not match the one stored for the
+    username (by ``whoami`` or by a registration). An address the username
+    signed in from lately is *known* and spared the all-addresses limit,
+    so that a stranger's guesses cannot lock the device out
+    (AUTH-5.2-KNOWN-ADDRESS, the address form of a device cookie).
+
+    Every window is a deque of failure times in an ``OrderedDict`` kept in
+    the order of its last change: stale windows are dropped from the front
+    and, beyond ``capacity``, the oldest are forgotten, so an attempt costs
+    O(1) (amortised) however many windows there are (AUTH-5.2-BOUNDED).
+    Not thread-safe on its own: ``Registry`` calls it under its lock.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.window = settings.auth_failure_window // MICROSECOND
+        self.known_for = settings.known_address_period // MICROSECOND
+        self.capacity = settings.max_throttle_entries
+        self.per_address = settings.max_auth_failures
+        self.per_username = settings.max_auth_failures_per_username
+        self._failures: collections.OrderedDict[object, collections.deque[int]] = collections.OrderedDict()
+        self._known: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+
+    def wait(self, username: str, address: str, now: int) -> int | None:
+        """Whole seconds until ``username`` may try again from ``address``; None when it may now."""
+        self._forget_stale(now)
+        limits = [((username, address), self.per_address)]
+        if not self.is_known(username, address, now):
+            limits.append((username, self.per_username))
+        for key, most in limits:
+            failures = self._failures.get(key)
+            # Each window keeps its last ``most`` failures: the limit is
+            # reached while the oldest of them is within the window.
+            if failures is not None and len(failures) >= most and failures[-most] > now - self.window:
+                return _seconds_until(failures[-most] + self.window, now)
+        return None
+
+    def fail(self, username: str, address: str, now: int) -> None:
+        """Count a failed sign-in (or one whose check is under way: ``forgive`` takes it back)."""
+        for key, most in (((username, address), self.per_address), (username, self.per_username)):
+            failures = self._failures.setdefault(key, collections.deque(maxlen=most))
+            failures.append(now)
+            self._failures.move_to_end(key)
+        while len(self._failures) > self.capacity:
+            self._failures.popitem(last=False)
+
+    def forgive(self, username: str, address: str, at: int) -> None:
+        """Take back a failure counted at ``at`` for a check that then succeeded."""
+        for key in ((username, address), username):
+            with contextlib.suppress(KeyError, ValueError):
+                self._failures[key].remove(at)
+
+    def signed_in(self, username: str, address: str, now: int) -> None:
+        """``username`` proved who it is from ``address``: the address is known from now on."""
+        key = (username, address)
+        self._known[key] = now
+        self._known.move_to_end(key)
+        while self._known and (
+            len(self._known) > self.capacity or next(iter(self._known.values())) <= now - self.known_for
+        ):
+            self._known.popitem(last=False)
+
+    def is_known(self, username: str, address: str, now: int) -> bool:
+        """Whether ``username`` signed in from ``address`` within the known-address period."""
+        since = self._known.get((username, address))
+        return since is not None and since > now - self.known_for
+
+    def _forget_stale(self, now: int) -> None:
+        # The front window changed least recently: once its last failure is
+        # out of the window, the whole window is.
+        while self._failures:
+            failures = next(iter(self._failures.values()))
+            if failures and failures[-1] > now - self.window:
+                break
+            self._failures.popitem(last=False)
 
 
 # --- The registry ------------------------------------------------------------
@@ -1367,7 +1566,12 @@ class Registry:
         # looks at its request again when this has moved.
         self._version = 0
         self._new_requests: dict[str, collections.deque[int]] = {}
-        self._auth_failures: dict[object, collections.deque[int]] = {}
+        self._throttle = SignInThrottle(settings)
+        # Slow work runs outside the lock, at most one key derivation a core
+        # at a time: the rest wait here, not on the registry's lock.
+        self._derivations = threading.BoundedSemaphore(os.cpu_count() or 1)
+        # One CRL signer at a time, outside the registry's lock.
+        self._crl_lock = threading.Lock()
         self._storage_logged_at = -MINUTE
         self._store.keep_verified_keys(ca.inspect_csr if ca else None)
         self._store.record_issued_certificates(SKEW_OF_OLD_CERTIFICATES)
@@ -1410,26 +1614,64 @@ class Registry:
         return registration, self._answer(registration, csr, address)
 
     def _answer(self, registration: Registration, csr: CsrInfo | None, address: str) -> Outcome:
-        """SPEC section 2.4 for a well-formed request within policy: ``decide``, then do what it says."""
+        """SPEC section 2.4 for a well-formed request within policy: ``decide``, then do what it says.
+
+        A password is verified against the stored one, or a new one hashed,
+        outside the lock and only after the throttle let it through
+        (REG-2.4-THROTTLE); the request is then decided again on what is
+        stored, since another thread may have changed it meanwhile.
+        """
+        name, password = registration.username, registration.password
         now = self._now()
         with self._lock:
-            decision, row = self._decide(registration, csr, address, now)
-            if decision is not Decision.STORE or registration.password is None:
-                return self._act(decision, registration, csr, row, address, now, None)
-        # A new password request: its scrypt is paid outside the lock, and the
-        # request decided again, since another thread may have stored one for
-        # the same username meanwhile.
-        password_hash = self._hash(registration.password)
+            stored_hash = self._password_to_verify(registration, now)
+            throttled = stored_hash is not None and self._throttle.wait(name, address, now) is not None
+            if stored_hash is None or throttled:
+                decision, row = self._decide(registration, csr, address, now)
+                if decision is not Decision.STORE or password is None:
+                    return self._act(decision, registration, csr, row, address, now, None)
+            else:
+                # AUTH-5.2-THROTTLE: counted as failed before the check, taken back when it matches.
+                self._throttle.fail(name, address, now)
+        assert password is not None
+        new_hash = self._hash(password) if stored_hash is None else None
+        matches = stored_hash is not None and self._verify(password, stored_hash)
         with self._lock:
-            decision, row = self._decide(registration, csr, address, now)
-            return self._act(decision, registration, csr, row, address, now, password_hash)
+            if matches:
+                self._throttle.forgive(name, address, now)
+            if self._password_to_verify(registration, now) == stored_hash:
+                decision, row = self._decide(registration, csr, address, now, password_matches=matches)
+                return self._act(decision, registration, csr, row, address, now, new_hash)
+        # The stored request changed while the password was checked: decide again.
+        return self._answer(registration, csr, address)
+
+    def _password_to_verify(self, registration: Registration, now: int) -> str | None:
+        """The stored password hash a password request must be verified against: its username's, if any."""
+        row = self._live_request(registration.username, now)
+        if registration.password is None or row is None or row["method"] != "password":
+            return None
+        return row["password_hash"]
 
     def _decide(
-        self, registration: Registration, csr: CsrInfo | None, address: str, now: int
+        self,
+        registration: Registration,
+        csr: CsrInfo | None,
+        address: str,
+        now: int,
+        *,
+        password_matches: bool | None = None,
     ) -> tuple[Decision, sqlite3.Row | None]:
+        """``decide`` on what is stored now; ``password_matches``: what the check outside the lock found, if made."""
         row = self._live_request(registration.username, now)
         if row is not None:
-            return decide(State(row["state"]), self._matches(registration, csr, row)), row
+            throttled = (
+                password_matches is None
+                and registration.password is not None
+                and row["method"] == "password"
+                and self._throttle.wait(registration.username, address, now) is not None
+            )
+            matches = self._matches(registration, csr, row, bool(password_matches))
+            return decide(State(row["state"]), matches, throttled=throttled), row
         limit = self.settings.rate_limit
         admission = {
             "locked": not self._store.lock_window().is_open(now),
@@ -1450,6 +1692,7 @@ class Registry:
     ) -> Outcome:
         name = registration.username
         if decision is Decision.REDELIVER:
+            self._throttle.signed_in(name, address, now)
             if row["collected_at"] is None:
                 self._mark_collected(name, now)
             return self._approved_outcome(name)
@@ -1464,6 +1707,8 @@ class Registry:
         retry_after = self.settings.retry_after_locked
         if decision is Decision.LIMITED:
             retry_after = _seconds_until(self._rate_window(address, now)[0] + MINUTE, now)
+        if decision is Decision.THROTTLED:
+            retry_after = self._throttle.wait(name, address, now) or 1
         raise refusal(
             decision,
             name,
@@ -1499,22 +1744,35 @@ class Registry:
             raise MalformedRequest(f"the CSR's Common Name {info.common_name!r} is not the username {username!r}")
         return info
 
-    def _matches(self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row) -> bool:
+    def _matches(
+        self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row, password_matches: bool
+    ) -> bool:
+        """REG-2.4-MATCH: the same method, rights and credential (a password verified outside the lock)."""
         if registration.method != row["method"] or registration.rights.dumps() != row["requested"]:
             return False
         if csr is not None:
             return hmac.compare_digest(csr.public_key_sha256, row["key_sha256"])
-        return self._passwords.check(registration.password or "", row["password_hash"])
+        return password_matches
 
     def _rate_window(self, address: str, now: int) -> collections.deque[int]:
         return _window(self._new_requests, address, now - MINUTE)
 
-    def _hash(self, password: str | None) -> str | None:
-        if password is None:
-            return None
-        stored = hash_password(password, self.settings.scrypt_n)
+    def _hash(self, password: str) -> str:
+        """A new password's hash; call outside the lock."""
+        with self._derivations:
+            stored = hash_password(password, self.settings.scrypt_n)
         self._passwords.remember(password, stored)
         return stored
+
+    def _verify(self, password: str, stored: str) -> bool:
+        """Whether ``password`` is the one behind ``stored``; call outside the lock, after the throttle."""
+        if self._passwords.remembered(password, stored):
+            return True
+        with self._derivations:
+            if not check_password(password, stored):
+                return False
+        self._passwords.remember(password, stored)
+        return True
 
     def _store_new(
         self, registration: Registration, csr: CsrInfo | None, password_hash: str | None, address: str, now: int
@@ -1569,6 +1827,8 @@ class Registry:
                 return None
             if seen.created_at <= self._cutoff(now):
                 return None
+            if seen.password and self._throttle.wait(seen.username, address, now) is not None:
+                return None  # the reference way answers 429 (REG-2.4-THROTTLE)
             self._count_poll(seen.username, address, now)
         return seen.outcome
 
@@ -1637,12 +1897,18 @@ class Registry:
             row, state = self._decidable(username, Event.APPROVE, now)
             if row["method"] == "csr" and self.ca is None:
                 raise PolicyViolation("this registry has no CA to sign the request's CSR")
+        # The certificate is signed outside the lock, and kept only if the
+        # request is still the pending one it was signed for.
+        certificate = None
+        if row["method"] == "csr":
+            certificate = self._issue(username, row["public_key"], row["key_sha256"], moment)
+        with self._lock:
+            again, state = self._decidable(username, Event.APPROVE, now)
+            if any(again[column] != row[column] for column in ("created_at", "key_sha256", "password_hash")):
+                return self.approve(username, body, actor=actor, address=address)  # another request took its place
             rights = row["requested"]  # a canonical text already
             if granted:
                 rights = dataclasses.replace(Rights.loads(rights), **granted).dumps()
-            certificate = None
-            if row["method"] == "csr":
-                certificate = self._issue(username, row["public_key"], row["key_sha256"], moment)
             user = {
                 "username": username,
                 "method": row["method"],
@@ -1668,8 +1934,13 @@ class Registry:
     def _issue(
         self, username: str, public_key: bytes, key_sha256: str, moment: datetime, renewed_from: str | None = None
     ) -> dict[str, Any]:
-        """A certificate for ``username`` and a verified key, as a row of the issued certificates."""
+        """A certificate for ``username`` and a verified key, as a row of issued certificates; outside the lock."""
         assert self.ca is not None
+        if moment >= self.ca.not_after:
+            raise CaExpired(
+                f"the registry's CA expired at {self.ca.not_after.isoformat()}: it issues no certificate"
+                " until the operator gives the registry a new CA"
+            )
         issued = self.ca.issue_client_certificate(public_key, username, moment)
         return {
             "serial": format(issued.serial, "x"),
@@ -1722,42 +1993,76 @@ class Registry:
                 # RFC 5280 section 5.3.1: the subject no longer needs the certificate.
                 revoked = self._store.revoke(username, now, "cessationOfOperation")
                 self._audit(now, actor, address, "remove user", username, {"revokedCertificates": revoked})
-                if revoked:
-                    self._sign_crl(now)
+        if revoked:
+            self._sign_crl()  # LIFE-7.5-CRL-FRESH
 
     # --- The certificate's life (SPEC section 7) --------------------------
 
     def renew(self, certificate_der: bytes | None, body: object, *, address: str = "") -> Outcome:
-        """A new certificate for the user whose current certificate is ``certificate_der`` (SPEC section 7).
+        """A new certificate for the user whose current certificate is ``certificate_der`` (LIFE-7.2-RENEW).
 
-        The same key renews, a new one re-keys; the rights stay. A renewal that
-        repeats the last one (the same certificate presented, the same key)
-        answers the certificate that renewal issued.
+        The same key renews, a new one re-keys; the rights stay. Only
+        ``CERTIFICATE_LIFE`` decides: the current certificate renews, the one
+        it replaced may only fetch it again, anything else is 401. The new
+        certificate is signed outside the lock, and kept only if the user's
+        current certificate is still the one the renewal was decided on.
         """
         now = self._now()
         with self._lock:
-            caller = self._valid_certificate(certificate_der, now)
-        username = caller["username"]
+            presented, _ = self._presented(certificate_der, now)
+        username = presented["username"]
         csr = self._read_csr(parse_renewal(body), username)
         if not key_accepted(csr):
             raise _policy([key_problem(csr)])
         moment = self.clock()
         now = _micros(moment)
         with self._lock:
-            caller = self._valid_certificate(certificate_der, now)  # the user may be gone meanwhile
-            user = self._store.user(username)
-            current = self._store.certificate_by_serial(user["serial"])
-            if current["renewed_from"] != caller["sha256"] or current["key_sha256"] != csr.public_key_sha256:
-                current = self._issue(username, csr.public_key, csr.public_key_sha256, moment, caller["sha256"])
-                details = {"serial": current["serial"], "from": caller["serial"]}
-                details["newKey"] = current["key_sha256"] != caller["key_sha256"]
+            presented, current = self._presented(certificate_der, now)
+            event = renewal_event(
+                csr.public_key_sha256,
+                presented["key_sha256"],
+                current["key_sha256"],
+                replaced_by_current=current["renewed_from"] == presented["sha256"],
+            )
+            answer = renewal(self._standing(presented, current, now), event)
+            self._throttle.signed_in(username, address, now)
+            rights = Rights.loads(self._store.user(username)["granted"]).to_json()
+        if answer is Renewal.ISSUE:
+            issued = self._issue(username, csr.public_key, csr.public_key_sha256, moment, presented["sha256"])
+            with self._lock:
+                latest = self._current_certificate(username)
+                if latest is None or latest["serial"] != current["serial"]:
+                    # Another renewal or a removal came first: decide again on what is stored now.
+                    return self.renew(certificate_der, body, address=address)
+                details = {"serial": issued["serial"], "from": presented["serial"], "newKey": event is LifeEvent.REKEY}
                 with self._writing():
-                    self._store.add_certificate(**current)
-                    self._store.set_current_certificate(username, current)
+                    self._store.add_certificate(**issued)
+                    self._store.set_current_certificate(username, issued)
                     self._audit(now, username, address, "renew", username, details)
-            rights = Rights.loads(user["granted"]).to_json()
+            current = issued
         body = {"status": "renewed", "username": username, **rights, **self._certificate_json(current)}
         return Outcome(HTTPStatus.CREATED, body)
+
+    def _presented(self, certificate_der: bytes | None, now: int) -> tuple[sqlite3.Row, sqlite3.Row]:
+        """The presented certificate, if a renewal may start from it, and its user's current one; else 401."""
+        presented = self._valid_certificate(certificate_der, now)
+        current = self._current_certificate(presented["username"])
+        standing = self._standing(presented, current, now)
+        if standing not in RENEWING:
+            renewal(standing, LifeEvent.RENEW)  # raises the 401 that says why
+        return presented, current
+
+    def _current_certificate(self, username: str) -> sqlite3.Row | None:
+        user = self._store.user(username)
+        return user and self._store.certificate_by_serial(user["serial"])
+
+    @staticmethod
+    def _standing(certificate: sqlite3.Row, current: sqlite3.Row | None, now: int) -> Standing:
+        return standing(
+            revoked=certificate["revoked_at"] is not None,
+            expired=certificate["not_after"] <= now,
+            current=current is not None and current["serial"] == certificate["serial"],
+        )
 
     def crl(self) -> bytes:
         """The current CRL, DER (SPEC section 7); ``NotFound`` for a registry without a CA."""
@@ -1768,28 +2073,41 @@ class Registry:
         return crl["der"]
 
     def refresh_crl(self) -> None:
-        """Sign a new CRL when the current one has less than half of its validity left; a timer calls this."""
-        if self.ca is None:
-            return
-        now = self._now()
-        with self._lock:
-            crl = self._store.crl()
-            if crl_due(crl and crl["next_update"], self.settings.crl_validity, now):
-                with self._writing(changes_requests=False):
-                    self._sign_crl(now)
+        """Sign a new CRL when the current one has less than half of its validity left, or misses a revocation.
 
-    def _sign_crl(self, now: int) -> None:
-        """A new CRL of the revoked certificates that have not expired; call within a transaction."""
+        A timer calls this, and so does the start: a revocation whose CRL was
+        not signed (the process was killed in between) is signed then.
+        """
+        if self.ca is not None:
+            self._sign_crl(only_when_due=True)
+
+    def _sign_crl(self, *, only_when_due: bool = False) -> None:
+        """A new CRL of the revoked certificates that have not expired, signed outside the registry's lock.
+
+        Signers take turns, so numbers grow; a revocation committed after this
+        one read the list signs a CRL of its own after it.
+        """
         assert self.ca is not None
-        crl = self._store.crl()
-        number = crl["number"] + 1 if crl else 1
-        next_update = now + self.settings.crl_validity // MICROSECOND
-        revoked = [
-            RevokedCertificate(int(row["serial"], 16), _datetime(row["revoked_at"]), row["reason"])
-            for row in self._store.revoked(now)
-        ]
-        der = self.ca.sign_crl(revoked, number, _datetime(now), _datetime(next_update))
-        self._store.set_crl(number, now, next_update, der)
+        with self._crl_lock:
+            now = self._now()
+            with self._lock:
+                crl = self._store.crl()
+                missed = crl is not None and self._store.revoked_after(crl["this_update"])
+                if (
+                    only_when_due
+                    and not missed
+                    and not crl_due(crl and crl["next_update"], self.settings.crl_validity, now)
+                ):
+                    return
+                revoked = [
+                    RevokedCertificate(int(row["serial"], 16), _datetime(row["revoked_at"]), row["reason"])
+                    for row in self._store.revoked(now)
+                ]
+            number = crl["number"] + 1 if crl else 1
+            next_update = now + self.settings.crl_validity // MICROSECOND
+            der = self.ca.sign_crl(revoked, number, _datetime(now), _datetime(next_update))
+            with self._lock, self._writing(changes_requests=False):
+                self._store.set_crl(number, now, next_update, der)
 
     def audit(self, limit: int = 100, before: int | None = None) -> dict[str, Any]:
         """The audit trail, newest first; ``next`` pages on."""
@@ -1821,32 +2139,29 @@ class Registry:
     def authenticate_password(self, username: str, password: str, client_address: str = "") -> Identity:
         """The user behind a username and password; ``Unauthorized`` otherwise.
 
-        Failures pause sign-ins for the username from the address that failed
-        (``max_auth_failures``), and from everywhere only at a higher count
-        (``max_auth_failures_per_username``), so that a stranger's guesses do
-        not lock the device itself out.
+        The throttle comes first (AUTH-5.2-THROTTLE): over its limit no
+        password is checked. The check itself runs outside the lock.
         """
         now = self._now()
-        window = self.settings.auth_failure_window // MICROSECOND
         with self._lock:
-            windows = [
-                (
-                    _window(self._auth_failures, (username, client_address), now - window),
-                    self.settings.max_auth_failures,
-                ),
-                (_window(self._auth_failures, username, now - window), self.settings.max_auth_failures_per_username),
-            ]
-            for failures, most in windows:
-                if len(failures) >= most:
-                    raise TooManyRequests(
-                        "too many failed sign-ins for this username: wait a minute",
-                        headers={"Retry-After": str(_seconds_until(failures[0] + window, now))},
-                    )
+            wait = self._throttle.wait(username, client_address, now)
+            if wait is not None:
+                raise TooManyRequests(
+                    "too many failed sign-ins for this username: wait, then try again",
+                    headers={"Retry-After": str(wait)},
+                )
             user = self._store.user(username)
-            if user is None or not user["password_hash"] or not self._passwords.check(password, user["password_hash"]):
-                for failures, _ in windows:
-                    failures.append(now)
+            if user is None or not user["password_hash"]:
                 raise Unauthorized("unknown username or wrong password", headers=dict(CHALLENGE))
+            self._throttle.fail(username, client_address, now)  # taken back when it matches
+        stored = user["password_hash"]
+        matches = self._verify(password, stored)
+        with self._lock:
+            user = self._store.user(username)  # it may be gone meanwhile
+            if not matches or user is None or user["password_hash"] != stored:
+                raise Unauthorized("unknown username or wrong password", headers=dict(CHALLENGE))
+            self._throttle.forgive(username, client_address, now)
+            self._throttle.signed_in(username, client_address, now)
         return Identity(username, Rights.loads(user["granted"]), "password")
 
     def authenticate_certificate(self, certificate_der: bytes) -> Identity:

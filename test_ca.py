@@ -219,7 +219,7 @@ def test_ca_validity_is_timezone_aware_utc(authority: ca.CA) -> None:
     certificate = authority.certificate
     assert certificate.not_valid_before_utc.tzinfo == UTC
     assert certificate.not_valid_before_utc == START - ca.CLOCK_SKEW
-    assert certificate.not_valid_after_utc == START + ca.CA_VALIDITY
+    assert certificate.not_valid_after_utc == START - ca.CLOCK_SKEW + ca.CA_VALIDITY
 
     # The same instant written in another zone gives the same validity.
     elsewhere = ca.CA.create(START.astimezone(timezone(timedelta(hours=-5)))).certificate
@@ -368,17 +368,17 @@ def test_validity_starts_before_now_for_clock_skew_and_lasts_a_year(authority: c
 
     assert timedelta(0) < START - certificate.not_valid_before_utc <= timedelta(minutes=10)
     assert certificate.not_valid_before_utc == START - ca.CLOCK_SKEW
-    assert certificate.not_valid_after_utc == START + timedelta(days=365)
+    assert certificate.not_valid_after_utc == START - ca.CLOCK_SKEW + timedelta(days=365)  # LIFE-7.1-TIMES: notBefore + validity
 
 
 def test_validity_lasts_cert_days(tmp_path: Path, authority: ca.CA) -> None:
     csr = make_csr("sensor-0003")
     monthly = ca.CA(authority.key, authority.certificate, cert_days=30)
-    assert load(issue(monthly, csr, "sensor-0003", START).pem).not_valid_after_utc == (START + timedelta(days=30))
+    assert load(issue(monthly, csr, "sensor-0003", START).pem).not_valid_after_utc == (START - ca.CLOCK_SKEW + timedelta(days=30))
 
     ca.CA.load_or_create(tmp_path, START)
     reloaded = ca.CA.load_or_create(tmp_path, START, cert_days=7)
-    assert load(issue(reloaded, csr, "sensor-0003", START).pem).not_valid_after_utc == (START + timedelta(days=7))
+    assert load(issue(reloaded, csr, "sensor-0003", START).pem).not_valid_after_utc == (START - ca.CLOCK_SKEW + timedelta(days=7))
 
 
 def test_validity_is_the_same_instant_whatever_the_zone_of_now(authority: ca.CA) -> None:
@@ -387,7 +387,7 @@ def test_validity_is_the_same_instant_whatever_the_zone_of_now(authority: ca.CA)
     certificate = load(issue(authority, make_csr("sensor-0003"), "sensor-0003", now).pem)
 
     assert certificate.not_valid_before_utc == START - ca.CLOCK_SKEW
-    assert certificate.not_valid_after_utc == START + timedelta(days=365)
+    assert certificate.not_valid_after_utc == START - ca.CLOCK_SKEW + timedelta(days=365)
 
 
 def test_client_certificate_ignores_what_the_csr_asked_for(authority: ca.CA, client_keys: dict[str, object]) -> None:
@@ -606,4 +606,4 @@ def test_registry_clock_drives_the_validity_of_issued_certificates(authority: ca
         reg.close()
 
     assert certificate.not_valid_before_utc == clock.now - ca.CLOCK_SKEW
-    assert certificate.not_valid_after_utc == clock.now + timedelta(days=365)
+    assert certificate.not_valid_after_utc == clock.now - ca.CLOCK_SKEW + timedelta(days=365)

@@ -58,6 +58,7 @@ class DerivedCA:
 
     def __init__(self, authority: ca.CA) -> None:
         self.certificate_pem = authority.certificate_pem
+        self.not_after = authority.not_after
         self.inspect_csr = authority.inspect_csr
         self.issued = 0
 

@@ -1230,6 +1230,7 @@ class FailingCA:
 
     def __init__(self, authority: ca.CA) -> None:
         self.certificate_pem = authority.certificate_pem
+        self.not_after = authority.not_after
         self.inspect_csr = authority.inspect_csr
 
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> registry.IssuedCertificate:
@@ -1460,7 +1461,7 @@ def test_every_answer_that_carries_a_certificate_says_when_it_ends_and_when_to_r
     not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
 
     assert not_before == START - timedelta(minutes=5)  # clock skew
-    assert not_after == START + timedelta(days=365)
+    assert not_after == not_before + timedelta(days=365)  # LIFE-7.1-TIMES
     assert datetime.fromisoformat(admitted.body["notAfter"]) == not_after
     assert datetime.fromisoformat(admitted.body["renewAfter"]) == not_before + (not_after - not_before) * 2 / 3
     [user] = open_reg.users()
@@ -1502,7 +1503,7 @@ def test_a_renewal_with_the_same_key_issues_a_new_current_certificate_and_the_ol
     )
     new = assert_issued_from(request["csr"], body["certificate"], authority)
     assert new.serial_number != x509.load_pem_x509_certificate(admitted.body["certificate"].encode()).serial_number
-    assert new.not_valid_after_utc == clock.now + timedelta(days=365)
+    assert new.not_valid_after_utc == new.not_valid_before_utc + timedelta(days=365)
     assert body["caCertificate"] == authority.certificate_pem
     # Renewal is not revocation: both certificates authenticate, each until its own notAfter.
     for pem in (admitted.body["certificate"], body["certificate"]):
