@@ -139,6 +139,19 @@ class CA:
         write_private(key_path, _key_pem(ca.key))
         return ca
 
+    def validity_warning(self, now: datetime) -> str | None:
+        """What the start says of a CA that has expired, or has less than one certificate validity left."""
+        ends = self.not_after.isoformat()
+        if now >= self.not_after:
+            return f"the registry's CA expired at {ends}: it issues no certificate until it has a new CA"
+        left = self.not_after - now
+        if left < self.validity:
+            return (
+                f"the registry's CA ends in {left.days} days, at {ends}: the certificates it issues end with it;"
+                " plan its replacement"
+            )
+        return None
+
     def inspect_csr(self, pem: str) -> CsrInfo:
         """Read a CSR and verify its signature; ``ValueError`` saying what is wrong.
 

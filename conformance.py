@@ -116,6 +116,7 @@ REQUIREMENTS: dict[str, tuple[str, str, str]] = {
     "REG-2.4-USER": ("MUST", "2", "for an existing user: 201 again when it matches, else 409 username_taken"),
     "REG-2.4-REDELIVER": ("MUST", "2", "that 201 carries the certificate issued at approval"),
     "REG-2.4-PENDING": ("MUST", "2", "for a pending request: 202 when it matches, else 409 duplicate_request"),
+    "REG-2.4-THROTTLE": ("MUST", "2", "a wrong password for a stored one is a failed sign-in; over the limit: 429"),
     "REG-2.4-DENIED": ("MUST", "2", "for a denied request: 403 denied with the reason when it matches, else 409"),
     "REG-2.4-LOCKED": ("MUST", "2", "a new request while locked is 423, and nothing is stored"),
     "REG-2.4-FULL": ("MUST", "2", "a new request while the pending requests are at their cap is 503"),
@@ -142,6 +143,8 @@ REQUIREMENTS: dict[str, tuple[str, str, str]] = {
     "CERT-5.1-CA-PUBLIC": ("MUST", "5", "GET /api/client-registry/ca returns the CA certificate, no authentication"),
     "AUTH-5.2-WHOAMI": ("MUST", "5", "whoami answers a registered client by Basic or by its certificate; else 401"),
     "AUTH-5.2-THROTTLE": ("MUST", "5", "after 5 failed sign-ins a minute for one username and address: 429"),
+    "AUTH-5.2-KNOWN-ADDRESS": ("MUST", "5", "an address signed in from lately is spared the all-addresses limit"),
+    "AUTH-5.2-BOUNDED": ("MUST", "5", "the throttle's memory is bounded and each attempt costs O(1)"),
     "CERT-5.3-SUBJECT": ("MUST", "5", "an issued certificate has subject CN = username and nothing else asked for"),
     "CERT-5.3-VERIFIED-KEY": ("MUST", "5", "the certificate is for the key of the verified CSR"),
     "CERT-5.3-BASIC-CONSTRAINTS": ("MUST", "5", "BasicConstraints CA false, critical"),
@@ -155,11 +158,13 @@ REQUIREMENTS: dict[str, tuple[str, str, str]] = {
     "SAFE-6.3-PASSWORDS": ("MUST", "6", "no password is stored, logged or answered in plain text"),
     "SAFE-6.4-FILES": ("MUST", "6", "the keys and the token are 0600 in a 0700 folder"),
     "TLS-6.5-HTTPS": ("MUST", "6", "the server speaks HTTPS by default"),
+    "SAFE-6.6-SLOW-WORK": ("MUST", "6", "no key derivation or signature runs under the registry's lock"),
     "LIFE-7.1-TIMES": ("MUST", "7", "an answer with a certificate carries notAfter and renewAfter (2/3 through)"),
     "LIFE-7.2-RENEW": ("MUST", "7", "renewal over mutual TLS: 201 renewed; 400, 401, 422 as for registration"),
     "LIFE-7.3-REVOKE": ("MUST", "7", "deleting a user revokes its certificates: they authenticate nothing"),
     "LIFE-7.4-CRL": ("MUST", "7", "a signed v2 CRL in DER and PEM, listing each revoked certificate"),
     "LIFE-7.5-CRL-FRESH": ("MUST", "7", "a new CRL on every revocation and before the current one expires"),
+    "LIFE-7.6-CA-EXPIRY": ("MUST", "7", "no certificate outlives the CA; an expired CA issues nothing (503)"),
     "HTTP-8.1-STATUSES": ("MUST", "8", "404, 405, 501, 411, 414, 431, 505 and 500 as HTTP wants"),
     "HTTP-8.2-HEADERS": ("MUST", "8", "request lines and headers follow RFC 9112"),
     "HTTP-8.3-CONNECTION": ("SHOULD", "8", "an over-long body is drained; a closing connection lingers"),
@@ -184,6 +189,10 @@ NOT_CHECKED: dict[str, str] = {
     "STORE-6.2-FULL-DISK": "no: needs a full disk",
     "SAFE-6.4-FILES": "no: file modes on the server's disk",
     "TLS-6.5-HTTPS": "no: a default of the server's command line; the kit uses the URL it is given",
+    "AUTH-5.2-KNOWN-ADDRESS": "no: needs sign-ins from many client addresses; test_trust.py",
+    "AUTH-5.2-BOUNDED": "no: memory inside the implementation; test_trust.py",
+    "SAFE-6.6-SLOW-WORK": "no: a lock inside the implementation; test_trust.py, and bench.py's admin-under-guesses",
+    "LIFE-7.6-CA-EXPIRY": "no: needs a CA at its end; test_trust.py",
     "HTTP-8.1-STATUSES": "no: HTTP framing (section 8), tested by test_http_parsing.py and test_hardening.py",
     "HTTP-8.2-HEADERS": "no: HTTP framing (section 8), tested by test_http_parsing.py",
     "HTTP-8.3-CONNECTION": "no: HTTP framing (section 8), tested by test_hardening.py",
@@ -1814,6 +1823,26 @@ def check_throttle(kit: Kit) -> None:
     kit.require(value.isdigit(), "AUTH-5.2-THROTTLE", "the 429 carries Retry-After", exchange)
 
 
+@check("2", "REG-2.4-THROTTLE", "AUTH-5.2-THROTTLE", needs=["admin"])
+def check_register_throttle(kit: Kit) -> None:
+    """Wrong passwords repeating a stored request are failed sign-ins: five 409s, then 429 even for the right one."""
+    username, password = kit.name("register-throttle"), f"pw-{secrets.token_hex(8)}"
+    kit.open()
+    kit.pending({"username": username, "password": password}, "REG-2.4-STORE", "a new request is stored")
+    wrong = {"username": username, "password": "pw-wrong-one"}
+    for attempt in range(1, 6):
+        exchange = kit.register(wrong)
+        kit.expect(exchange, 409, "REG-2.4-THROTTLE", f"a wrong password for the pending request ({attempt} of 5): 409")
+    for body, why in [
+        (wrong, "a sixth wrong password"),
+        ({"username": username, "password": password}, "the right one"),
+    ]:
+        exchange = kit.register(body)
+        kit.expect(exchange, 429, "REG-2.4-THROTTLE", f"{why}, within the minute: 429, and no password is checked")
+        value = exchange.answer_headers.get("retry-after", "")
+        kit.require(value.isdigit(), "REG-2.4-THROTTLE", "the 429 carries Retry-After", exchange)
+
+
 # =============================================================================
 # Section 7: the certificate's life
 # =============================================================================
@@ -1908,6 +1937,27 @@ def check_rekey(kit: Kit) -> None:
         "LIFE-7.2-RENEW",
         "a CSR for the key the user no longer holds: 409 username_taken",
         code="username_taken",
+    )
+
+
+@check("7", "LIFE-7.2-RENEW", needs=["admin", "ca", "tls"])
+def check_superseded(kit: Kit) -> None:
+    """A certificate a renewal replaced renews nothing; it may only fetch the current certificate again."""
+    username, key, answer = kit.certified("superseded")
+    replaced = (username, answer["certificate"], key)
+    new_key = generate_key()
+    exchange = kit.call("POST", RENEW, {"csr": make_csr(username, new_key)}, identity=replaced)
+    current = _renewed(kit, exchange, username, new_key, answer)
+    for csr_key, why in [(generate_key(), "a key of its own"), (key, "its own key")]:
+        exchange = kit.call("POST", RENEW, {"csr": make_csr(username, csr_key)}, identity=replaced)
+        kit.expect(exchange, 401, "LIFE-7.2-RENEW", f"a renewal from the replaced certificate with {why}: 401")
+    exchange = kit.call("POST", RENEW, {"csr": make_csr(username, new_key)}, identity=replaced)
+    again = _renewed(kit, exchange, username, new_key, answer)
+    kit.require(
+        again["certificate"] == current["certificate"],
+        "LIFE-7.2-RENEW",
+        "the replaced certificate repeating its renewal (the current key) gets the current certificate",
+        exchange,
     )
 
 

@@ -1458,7 +1458,8 @@ class SignInThrottle:
     """Failed sign-ins of a username, per client address and from all addresses together (AUTH-5.2-THROTTLE).
 
     A failure is a password that does not match the one stored for the
-    username (by ``whoami`` or by a registration). An address the username
+    username (by ``whoami`` or by a registration), or any password for a
+    username without one (so that the throttle tells no username apart). An address the username
     signed in from lately is *known* and spared the all-addresses limit,
     so that a stranger's guesses cannot lock the device out
     (AUTH-5.2-KNOWN-ADDRESS, the address form of a device cookie).
@@ -1479,6 +1480,10 @@ class SignInThrottle:
         self._failures: collections.OrderedDict[object, collections.deque[int]] = collections.OrderedDict()
         self._known: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
 
+    def __len__(self) -> int:
+        """How many failure windows are kept."""
+        return len(self._failures)
+
     def wait(self, username: str, address: str, now: int) -> int | None:
         """Whole seconds until ``username`` may try again from ``address``; None when it may now."""
         self._forget_stale(now)
@@ -1487,16 +1492,18 @@ class SignInThrottle:
             limits.append((username, self.per_username))
         for key, most in limits:
             failures = self._failures.get(key)
-            # Each window keeps its last ``most`` failures: the limit is
-            # reached while the oldest of them is within the window.
+            # The limit is reached while the ``most``-th last failure is
+            # within the window (older ones are dropped at the next failure).
             if failures is not None and len(failures) >= most and failures[-most] > now - self.window:
                 return _seconds_until(failures[-most] + self.window, now)
         return None
 
     def fail(self, username: str, address: str, now: int) -> None:
         """Count a failed sign-in (or one whose check is under way: ``forgive`` takes it back)."""
-        for key, most in (((username, address), self.per_address), (username, self.per_username)):
-            failures = self._failures.setdefault(key, collections.deque(maxlen=most))
+        for key in ((username, address), username):
+            failures = self._failures.setdefault(key, collections.deque())
+            while failures and failures[0] <= now - self.window:
+                failures.popleft()
             failures.append(now)
             self._failures.move_to_end(key)
         while len(self._failures) > self.capacity:
@@ -2151,9 +2158,9 @@ class Registry:
                     headers={"Retry-After": str(wait)},
                 )
             user = self._store.user(username)
+            self._throttle.fail(username, client_address, now)  # taken back when it matches
             if user is None or not user["password_hash"]:
                 raise Unauthorized("unknown username or wrong password", headers=dict(CHALLENGE))
-            self._throttle.fail(username, client_address, now)  # taken back when it matches
         stored = user["password_hash"]
         matches = self._verify(password, stored)
         with self._lock:

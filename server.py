@@ -1015,6 +1015,8 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)
     authority = ca_module.CA.load_or_create(data, clock(), cert_days=config.cert_days)
+    if warning := authority.validity_warning(clock()):
+        log.warning("%s", warning)  # LIFE-7.6-CA-EXPIRY
     settings = registry.Settings(
         # --test-clients: short windows, so that clients meet the lock again.
         unlock_duration=min(timedelta(minutes=config.unlock_minutes), TEST_UNLOCK)
@@ -1242,6 +1244,8 @@ def main(argv: list[str] | None = None) -> None:
         server = build(config)
     except (OSError, ValueError) as error:
         sys.exit(f"server.py: cannot start: {error}")
+    # Before anything is printed: a supervisor that read the first line may stop it at once.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"Client registry at {server.url}/api/client-registry (data in {config.data_dir})", flush=True)
     # The token is shown once, when it is made; a terminal's scrollback or a
     # service's journal should not collect a copy at every start.
@@ -1252,7 +1256,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         unused = f"; the one kept in {kept} is not used" if kept.exists() else ""
         print(f"The administrator token is the one given in {config.token_source}{unused}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -139,8 +139,8 @@ def lock_keeps_polls_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """Polls of a pending request are 423 while locked (the fast path's remembered polls too)."""
     decide = registry.Registry._decide
 
-    def locked_polls(self: registry.Registry, registration: Any, csr: Any, address: str, now: int) -> tuple:
-        decision, row = decide(self, registration, csr, address, now)
+    def locked_polls(self: registry.Registry, registration: Any, csr: Any, address: str, now: int, **check) -> tuple:
+        decision, row = decide(self, registration, csr, address, now, **check)
         if decision is Decision.POLL and not self._store.lock_window().is_open(now):
             return Decision.LOCKED, None
         return decision, row
@@ -169,8 +169,8 @@ def key_policy_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
 def context_matched(monkeypatch: pytest.MonkeyPatch) -> None:
     """The context takes part in matching a poll."""
     matches = registry.Registry._matches
-    monkeypatch.setattr(registry.Registry, "_matches", lambda self, registration, csr, row: matches(
-        self, registration, csr, row) and registration.context == row["context"])  # fmt: skip
+    monkeypatch.setattr(registry.Registry, "_matches", lambda self, registration, csr, row, password: matches(
+        self, registration, csr, row, password) and registration.context == row["context"])  # fmt: skip
 
 
 def changed_request_polls(monkeypatch: pytest.MonkeyPatch) -> None:
