@@ -181,11 +181,23 @@ def run_example(source: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> N
     exec(compile(source, str(README), "exec"), {"__name__": "__main__"})
 
 
-def test_the_complete_embedding_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_complete_embedding_example_runs_again_and_keeps_its_secrets_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 26 item 7: a second run in the same folder works too; the database of password hashes is 0600."""
     complete, _ = embedding_examples()
-    run_example(complete, tmp_path, monkeypatch)
+    umask = os.umask(0o022)  # a usual umask, whatever the test runner's
+    try:
+        for _ in range(2):
+            run_example(complete, tmp_path, monkeypatch)
+            printed = capsys.readouterr().out.splitlines()
+            assert printed[0].startswith("202 {'Retry-After': '5'} {'status': 'pending'")
+            assert printed[1].startswith("201 Identity(") and printed[2].startswith("409 username_taken ")
+    finally:
+        os.umask(umask)
+    for name in ("registry.db", "registry.db-wal", "registry.db-shm", "ca.key"):
+        assert not (tmp_path / name).exists() or os.stat(tmp_path / name).st_mode & 0o077 == 0, name
     assert (tmp_path / "registry.db").exists()
-    assert os.stat(tmp_path / "ca.key").st_mode & 0o077 == 0
 
 
 def test_the_rules_layer_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
