@@ -203,3 +203,25 @@ def test_the_complete_embedding_example_runs_again_and_keeps_its_secrets_private
 def test_the_rules_layer_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, rules = embedding_examples()
     run_example(rules, tmp_path, monkeypatch)
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of the ```sh blocks of ``text``, each on one line (continuations joined), comments dropped."""
+    joined = "\n".join(fenced(text, "sh")).replace("\\\n", " ")
+    return [line.split("  # ", 1)[0] for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_a_curl_whose_answer_goes_to_a_pipe_or_a_file_is_silent() -> None:
+    """Issue 26 item 9: without -s, curl draws its progress meter over the terminal when its output goes elsewhere."""
+    curls = [command for command in shell_commands(README.read_text()) if command.startswith("curl ")]
+    redirected = [command for command in curls if re.search(r"\s(\||>)\s", command)]
+    assert len(redirected) >= 2, "the README's curl examples changed: update this test with them"
+    assert [command for command in redirected if not re.search(r"\s-s(S)?\s", command)] == []
+
+
+def test_a_curl_that_prints_json_ends_it_with_a_new_line() -> None:
+    """Issue 26 item 9: the server's JSON has no final new line, and the prompt would stick to it."""
+    curls = [command for command in shell_commands(README.read_text()) if command.startswith("curl ")]
+    printing = [command for command in curls if not re.search(r"\s(\||>)\s", command)]
+    assert len(printing) >= 9, "the README's curl examples changed: update this test with them"
+    assert [command for command in printing if "-w '\\n'" not in command] == []

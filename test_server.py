@@ -1601,6 +1601,13 @@ def readme_workflow(title: str = README_WORKFLOWS[0]) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
 
 
+def output_shape(line: str) -> str:
+    """A line printed, or shown in a README comment, without what changes from run to run: times, ids, serials."""
+    line = re.sub(r"[0-9A-Fa-f:.]*[0-9][0-9A-Fa-f:.]*", "#", line)  # numbers, times, hex (abridged with ... or not)
+    line = re.sub(r"\b[0-9a-f]{6,}\b", "#", line)  # a pairing id or serial that happens to hold no digit
+    return " ".join(line.split())
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -1669,7 +1676,8 @@ def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
     script = ["set -e -o pipefail", f"export REGISTRY_URL=https://localhost:{port}"]  # client.py's --server
     for number, block in enumerate(blocks):
         script += [
-            f"printf '\\n@@ block {number}\\n'",
+            # No new line before the mark: an answer that does not end with one shows.
+            f"printf '@@ block {number}\\n'; printf '@@ block {number}\\n' >&2",
             # The README's scratch folder, $work, is this test's, to read what the commands wrote.
             block.replace(":8443", f":{port}")
             .replace("registry-data", str(data))
@@ -1695,8 +1703,16 @@ def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
     # The token is printed once at start, and is the one kept in the data folder.
     token = (data / "admin-token").read_text().strip()
     assert printed.count(token) == 1 and printed.count("Administrator token:") == 1
-    outputs = re.split(r"\n@@ block \d+\n", run.stdout)[1:]
+    outputs = re.split(r"@@ block \d+\n", run.stdout)[1:]
     assert outputs[0].strip() == ""
+    # Issue 26 item 9: the prompt never sticks to an answer.
+    assert [number for number, output in enumerate(outputs) if output and not output.endswith("\n")] == []
+    # What client.py and openssl print is in the README, line for line, but for what changes from run to run.
+    errors = re.split(r"@@ block \d+\n", run.stderr)[1:]
+    for number in (8, 9, 10):
+        printed = (outputs[number] + errors[number]).replace(str(work), "$work").splitlines()
+        shown = {output_shape(line) for line in re.findall(r"(?:^|  )# (.*)$", blocks[number], re.MULTILINE)}
+        assert {output_shape(line) for line in printed} <= shown, f"block {number}: the README leaves out lines"
 
     status, headers, body = curl_answer(outputs[1])
     assert status.startswith("HTTP/1.1 423") and headers["retry-after"] == "30" and body["error"] == "locked"
