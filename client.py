@@ -14,7 +14,7 @@ does exactly that:
 
    - 201: approved. The certificate is checked against the client's key and
      the CA that sent it, and ``cert.pem``, ``ca.pem`` and ``granted.json``
-     are written.
+     are written (and ``key.pem``, for a key kept elsewhere until then).
    - 202 (pending), 423 (locked), 429 and 503 (busy), a 5xx, or no answer
      at all (the server is down or restarting): wait and send it again.
      The wait honours ``Retry-After`` (capped, with jitter so that many
@@ -655,10 +655,10 @@ def register(
     on first contact) or a ``Server``. With ``out``, a folder, the answer is
     written there: ``granted.json`` and, for a key, ``cert.pem`` and
     ``ca.pem``, and ``key.pem`` unless it holds the key already (so that
-    ``renew`` finds the pair). ``timeout`` bounds the whole wait in seconds (None waits
-    for ever); ``max_interval`` caps the waits of the client's own choosing
-    (a server's Retry-After is honoured whatever it says); ``report``
-    receives a sentence at every change of state.
+    ``renew`` finds the pair). ``timeout`` bounds the whole wait in seconds
+    (None waits for ever); ``max_interval`` caps the waits of the client's
+    own choosing (a server's Retry-After is honoured whatever it says);
+    ``report`` receives a sentence at every change of state.
 
     Raises ``Denied`` (403), ``Conflict`` (409), ``Rejected`` (400, 413,
     422), ``Refused`` (any other error), ``TimedOut``, ``TrustFailure``; all
