@@ -14,7 +14,7 @@ does exactly that:
 
    - 201: approved. The certificate is checked against the client's key and
      the CA that sent it, and ``cert.pem``, ``ca.pem`` and ``granted.json``
-     are written.
+     are written (and ``key.pem``, for a key kept elsewhere until then).
    - 202 (pending), 423 (locked), 429 and 503 (busy), a 5xx, or no answer
      at all (the server is down or restarting): wait and send it again.
      The wait honours ``Retry-After`` (capped, with jitter so that many
@@ -35,9 +35,11 @@ itself, over mutual TLS with the certificate it renews:
 - ``keep`` is the long-running agent: it registers when the folder holds no
   certificate, sleeps until the certificate's renewAfter (two thirds of its
   validity, plus jitter), renews, and does that for ever. While the server
-  cannot be reached it retries with a capped exponential back-off; a 401
-  (the certificate was revoked: its user was removed) or an expired
-  certificate ends it with its own exit code, ``Exit.REVOKED``.
+  cannot be reached it retries with a capped exponential back-off. At start
+  and at each hourly wake-up it asks ``whoami`` over mutual TLS whether its
+  certificate still authenticates: a 401 (the certificate was revoked: its
+  user was removed) or an expired certificate ends it with its own exit
+  code, ``Exit.REVOKED``, the moment it is seen, not at the renewal.
 - A new key must never be on disk without its certificate: ``key.pem`` and
   ``cert.pem`` are links into a folder that holds one matching pair, and a
   renewal writes a new folder and swaps one link (``_install_pair``).
@@ -112,6 +114,7 @@ API = "/api"
 REGISTER = f"{API}/client-registry/register"
 CA_PATH = f"{API}/client-registry/ca"
 RENEW = f"{API}/client-registry/renew"
+WHOAMI = f"{API}/auth/whoami"
 DEFAULT_SERVER = "https://localhost:8443"
 REQUEST_TIMEOUT = 10.0  # seconds one call may take
 MAX_INTERVAL = 60.0  # the longest wait of the client's own choosing; a server's Retry-After is always honoured
@@ -197,13 +200,17 @@ class UsageError(ClientError):
 
 
 class Interrupted(ClientError):
-    """Ctrl-C."""
+    """Ctrl-C; ``resumes`` says what the same command does when run again, if it goes on from here."""
 
     exit_code = Exit.INTERRUPTED
     code = "interrupted"
 
-    def __init__(self) -> None:
-        super().__init__("interrupted (a registration resumes when the same command runs again)")
+    def __init__(self, resumes: str = "") -> None:
+        super().__init__("interrupted" + (f" ({resumes} when the same command runs again)" if resumes else ""))
+
+
+# What each command does when run again after Ctrl-C; a command not named here starts afresh.
+RESUMES = {"register": "a registration resumes", "keep": "keeping the certificate resumes"}
 
 
 class TimedOut(ClientError):
@@ -647,10 +654,11 @@ def register(
     is sent, the key never is). ``server`` is a URL (its CA is then pinned
     on first contact) or a ``Server``. With ``out``, a folder, the answer is
     written there: ``granted.json`` and, for a key, ``cert.pem`` and
-    ``ca.pem``. ``timeout`` bounds the whole wait in seconds (None waits
-    for ever); ``max_interval`` caps the waits of the client's own choosing
-    (a server's Retry-After is honoured whatever it says); ``report``
-    receives a sentence at every change of state.
+    ``ca.pem``, and ``key.pem`` unless it holds the key already (so that
+    ``renew`` finds the pair). ``timeout`` bounds the whole wait in seconds
+    (None waits for ever); ``max_interval`` caps the waits of the client's
+    own choosing (a server's Retry-After is honoured whatever it says);
+    ``report`` receives a sentence at every change of state.
 
     Raises ``Denied`` (403), ``Conflict`` (409), ``Rejected`` (400, 413,
     422), ``Refused`` (any other error), ``TimedOut``, ``TrustFailure``; all
@@ -663,7 +671,25 @@ def register(
     )
     answer = _poll(server, body, timeout, max_interval, report)
     registered = _accept(answer, key)
-    return _save(registered, Path(out)) if out is not None else registered
+    if out is None:
+        return registered
+    return _save(registered, Path(out), _key_to_pair(key, Path(out)) if registered.certificate_pem else None)
+
+
+def _key_to_pair(key: PrivateKey | None, out: Path) -> bytes | None:
+    """The key's PEM, to write beside its certificate; None when ``out/key.pem`` holds it already.
+
+    ``renew`` and ``keep`` read the pair in ``out``: a key given from
+    elsewhere is copied there (0600), with its certificate, in one step.
+    """
+    if key is None:
+        return None
+    try:
+        if _load_private_key(out / "key.pem").public_key() == key.public_key():
+            return None
+    except (OSError, ClientError):
+        pass  # no key there, or not this one: the pair is written whole
+    return _private_pem(key)
 
 
 class _StateReporter:
@@ -871,8 +897,10 @@ def _link_pair_names(out: Path) -> None:
     """
     if all(os.path.islink(out / name) and os.readlink(out / name) == f"{PAIR_LINK}/{name}" for name in PAIR_FILES):
         return
-    key_pem, certificate_pem = ((out / name).read_bytes() for name in PAIR_FILES)
-    _replace_link(out / PAIR_LINK, _pair_folder(out, key_pem, certificate_pem))
+    if all((out / name).exists() for name in PAIR_FILES):
+        key_pem, certificate_pem = ((out / name).read_bytes() for name in PAIR_FILES)
+        _replace_link(out / PAIR_LINK, _pair_folder(out, key_pem, certificate_pem))
+    # Else there is no pair to keep reading (a registration with a key kept elsewhere): the first one comes next.
     for name in PAIR_FILES:
         _replace_link(out / name, f"{PAIR_LINK}/{name}")
     _sync_folder(out)
@@ -979,8 +1007,10 @@ def keep(
     random part of the time left, so that devices registered together do not
     renew together; renews (with a new key each time when ``new_key``);
     retries with a capped exponential back-off while the server cannot be
-    reached or is busy. ``now`` and ``sleep`` are the clock and the sleep, so
-    that a test can drive the time.
+    reached or is busy. At start and at each wake-up of its sleep (hourly
+    naps) it checks that the registry still accepts the certificate
+    (``check_standing``). ``now`` and ``sleep`` are the clock and the sleep,
+    so that a test can drive the time.
 
     Never returns. Raises ``Revoked`` (401: the certificate was revoked, its
     user removed) or ``Expired``, whose exit code is ``Exit.REVOKED``; or
@@ -1003,6 +1033,7 @@ def keep(
     earliest = None  # no renewal yet
     while True:
         certificate = _load_certificate(out / "cert.pem")
+        check_standing(server, out, now)
         wake = _renewal_moment(certificate)
         if earliest is not None and wake < earliest:
             # The registry's clock is far behind ours: renewing at once would
@@ -1010,7 +1041,7 @@ def keep(
             wake = earliest
         report(f"the certificate of {holder} is valid until {_expiry(certificate)} UTC; "
                f"renewing at {_utc(wake)} UTC")  # fmt: skip
-        _sleep_until(wake, now, sleep)
+        _sleep_until(wake, now, sleep, awake=lambda: check_standing(server, out, now))
         renewed = _renew_patiently(server, out, key_type if new_key else None, now, sleep, report)
         report(f"renewed {renewed.username}" + (" with a new key" if new_key else ""))
         earliest = now() + timedelta(seconds=RENEW_GAP)
@@ -1052,12 +1083,36 @@ def _renewal_moment(certificate: x509.Certificate) -> datetime:
     return start + (certificate.not_valid_after_utc - start) * random.uniform(0, RENEW_SPREAD)
 
 
-def _sleep_until(moment: datetime, now: Clock, sleep: Sleep) -> None:
+def _sleep_until(moment: datetime, now: Clock, sleep: Sleep, awake: Callable[[], None] = lambda: None) -> None:
     # time.sleep counts on the monotonic clock, which stops while the machine
     # is suspended: naps of at most an hour, each reading the clock again,
-    # keep a suspended device from sleeping past its renewal.
+    # keep a suspended device from sleeping past its renewal. ``awake`` runs
+    # after each nap but the last.
     while (left := (moment - now()).total_seconds()) > 0:
         sleep(min(left, LONGEST_NAP))
+        if moment > now():
+            awake()
+
+
+def check_standing(server: Server, out: str | os.PathLike[str], now: Clock = lambda: datetime.now(UTC)) -> None:
+    """Raise ``Revoked`` when the registry no longer accepts the certificate in ``out``, ``Expired`` when it expired.
+
+    The registry says so at ``whoami`` over mutual TLS (SPEC LIFE-7.3: a
+    revoked certificate authenticates nothing). An answer that is no
+    answer (the server unreachable, busy or failing) proves nothing, and is
+    left to the next check or the renewal.
+    """
+    out = Path(out)
+    certificate = _load_certificate(out / "cert.pem")
+    if now() >= certificate.not_valid_after_utc:
+        username = _common_name(certificate)
+        raise Expired(f"the certificate of {username} in {out / 'cert.pem'} expired at {_expiry(certificate)} UTC")
+    try:
+        reply = server.presenting(out / "cert.pem", out / "key.pem").call("GET", WHOAMI)
+    except Unreachable:
+        return
+    if reply.status == HTTPStatus.UNAUTHORIZED:
+        raise Revoked(reply.status, _error_body(reply), reply.headers)
 
 
 def _load_certificate(path: Path) -> x509.Certificate:
@@ -1110,7 +1165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         return _report_failure(ClientError(str(error)), as_json=_wants_json(args, argv))
     except KeyboardInterrupt:
-        return _report_failure(Interrupted(), as_json=_wants_json(args, argv))
+        resumes = RESUMES.get(getattr(args, "command", ""), "")
+        return _report_failure(Interrupted(resumes), as_json=_wants_json(args, argv))
 
 
 def _wants_json(
@@ -1218,7 +1274,12 @@ def _register_parser(parser: argparse.ArgumentParser) -> None:
     add("--key-type", choices=KEY_TYPES, default="ec", help="the kind of key --generate-key makes (default ec)")
     _rights_arguments(parser, "ask for")
     add("--context", help="free text for the administrator: what this client is, where it runs")
-    add("--out", type=Path, required=True, metavar="DIR", help="where to write cert.pem, ca.pem and granted.json")
+    add(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where to write granted.json and, with a key, cert.pem, key.pem and ca.pem (needed with a key)",
+    )
     add("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: wait for ever)")
     add(
         "--max-interval",
@@ -1254,6 +1315,8 @@ def _permission_argument(text: str) -> dict[str, str]:
 
 
 def _run_register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.out is None and (args.generate_key or args.key):
+        parser.error("--out is needed with a key: the folder where cert.pem and key.pem go, for renew and keep")
     server = _server(args, parser)
     key, key_path = _key(args)
     try:
@@ -1275,7 +1338,10 @@ def _run_register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         raise
     files = [registered.certificate_path, registered.ca_path, registered.granted_path]
     print(f"registered {registered.username}: {_rights(registered.roles, registered.permissions)}")
-    print("wrote " + ", ".join(str(path) for path in files if path) + (f"; the key is {key_path}" if key_path else ""))
+    if any(files):
+        key = f"; the key is {key_path}" if key_path else ""
+        copied = f", copied to {registered.key_path} for renew and keep" if registered.key_path else ""
+        print("wrote " + ", ".join(str(path) for path in files if path) + key + copied)
     return Exit.OK
 
 
@@ -1291,7 +1357,8 @@ KEEP_DESCRIPTION = (
     "Keep a current certificate in --out: register with OUT/key.pem when there is no certificate yet "
     "(--username and the rights to ask for are needed then), sleep until its renewAfter, renew, and so on. "
     "It waits through an unreachable or busy registry, and ends with exit code 8 (revoked) when the "
-    "certificate is revoked (its user was removed) or has expired."
+    "certificate is revoked (its user was removed) or has expired: it asks the registry (whoami over mutual "
+    "TLS) at start and at each hourly wake-up."
 )
 TRUST_DEFAULT = "The server is checked against OUT/ca.pem unless --ca-file, --insecure or --ca-fingerprint is given."
 
@@ -1518,8 +1585,13 @@ def _admin_parsers(parser: argparse.ArgumentParser, parents: list[argparse.Argum
                 help=f"how long it stays open, at most {MAX_UNLOCK_MINUTES} (default: the server's, 5)",
             )
         if name == "approve":
-            _rights_arguments(action, "grant instead of what was requested")
-            action.add_argument("--grant-nothing", action="store_true", help="grant no roles and no permissions at all")
+            _rights_arguments(action, "grant in place of those requested")
+            action.add_argument("--no-roles", action="store_true", help="grant no roles (not given: as requested)")
+            action.add_argument(
+                "--no-permissions", action="store_true", help="grant no permissions (not given: as requested)"
+            )
+            action.add_argument("--grant-nothing", action="store_true", help="--no-roles and --no-permissions")
+            action.epilog = "Roles, and permissions, that no option names are granted as the client requested them."
         if name == "deny":
             action.add_argument("--reason", help="why, for the client to read")
         action.set_defaults(run=_run_admin, parser=action)
@@ -1532,14 +1604,24 @@ def _admin_body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
         if not 0 < args.minutes <= MAX_UNLOCK_MINUTES:
             parser.error(f"--minutes must be more than 0 and at most {MAX_UNLOCK_MINUTES} minutes (a day)")
         return {"duration": max(1, round(args.minutes * 60_000))}
-    if args.action == "approve" and (args.roles or args.permissions or args.grant_nothing):
-        if args.grant_nothing and (args.roles or args.permissions):
-            parser.error("--grant-nothing takes no --role or --permission")
-        # The server grants exactly the body's rights: what is not named is not granted.
-        return {"roles": args.roles, "permissions": args.permissions}
+    if args.action == "approve":
+        return _approval_body(args, parser)
     if args.action == "deny" and args.reason is not None:
         return {"reason": args.reason}
     return None
+
+
+def _approval_body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any] | None:
+    """Only the fields an option names: SPEC ADMIN-4.4-APPROVE-BODY grants a field left out as requested."""
+    no_roles, no_permissions = args.no_roles or args.grant_nothing, args.no_permissions or args.grant_nothing
+    if no_roles and args.roles:
+        parser.error("--role grants roles: it goes with neither --no-roles nor --grant-nothing")
+    if no_permissions and args.permissions:
+        parser.error("--permission grants permissions: it goes with neither --no-permissions nor --grant-nothing")
+    body = {"roles": args.roles} if args.roles or no_roles else {}
+    if args.permissions or no_permissions:
+        body["permissions"] = args.permissions
+    return body or None
 
 
 def _run_admin(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

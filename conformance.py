@@ -3,7 +3,7 @@
 Usage::
 
     python3 conformance.py https://host:8443 --admin-token T [--ca-file F | --insecure]
-                           [--only ID ...] [--junit FILE] [--json FILE]
+                           [--require-full] [--only ID ...] [--junit FILE] [--json FILE]
 
 Theory of operation
 ===================
@@ -26,12 +26,17 @@ which rule was broken. A check ends as:
 
 A failure prints the request that was sent, the answer that came back, what
 the requirement expected and a ``curl`` line that sends the same request
-again (the administrator token as ``$ADMIN_TOKEN``, so that reports can be
-shared; a client certificate as files named after its user, which the kit
+again (the administrator token as ``$TOKEN``, as the README sets it, so
+that reports can be shared; a client certificate as files named after its user, which the kit
 made and removed). The steps before it, which made the state it met, are
 the check's own: ``--only NAME`` runs them again. The exit status is 0 when
-no MUST failed, 1 otherwise, 2 for a wrong command line. ``--json`` and
-``--junit`` write the results for a machine too.
+no MUST failed, 1 otherwise, 2 for a wrong command line or a registry the
+kit cannot check as given: before any check, it makes sure the registry
+answers, at the scheme given, and takes the token, and else says what is
+wrong in one line. A run without the token (or against a registry without
+a CA, or over http://) skips what needs it: the summary says it was a
+partial run, and ``--require-full`` makes such a run fail (exit 1).
+``--json`` and ``--junit`` write the results for a machine too.
 
 Safe against a live registry
 ----------------------------
@@ -239,7 +244,7 @@ class Exchange:
     error: str = ""
     client_certificate: str = ""  # the username whose certificate was presented (mutual TLS)
     tls: str = ""  # for https: the CA file to trust, or "insecure"
-    token: str = ""  # the administrator's token, shown as $ADMIN_TOKEN so that reports can be shared
+    token: str = ""  # the administrator's token, shown as $TOKEN (the README's name) so that reports can be shared
 
     def json(self) -> Any:
         """The answer as JSON; ``NOT_JSON`` when it is not."""
@@ -286,13 +291,13 @@ class Exchange:
         line = " ".join(shlex.quote(word) for word in [*words, self.url])
         for name, value in self.headers.items():
             parts = f"{name}: {value}".split(self.token) if self.token else [f"{name}: {value}"]
-            line += " -H " + '"$ADMIN_TOKEN"'.join(shlex.quote(part) for part in parts)
+            line += " -H " + '"$TOKEN"'.join(shlex.quote(part) for part in parts)
         if self.body:
             line = _with_body(line, self.body)
         return line
 
     def _masked(self, text: str) -> str:
-        return text.replace(self.token, "$ADMIN_TOKEN") if self.token else text
+        return text.replace(self.token, "$TOKEN") if self.token else text
 
 
 NOT_JSON = object()
@@ -538,6 +543,26 @@ def _rights_set(body: Mapping[str, Any]) -> tuple[frozenset, frozenset]:
 # --- The kit --------------------------------------------------------------------------
 
 
+class Unusable(Exception):
+    """The registry cannot be checked as given (no answer, the wrong scheme, a refused token): one line, exit 2."""
+
+
+def _check_reached(url: str, answer: Exchange) -> None:
+    """Raise ``Unusable`` unless the first call was answered, at the scheme the registry speaks."""
+    if answer.status is None:
+        # OpenSSL reads a plain "HTTP/1.1 400" as a TLS record of an unknown version (3.0 and 3.2 say it so).
+        if "WRONG_VERSION_NUMBER" in answer.error or "record layer failure" in answer.error:
+            raise Unusable(f"{url} speaks plain HTTP: use {url.replace('https://', 'http://', 1)}")
+        raise Unusable(f"no answer from {url}: {answer.error}")
+    refusal = answer.json()
+    if (
+        answer.status == HTTPStatus.BAD_REQUEST
+        and isinstance(refusal, dict)
+        and refusal.get("error") == "https_required"
+    ):
+        raise Unusable(f"{url} speaks HTTPS: use {url.replace('http://', 'https://', 1)}")
+
+
 class Kit:
     """A run against one registry: how to reach it, what it has, and what the run created."""
 
@@ -669,8 +694,7 @@ class Kit:
     def start(self) -> None:
         """Learn what the registry has (a CA), pin its CA if asked to, and note its lock."""
         answer = self.call("GET", f"{API}/ca")
-        if answer.status is None:
-            raise ConnectionError(f"no answer from {self.url}: {answer.error}")
+        _check_reached(self.url, answer)
         if answer.status == HTTPStatus.OK:
             try:
                 self.ca_certificate = x509.load_pem_x509_certificate(answer.answer)
@@ -679,10 +703,15 @@ class Kit:
                 self.ca_certificate = None
         if self.tls and not (self.ca_file or self.insecure):
             if not self.ca_pem:
-                raise ConnectionError("the registry serves no CA to trust: give --ca-file or --insecure")
+                raise Unusable("the registry serves no CA to trust: give --ca-file or --insecure")
             self._pinned = self.ca_pem
         if self.admin_token:
             status = self.call("GET", API, admin=True)
+            if status.status == HTTPStatus.UNAUTHORIZED:
+                raise Unusable(
+                    f"the registry refuses the administrator token (401 to GET {API}): check --admin-token,"
+                    " or leave it out for a partial run"
+                )
             body = status.json()
             if status.status == HTTPStatus.OK and isinstance(body, dict):
                 until = _iso(body.get("unlockedUntil"))
@@ -2244,17 +2273,46 @@ def table() -> str:
     return "\n".join(rows)
 
 
+# What a check may need that a run can lack, by the name the summary gives it.
+WANTED = {"admin": "--admin-token", "ca": "a registry with a CA", "tls": "https"}
+
+
+def partial_run(kit: Kit, outcomes: Sequence[Outcome]) -> str:
+    """A sentence saying how many checks were skipped for want of the token, a CA or https; "" for a full run."""
+    has = {"admin": bool(kit.admin_token), "ca": kit.ca_certificate is not None, "tls": kit.tls}
+    wanting: dict[str, int] = {}
+    skipped = 0
+    for outcome in outcomes:
+        lacked = [need for need in WANTED if need in outcome.check.needs and not has[need]]
+        if outcome.result is Result.SKIP and lacked:
+            skipped += 1
+            for need in lacked:
+                wanting[need] = wanting.get(need, 0) + 1
+    if not skipped:
+        return ""
+    needs = ", ".join(f"{count} for want of {WANTED[need]}" for need, count in wanting.items())
+    checks = f"{skipped} check" + "s" * (skipped != 1)
+    return f"a partial run: {checks} skipped ({needs}); --require-full makes that a failure"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conformance.py",
         description="Check a running client registry against SPEC.md, over HTTP only.",
-        epilog="Exit status: 0 when no MUST fails, 1 when one does, 2 for a wrong command line.",
+        epilog="Exit status: 0 when no MUST fails, 1 when one does (or, with --require-full, when a check was "
+        "skipped for want of the token, a CA or https), 2 for a wrong command line or a registry that cannot be "
+        "checked as given (no answer, the wrong scheme, a refused token).",
     )
     parser.add_argument("url", nargs="?", help="the registry's root, such as https://host:8443")
     parser.add_argument("--admin-token", help="the administrator's token; without it the checks that need it SKIP")
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument("--ca-file", help="trust the server's certificate by this CA (default: the CA it serves)")
     trust.add_argument("--insecure", action="store_true", help="do not check the server's certificate")
+    parser.add_argument(
+        "--require-full",
+        action="store_true",
+        help="fail (exit 1) when a check was skipped for want of --admin-token, a CA or https: a partial run",
+    )
     parser.add_argument("--only", nargs="+", default=[], metavar="ID", help="only the checks of these ids or names")
     parser.add_argument("--junit", type=Path, metavar="FILE", help="also write the results as JUnit XML")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
@@ -2291,9 +2349,9 @@ def main(argv: Sequence[str] | None = None, report: Callable[[str], None] = prin
             unlock_ms=args.unlock_ms,
         )
         kit.start()
-    except (ValueError, ConnectionError, OSError) as error:
+    except (ValueError, Unusable, OSError) as error:
         report(f"conformance: {error}")
-        return 1
+        return 2
     report(
         f"conformance: {kit.url}, usernames {kit.prefix}*, admin token {'given' if kit.admin_token else 'not given'}"
         f", CA {'served' if kit.ca_certificate else 'none'}, mutual TLS {'yes' if kit.tls else 'no (http://)'}"
@@ -2305,16 +2363,18 @@ def main(argv: Sequence[str] | None = None, report: Callable[[str], None] = prin
         cleanup = kit.finish()
     seconds = time.monotonic() - started
     counts = summary(outcomes)
+    partial = partial_run(kit, outcomes)
     report(
         f"{len(outcomes)} checks in {seconds:.1f} s: "
         + ", ".join(f"{n} {r}" for r, n in counts.items())
+        + (f"\n{partial}" if partial else "")
         + f"\ncleanup: {cleanup}"
     )
     if args.json:
         write_json(args.json, kit, outcomes, seconds, cleanup)
     if args.junit:
         write_junit(args.junit, outcomes, seconds)
-    return 1 if counts["FAIL"] else 0
+    return 1 if counts["FAIL"] or (partial and args.require_full) else 0
 
 
 if __name__ == "__main__":

@@ -1005,6 +1005,10 @@ class Store:
     """
 
     def __init__(self, database: str = ":memory:") -> None:
+        if database not in ("", ":memory:") and not database.startswith("file:"):
+            # Password hashes: the owner's alone, as server.py makes it; SQLite gives the -wal and -shm
+            # files the database's mode (issue 26). An existing file keeps its mode.
+            os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         # WAL with synchronous NORMAL: a committed transaction survives a

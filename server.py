@@ -1149,6 +1149,11 @@ def _server_certificate_fits(path: Path, names: list[str], now: datetime) -> boo
     return set(names) <= present and certificate.not_valid_after_utc - now > timedelta(days=30)
 
 
+# A help that names %(default) gets no "(default: ...)" from ArgumentDefaultsHelpFormatter; this names it and
+# prints nothing, for an option whose default would read wrong: None, [], the True of a --no- flag (issue 26).
+NO_DEFAULT_SHOWN = "%(default).0s"
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line, as a ``Config``."""
     d = Config()
@@ -1166,21 +1171,22 @@ def parse_args(argv: list[str] | None = None) -> Config:
         action="append",
         default=[],
         metavar="NAME",
-        help="another name or address for the server's certificate (repeat for more)",
+        help="another name or address for the server's certificate (repeat for more)" + NO_DEFAULT_SHOWN,
     )
     option(
         "--admin-token",
-        help="administrator token; default $REGISTRY_ADMIN_TOKEN, else made once and kept in the data folder",
+        help="administrator token; default $REGISTRY_ADMIN_TOKEN, else made once and kept in the data folder"
+        + NO_DEFAULT_SHOWN,
     )
     option(
         "--backup",
         type=Path,
         metavar="DEST",
-        help="copy the data folder to the new folder DEST while a server may run on it, then exit",
+        help="copy the data folder to the new folder DEST while a server may run on it, then exit" + NO_DEFAULT_SHOWN,
     )
     option("--unlock-minutes", type=float, default=d.unlock_minutes, help="the unlock window")
     option("--retry-after", type=int, default=d.retry_after, help="Retry-After seconds of a 202")
-    option("--retry-after-locked", type=int, default=d.retry_after_locked, help="Retry-After seconds of a 423")
+    option("--retry-after-locked", type=int, default=d.retry_after_locked, help="Retry-After seconds of a 423 or 503")
     option("--cert-days", type=int, default=d.cert_days, help="validity of client certificates, in days")
     option(
         "--crl-days",
@@ -1188,7 +1194,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=d.crl_days,
         help="validity of the CRL, in days; it is signed anew when less than half is left",
     )
-    option("--roles", type=Path, help="JSON file of the role catalog (without it: one role, 'minimum')")
+    option(
+        "--roles", type=Path, help="JSON file of the role catalog (without it: one role, 'minimum')" + NO_DEFAULT_SHOWN
+    )
     option("--max-body", type=int, default=d.max_body, help="largest body in bytes; more gets 413")
     option(
         "--retention-hours", type=float, default=d.retention_hours, help="how long pending and denied requests are kept"
@@ -1209,14 +1217,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--no-fast-http",
         dest="fast_http",
         action="store_false",
-        help="read request heads with http.server's own parser instead of the faster one",
+        help="read request heads with http.server's own parser instead of the faster one, which is the default"
+        + NO_DEFAULT_SHOWN,
     )
     option("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     option(
         "--test-clients",
         action="store_true",
         help="test the clients (SPEC section 9): vary Retry-After, answer 429 and 503 now and then, lose answers,"
-        " unlock for 30 s; report what each client does wrong at /api/client-registry/client-report",
+        " keep each unlock to 30 s at most (it starts locked, as always); report what each client does wrong at"
+        " /api/client-registry/client-report",
     )
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
@@ -1255,6 +1265,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"The administrator token is kept in {kept}", flush=True)
     else:
         unused = f"; the one kept in {kept} is not used" if kept.exists() else ""
+        if kept.exists() and kept.read_text().strip() == config.admin_token:
+            unused = f", the same as the one kept in {kept}"  # as after export REGISTRY_ADMIN_TOKEN=$(cat ...)
         print(f"The administrator token is the one given in {config.token_source}{unused}", flush=True)
     try:
         server.serve_forever()

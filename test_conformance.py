@@ -95,6 +95,66 @@ def test_without_the_token_the_kit_skips_what_needs_it_and_stores_nothing(tmp_pa
     assert document["left"]["requests"] == []
 
 
+def test_a_run_without_the_token_says_it_was_partial_and_require_full_fails_it(tmp_path: Path) -> None:
+    """Issue 26 item 4: "13 PASS, 0 FAIL, 23 SKIP" and exit 0 read as a pass: the summary says what it left out."""
+    needing = sum("admin" in c.needs for c in conformance.CHECKS)
+    partial = f"a partial run: {needing} checks skipped ({needing} for want of --admin-token)"
+
+    document = run_kit(tmp_path / "lenient", token=False)
+    assert document["exit"] == 0, document["printed"]
+    assert partial in document["printed"]
+
+    strict = run_kit(tmp_path / "strict", "--require-full", "--only", "shape", "approved", token=False)
+    assert strict["exit"] == 1 and results(strict) == {"shape": "PASS", "approved": "SKIP"}
+    assert "a partial run: 1 check skipped (1 for want of --admin-token)" in strict["printed"]
+
+    full = run_kit(tmp_path / "full", "--require-full", "--only", "shape", "approved")
+    assert full["exit"] == 0 and "partial" not in full["printed"]
+
+
+def unusable(url: str, *options: str) -> tuple[int, list[str]]:
+    """The kit's exit status and printed lines against ``url``."""
+    lines: list[str] = []
+    return conformance.main([url, *options], lines.append), lines
+
+
+def test_a_wrong_token_scheme_or_address_is_one_line_and_exit_2_before_any_check(tmp_path: Path) -> None:
+    """Issue 26 item 4: not 22 times the same 401, nor 20 failures each showing the server's hint."""
+    with serve(tmp_path / "tls", http=False) as instance:
+        port = instance.server_address[1]
+        trust = ["--ca-file", str(tmp_path / "tls" / "ca.pem")]
+        assert unusable(instance.url, "--admin-token", "not-the-token", *trust) == (
+            2,
+            [
+                "conformance: the registry refuses the administrator token (401 to GET /api/client-registry):"
+                " check --admin-token, or leave it out for a partial run"
+            ],
+        )
+        plain = f"http://127.0.0.1:{port}"
+        assert unusable(plain, "--admin-token", ADMIN_TOKEN) == (
+            2,
+            [f"conformance: {plain} speaks HTTPS: use https://127.0.0.1:{port}"],
+        )
+        assert instance.app.core.requests() == []
+    with serve(tmp_path / "http") as instance:
+        port = instance.server_address[1]
+        assert unusable(f"https://127.0.0.1:{port}", "--insecure") == (
+            2,
+            [f"conformance: https://127.0.0.1:{port} speaks plain HTTP: use http://127.0.0.1:{port}"],
+        )
+    status, [line] = unusable(f"http://127.0.0.1:{port}")  # that server has stopped: nothing listens there
+    assert status == 2 and line.startswith(f"conformance: no answer from http://127.0.0.1:{port}: ")
+
+
+def test_a_reproduction_names_the_token_as_the_readme_does() -> None:
+    """Issue 26 item 4: the README sets $TOKEN; the kit's curl lines use the same name."""
+    exchange = conformance.Exchange(
+        "GET", "https://127.0.0.1:8443/api/client-registry", {"Authorization": "Bearer s3cret"}, b"", token="s3cret"
+    )
+    assert exchange.curl().endswith(""" -H 'Authorization: Bearer '"$TOKEN"''""")
+    assert "s3cret" not in exchange.describe() and "Bearer $TOKEN" in exchange.describe()
+
+
 def test_the_kit_puts_an_open_lock_back_as_it_found_it(tmp_path: Path) -> None:
     data, lines = tmp_path / "data", []
     with serve(data, http=True) as instance:
@@ -272,7 +332,7 @@ def test_the_curl_line_of_a_failure_reproduces_it(tmp_path: Path, monkeypatch: p
         conformance.main(argv, lines.append)
         failed = next(c for c in json.loads(report.read_text())["checks"] if c["result"] == "FAIL")
         again = subprocess.run(["bash", "-c", failed["curl"]], capture_output=True, text=True, timeout=30,
-                               env=os.environ | {"ADMIN_TOKEN": ADMIN_TOKEN})  # fmt: skip
+                               env=os.environ | {"TOKEN": ADMIN_TOKEN})  # fmt: skip
 
     assert again.stdout.startswith(f"HTTP/1.1 {failed['exchange']['status']} ")
 

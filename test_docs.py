@@ -181,13 +181,47 @@ def run_example(source: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> N
     exec(compile(source, str(README), "exec"), {"__name__": "__main__"})
 
 
-def test_the_complete_embedding_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_complete_embedding_example_runs_again_and_keeps_its_secrets_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 26 item 7: a second run in the same folder works too; the database of password hashes is 0600."""
     complete, _ = embedding_examples()
-    run_example(complete, tmp_path, monkeypatch)
+    umask = os.umask(0o022)  # a usual umask, whatever the test runner's
+    try:
+        for _ in range(2):
+            run_example(complete, tmp_path, monkeypatch)
+            printed = capsys.readouterr().out.splitlines()
+            assert printed[0].startswith("202 {'Retry-After': '5'} {'status': 'pending'")
+            assert printed[1].startswith("201 Identity(") and printed[2].startswith("409 username_taken ")
+    finally:
+        os.umask(umask)
+    for name in ("registry.db", "registry.db-wal", "registry.db-shm", "ca.key"):
+        assert not (tmp_path / name).exists() or os.stat(tmp_path / name).st_mode & 0o077 == 0, name
     assert (tmp_path / "registry.db").exists()
-    assert os.stat(tmp_path / "ca.key").st_mode & 0o077 == 0
 
 
 def test_the_rules_layer_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, rules = embedding_examples()
     run_example(rules, tmp_path, monkeypatch)
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of the ```sh blocks of ``text``, each on one line (continuations joined), comments dropped."""
+    joined = "\n".join(fenced(text, "sh")).replace("\\\n", " ")
+    return [line.split("  # ", 1)[0] for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_a_curl_whose_answer_goes_to_a_pipe_or_a_file_is_silent() -> None:
+    """Issue 26 item 9: without -s, curl draws its progress meter over the terminal when its output goes elsewhere."""
+    curls = [command for command in shell_commands(README.read_text()) if command.startswith("curl ")]
+    redirected = [command for command in curls if re.search(r"\s(\||>)\s", command)]
+    assert len(redirected) >= 2, "the README's curl examples changed: update this test with them"
+    assert [command for command in redirected if not re.search(r"\s-s(S)?\s", command)] == []
+
+
+def test_a_curl_that_prints_json_ends_it_with_a_new_line() -> None:
+    """Issue 26 item 9: the server's JSON has no final new line, and the prompt would stick to it."""
+    curls = [command for command in shell_commands(README.read_text()) if command.startswith("curl ")]
+    printing = [command for command in curls if not re.search(r"\s(\||>)\s", command)]
+    assert len(printing) >= 9, "the README's curl examples changed: update this test with them"
+    assert [command for command in printing if "-w '\\n'" not in command] == []

@@ -1601,6 +1601,13 @@ def readme_workflow(title: str = README_WORKFLOWS[0]) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
 
 
+def output_shape(line: str) -> str:
+    """A line printed, or shown in a README comment, without what changes from run to run: times, ids, serials."""
+    line = re.sub(r"[0-9A-Fa-f:.]*[0-9][0-9A-Fa-f:.]*", "#", line)  # numbers, times, hex (abridged with ... or not)
+    line = re.sub(r"\b[0-9a-f]{6,}\b", "#", line)  # a pairing id or serial that happens to hold no digit
+    return " ".join(line.split())
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -1669,7 +1676,8 @@ def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
     script = ["set -e -o pipefail", f"export REGISTRY_URL=https://localhost:{port}"]  # client.py's --server
     for number, block in enumerate(blocks):
         script += [
-            f"printf '\\n@@ block {number}\\n'",
+            # No new line before the mark: an answer that does not end with one shows.
+            f"printf '@@ block {number}\\n'; printf '@@ block {number}\\n' >&2",
             # The README's scratch folder, $work, is this test's, to read what the commands wrote.
             block.replace(":8443", f":{port}")
             .replace("registry-data", str(data))
@@ -1695,8 +1703,16 @@ def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
     # The token is printed once at start, and is the one kept in the data folder.
     token = (data / "admin-token").read_text().strip()
     assert printed.count(token) == 1 and printed.count("Administrator token:") == 1
-    outputs = re.split(r"\n@@ block \d+\n", run.stdout)[1:]
+    outputs = re.split(r"@@ block \d+\n", run.stdout)[1:]
     assert outputs[0].strip() == ""
+    # Issue 26 item 9: the prompt never sticks to an answer.
+    assert [number for number, output in enumerate(outputs) if output and not output.endswith("\n")] == []
+    # What client.py and openssl print is in the README, line for line, but for what changes from run to run.
+    errors = re.split(r"@@ block \d+\n", run.stderr)[1:]
+    for number in (8, 9, 10):
+        printed = (outputs[number] + errors[number]).replace(str(work), "$work").splitlines()
+        shown = {output_shape(line) for line in re.findall(r"(?:^|  )# (.*)$", blocks[number], re.MULTILINE)}
+        assert {output_shape(line) for line in printed} <= shown, f"block {number}: the README leaves out lines"
 
     status, headers, body = curl_answer(outputs[1])
     assert status.startswith("HTTP/1.1 423") and headers["retry-after"] == "30" and body["error"] == "locked"
@@ -1807,3 +1823,40 @@ def test_a_body_of_white_space_alone_is_not_json_on_any_route(client: Client, bo
     reply = client.call("POST", UNLOCK, body, {"Authorization": f"Bearer {client.token}"})
     assert assert_error(reply, 400, "malformed_request")["message"] == "the body is not JSON"
     assert snapshot(client) == before
+
+
+# --- What a newcomer reads at start, and in --help (issue 26) ---------------------
+
+
+def test_a_given_token_equal_to_the_kept_one_is_said_to_be_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 26 item 8: after `export REGISTRY_ADMIN_TOKEN=$(cat registry-data/admin-token)`, the two agree."""
+    tmp_path.joinpath("admin-token").write_text("the-kept-token\n")
+    os.chmod(tmp_path / "admin-token", 0o600)
+    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", "the-kept-token")
+    monkeypatch.setattr(server.RegistryServer, "serve_forever", lambda self, *args: None)
+
+    server.main(["--data-dir", str(tmp_path), "--port", "0", "--http", "--log-level", "WARNING"])
+
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == (
+        "The administrator token is the one given in $REGISTRY_ADMIN_TOKEN,"
+        f" the same as the one kept in {tmp_path / 'admin-token'}"
+    )
+
+
+def test_the_help_shows_only_defaults_that_read_right() -> None:
+    """Issue 26 item 6: no "(default: None)", "(default: [])", nor a "(default: True)" on a --no- flag."""
+    printed = subprocess.run(
+        [sys.executable, "server.py", "--help"], cwd=HERE, capture_output=True, text=True, check=True
+    ).stdout
+    options = {
+        found.group(1): " ".join(found.group(2).split())
+        for found in re.finditer(r"^  (--[a-z-]+)[^\n]*?(?:  +|\n +)(.*?)(?=^  -|\Z)", printed, re.M | re.S)
+    }
+    assert not [name for name, text in options.items() if re.search(r"\(default: (None|\[\]|True)\)", text)]
+    assert options["--no-fast-http"].endswith("instead of the faster one, which is the default")
+    assert options["--retry-after-locked"] == "Retry-After seconds of a 423 or 503 (default: 30)"
+    assert "it starts locked" in options["--test-clients"] and "unlock for 30 s" not in options["--test-clients"]
+    assert options["--port"] == "port; 0 picks a free one (default: 8443)"  # a default that means something stays

@@ -8,7 +8,8 @@
 - ``--pause`` waits for Enter on a terminal; without one it is ignored,
   saying so, rather than hanging.
 - Every curl line the tour prints runs as printed against the tour's
-  server, and gets the answer the tour got.
+  server at the end of its step (when a reader with --pause runs it), and
+  gets the answer the tour shows, or the one its label says it gets now.
 
 A run of the tour takes about a second; every wait here is bounded.
 """
@@ -149,47 +150,59 @@ def read_until(descriptor: int, text: str, seconds: float = SECONDS) -> str:
 
 # --- The curl lines run as printed ----------------------------------------------
 
-# The second time, an administrator's decision finds nothing left to decide.
-REPEATED_DECISION = {"approve": 409, "deny": 409, "DELETE": 404}
-
 
 class CurlTour(tour.Tour):
-    """The tour, with each call made a second time by the curl line it prints, as a reader would."""
+    """The tour, with each curl line it prints run again at the end of its step, as a reader with --pause would."""
 
-    replays: list[tuple[str, int, int]]
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.waiting: list[tuple[str, str | None, bytes, int]] = []  # this step's lines, not yet run
+        self.replays: list[tuple[str, int, int]] = []  # each line, the status it got, the status the tour said
 
     def call(self, who: tour.Identity, method: str, path: str, body: Any = None, **options: Any) -> tour.Answer:
         answer = super().call(who, method, path, body, **options)
+        label = self.show.markdown[-1].split(":\n", 1)[0]  # as printed: "Try it", or what it answers now
+        said = re.fullmatch(r"Try it(?: \(run now, it answers (\d+): [^)]+\))?", label)
+        assert said, label
         words = tour.curl(who, method, path, body, options.get("body_file"), options.get("output"))
         command = "\n".join(tour.wrap_command(words))
-        environment = os.environ | {"TOUR": str(self.folder), "URL": self.url, "TOKEN": tour.ADMIN_TOKEN}
-        done = subprocess.run(
-            ["bash", "-c", command], env=environment, capture_output=True, timeout=SECONDS, check=False
-        )
-        assert done.returncode == 0, f"{command}\n{done.stderr.decode()}"
-        output = options.get("output")
-        if output:
-            assert (self.folder / output).read_bytes() == answer.body, command
-            status = answer.status
-        else:
-            status = int(done.stdout.split(b" ", 2)[1])
-        decision = REPEATED_DECISION.get(method) or REPEATED_DECISION.get(path.rsplit("/", 1)[-1])
-        self.replays.append((command, status, decision or answer.status))
+        self.waiting.append((command, options.get("output"), answer.body, int(said.group(1) or answer.status)))
         return answer
+
+    def end_of_step(self, prompt: str) -> None:
+        """Run this step's curl lines as printed, now that the step is over."""
+        environment = os.environ | {"TOUR": str(self.folder), "URL": self.url, "TOKEN": tour.ADMIN_TOKEN}
+        for command, output, body, expected in self.waiting:
+            done = subprocess.run(
+                ["bash", "-c", command + " -w '\\n%{http_code}'"],
+                env=environment,
+                capture_output=True,
+                timeout=SECONDS,
+                check=False,
+            )
+            assert done.returncode == 0, f"{command}\n{done.stderr.decode()}"
+            if output:
+                assert (self.folder / output).read_bytes() == body, command
+            self.replays.append((command, int(done.stdout.rsplit(b"\n", 1)[1]), expected))
+        self.waiting.clear()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed: apt-get install curl")
-def test_every_curl_line_runs_as_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_curl_line_run_after_its_step_gets_the_answer_the_tour_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 26 item 5: with --pause, a line that repeats a decision says that it answers 409 (or 404) now."""
     replaying = CurlTour(tmp_path, tour.Transcript(tour.Masker()))
-    replaying.replays = []
     try:
-        tour.walk(replaying, lambda prompt: None)
+        tour.walk(replaying, replaying.end_of_step)
     finally:
         replaying.stop()
     assert len(replaying.replays) > 20
     for command, status, expected in replaying.replays:
         assert status == expected, f"{command}\nanswered {status}, not {expected}"
-    assert "curl" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Try it (run now, it answers 409: not_pending, the request is approved already):" in printed
+    assert "Try it (run now, it answers 404: not_found, the user is gone already):" in printed
 
 
 # --- The helpers ---------------------------------------------------------------------

@@ -6,7 +6,9 @@ that has a password and an agent that has a key from a locked registry to
 a revoked certificate. Each step prints the real HTTP exchange, the rules
 of SPEC.md that decide the answer (by id), and a curl line that
 reproduces it while the server runs. ``--pause`` waits for Enter between
-steps, which leaves time to try those lines in another shell.
+steps, which leaves time to try those lines in another shell: each line,
+run then, gets the answer the tour shows, or its label says what it
+answers now (an approval made already is 409, a user deleted already 404).
 
 ``--markdown FILE`` writes the same transcript as a document, with what
 changes from run to run (times, the port, the folder, pairing ids,
@@ -385,13 +387,16 @@ class Tour:
         body_file: str | None = None,
         output: str | None = None,
         raw: str | None = None,
+        after: tuple[int, str] | None = None,
     ) -> Answer:
         """One HTTPS call, shown as it went, with its arrows in the diagram and a curl line.
 
         ``expect`` is the status the step is about: any other stops the tour.
         ``body_file`` (in the tour's folder) keeps the body for curl's
         ``-d @``; ``output`` keeps the answer; ``raw`` says what an answer
-        that is not JSON is.
+        that is not JSON is. ``after`` is the status, and why, that the curl
+        line gets once the step is over, when the step has changed it (a
+        reader with --pause runs it then).
         """
         if body_file:
             (self.folder / body_file).write_text(json.dumps(body))
@@ -414,7 +419,7 @@ class Tour:
         if output:
             (self.folder / output).write_bytes(answer.body)
         self._show(who, f"{method} {path}", headers, body, answer, raw)
-        self.show.command(curl(who, method, path, body, body_file, output))
+        self.show.command(curl(who, method, path, body, body_file, output), try_it(after))
         if answer.status != expect:
             raise TourError(f"{method} {path}: the tour expected {expect}, the server answered {answer.status}")
         return answer
@@ -498,6 +503,11 @@ class Tour:
         )
         printed = (done.stdout + done.stderr).replace(str(self.folder), "$TOUR").splitlines()
         self.show.block([*printed, f"(exit status {done.returncode})"])
+
+
+def try_it(after: tuple[int, str] | None) -> str:
+    """The label of a curl line: "Try it", and what it answers now when the step has changed the answer."""
+    return "Try it" if after is None else f"Try it (run now, it answers {after[0]}: {after[1]})"
 
 
 def curl(who: Identity, method: str, path: str, body: Any, body_file: str | None, output: str | None) -> list[str]:
@@ -676,10 +686,11 @@ def approve(tour: Tour) -> None:
         "what the body names: the sensor may publish to sensors/0003/temperature, not to all of "
         "sensors/0003/; the roles, left out of the body, are granted as asked.",
     )
-    tour.call(ADMIN, "POST", f"/api/client-registry/requests/{AGENT}/approve", expect=200)
+    approved = (409, "not_pending, the request is approved already")
+    tour.call(ADMIN, "POST", f"/api/client-registry/requests/{AGENT}/approve", expect=200, after=approved)
     narrower = {"permissions": NARROWER}
     approval = f"/api/client-registry/requests/{SENSOR}/approve"
-    tour.call(ADMIN, "POST", approval, narrower, expect=200, body_file="sensor/approval.json")
+    tour.call(ADMIN, "POST", approval, narrower, expect=200, body_file="sensor/approval.json", after=approved)
     tour.show.rules(
         {
             "ADMIN-4.2-CALLS": "approving creates the user, and signs the CSR.",
@@ -774,9 +785,14 @@ def deny(tour: Tour) -> None:
         "the registry, since no more devices are expected.",
     )
     camera = {"username": CAMERA, "password": CAMERA_PASSWORD, "context": "found on the network"}
-    tour.pending(tour.call(Identity("Camera"), "POST", REGISTER, camera, expect=202, body_file=CAMERA_FILE), CAMERA)
+    asked = tour.call(
+        Identity("Camera"), "POST", REGISTER, camera, expect=202, body_file=CAMERA_FILE,
+        after=(403, "denied, with the reason, since the administrator denied it"),
+    )  # fmt: skip
+    tour.pending(asked, CAMERA)
     reason = {"reason": "not in the plant inventory"}
-    tour.call(ADMIN, "POST", f"/api/client-registry/requests/{CAMERA}/deny", reason, expect=200)
+    denial = f"/api/client-registry/requests/{CAMERA}/deny"
+    tour.call(ADMIN, "POST", denial, reason, expect=200, after=(409, "not_pending, the request is denied already"))
     tour.call(ADMIN, "POST", "/api/client-registry/lock", expect=200)
     tour.show.say("The camera polls, as it does until it is answered otherwise: the lock does not stop a poll.")
     tour.call(Identity("Camera"), "POST", REGISTER, camera, expect=403, body_file=CAMERA_FILE)
@@ -816,7 +832,7 @@ def delete(tour: Tour) -> None:
         "The agent leaves the plant. Deleting its user revokes every certificate it was issued and signs a "
         "new CRL; its certificate no longer signs in.",
     )
-    tour.call(ADMIN, "DELETE", f"/api/users/{AGENT}", expect=200)
+    tour.call(ADMIN, "DELETE", f"/api/users/{AGENT}", expect=200, after=(404, "not_found, the user is gone already"))
     tour.call(AGENT_RENEWED_TLS, "GET", "/api/auth/whoami", expect=401)
     tour.show.rules(
         {
