@@ -865,6 +865,9 @@ def _write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     os.replace(partial, path)
 
 
+NEXT_KEY = "next-key.pem"  # a re-key's new key, kept until its certificate is installed
+
+
 def _install_pair(out: Path, key_pem: bytes, certificate_pem: bytes) -> None:
     """Make ``out/key.pem`` and ``out/cert.pem`` the new key and certificate in one atomic step.
 
@@ -947,12 +950,15 @@ def renew(
 
     ``out`` holds ``cert.pem`` and ``key.pem``, as ``register`` left them;
     the call presents them as its client certificate. With ``new_key`` the
-    new certificate is for that key (a re-key), and the key is written only
-    with its certificate, in one step (``_install_pair``). The registry
-    answers a renewal that repeats the last one (the same certificate shown,
-    the same key) with the certificate it issued then (SPEC LIFE-7.2): to
-    fetch a lost answer, call again with the same ``new_key``. ``server`` is
-    a ``Server``, or a URL checked against ``out/ca.pem``.
+    new certificate is for that key (a re-key), and the key is written with
+    its certificate in one step (``_install_pair``). Only the current
+    certificate renews; the one a renewal replaced may only repeat it, with
+    the new certificate's key (SPEC LIFE-7.2-RENEW). So a re-key's key is
+    kept in ``out/next-key.pem`` (0600) before it is sent, until its
+    certificate is installed: a renewal whose answer was lost, or whose
+    install a crash cut short, is repeated with that key, and fetches the
+    certificate issued then. ``server`` is a ``Server``, or a URL checked
+    against ``out/ca.pem``.
 
     Raises ``Revoked`` (401: revoked, its user removed, or expired),
     ``Expired`` (by ``now``, before anything is sent), ``Rejected`` (400,
@@ -970,6 +976,11 @@ def renew(
         raise Expired(f"the certificate of {username} in {certificate_path} expired at {_expiry(certificate)} UTC")
     if not isinstance(server, Server):
         server = Server(server, ca_file=out / "ca.pem", report=report)
+    next_key_path = out / NEXT_KEY
+    if next_key_path.exists():  # an earlier re-key may have been answered: repeat it
+        new_key, _ = load_or_generate_key(next_key_path, None)
+    elif new_key is not None:
+        _write(next_key_path, _private_pem(new_key), mode=0o600)
     signer = new_key or key
     reply = server.presenting(certificate_path, key_path).call("POST", RENEW, {"csr": make_csr(username, signer)})
     if reply.status == HTTPStatus.UNAUTHORIZED:
@@ -980,7 +991,9 @@ def renew(
     if renewed.username != username:
         raise ClientError(f"the registry renewed the certificate of {renewed.username!r}, not of {username!r}")
     key_pem = key_path.read_bytes() if new_key is None else _private_pem(new_key)
-    return _save(renewed, out, key_pem)
+    saved = _save(renewed, out, key_pem)
+    next_key_path.unlink(missing_ok=True)
+    return saved
 
 
 def keep(

@@ -368,17 +368,23 @@ def test_validity_starts_before_now_for_clock_skew_and_lasts_a_year(authority: c
 
     assert timedelta(0) < START - certificate.not_valid_before_utc <= timedelta(minutes=10)
     assert certificate.not_valid_before_utc == START - ca.CLOCK_SKEW
-    assert certificate.not_valid_after_utc == START - ca.CLOCK_SKEW + timedelta(days=365)  # LIFE-7.1-TIMES: notBefore + validity
+    assert certificate.not_valid_after_utc == START - ca.CLOCK_SKEW + timedelta(
+        days=365
+    )  # LIFE-7.1-TIMES: notBefore + validity
 
 
 def test_validity_lasts_cert_days(tmp_path: Path, authority: ca.CA) -> None:
     csr = make_csr("sensor-0003")
     monthly = ca.CA(authority.key, authority.certificate, cert_days=30)
-    assert load(issue(monthly, csr, "sensor-0003", START).pem).not_valid_after_utc == (START - ca.CLOCK_SKEW + timedelta(days=30))
+    assert load(issue(monthly, csr, "sensor-0003", START).pem).not_valid_after_utc == (
+        START - ca.CLOCK_SKEW + timedelta(days=30)
+    )
 
     ca.CA.load_or_create(tmp_path, START)
     reloaded = ca.CA.load_or_create(tmp_path, START, cert_days=7)
-    assert load(issue(reloaded, csr, "sensor-0003", START).pem).not_valid_after_utc == (START - ca.CLOCK_SKEW + timedelta(days=7))
+    assert load(issue(reloaded, csr, "sensor-0003", START).pem).not_valid_after_utc == (
+        START - ca.CLOCK_SKEW + timedelta(days=7)
+    )
 
 
 def test_validity_is_the_same_instant_whatever_the_zone_of_now(authority: ca.CA) -> None:
