@@ -1,0 +1,453 @@
+"""The registry keeps an MQTT broker equal to its users (SPEC section 11).
+
+Two halves. The first runs broker.py's mapping, its ``plan`` and its
+``Reconciler`` against ``FakeDynamicSecurity``, an in-memory double of
+mosquitto's dynamic security plugin that takes the same JSON commands and
+answers as the plugin's source does (plugins/dynamic-security/*.c of
+mosquitto 2.0): a missing role is an error, a deleted or modified client is
+disconnected. The second runs Debian's mosquitto with the real plugin and a
+server started with ``--mosquitto``, and signs in with mosquitto_pub and
+mosquitto_sub (MQTT v5, QoS 1), as a device does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import broker
+import registry
+import server
+from conftest import FAST, make_csr
+
+# --- An in-memory dynamic security -------------------------------------------
+
+
+class FakeDynamicSecurity:
+    """Dynamic security's commands over two dicts, as mosquitto 2.0's plugin answers them.
+
+    ``up = False`` is a broker that cannot be reached; ``disconnected`` lists
+    the usernames whose connections the plugin would close (it does on
+    deleteClient and modifyClient); ``passwords`` what each client signs in with.
+    """
+
+    def __init__(self) -> None:
+        self.clients: dict[str, dict[str, Any]] = {}
+        self.roles: dict[str, dict[str, Any]] = {}
+        self.passwords: dict[str, str] = {}
+        self.disconnected: list[str] = []
+        self.up = True
+        self.exchanges = 0
+
+    def exchange(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self.up:
+            raise broker.BrokerUnreachable("the broker at mqtt://fake: connection refused")
+        self.exchanges += 1
+        return [self._answer(command) for command in commands]
+
+    def close(self) -> None:
+        pass
+
+    def _answer(self, command: dict[str, Any]) -> dict[str, Any]:
+        name = command["command"]
+        error, data = getattr(self, "_" + name)(command)
+        response: dict[str, Any] = {"command": name}
+        if error:
+            response["error"] = error
+        if data is not None:
+            response["data"] = data
+        return response
+
+    def _listClients(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        return None, {"totalCount": len(self.clients), "clients": copy.deepcopy(list(self.clients.values()))}
+
+    def _listRoles(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        return None, {"totalCount": len(self.roles), "roles": copy.deepcopy(list(self.roles.values()))}
+
+    def _createClient(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        username = command["username"]
+        if username in self.clients:
+            return "Client already exists", None
+        if any(role["rolename"] not in self.roles for role in command.get("roles", [])):
+            return "Role not found", None
+        self.clients[username] = _texts(command) | {
+            "username": username,
+            "roles": [{"rolename": role["rolename"]} for role in command.get("roles", [])],
+            "groups": [],
+        }
+        if command.get("password"):
+            self.passwords[username] = command["password"]
+        return None, None
+
+    def _modifyClient(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        client = self.clients.get(command["username"])
+        if client is None:
+            return "Client not found", None
+        if "roles" in command:
+            if any(role["rolename"] not in self.roles for role in command["roles"]):
+                return "Role not found", None
+            client["roles"] = [{"rolename": role["rolename"]} for role in command["roles"]]
+        if command.get("password"):
+            self.passwords[command["username"]] = command["password"]
+        client.update(_texts(command))
+        self.disconnected.append(command["username"])
+        return None, None
+
+    def _deleteClient(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        if self.clients.pop(command["username"], None) is None:
+            return "Client not found", None
+        self.passwords.pop(command["username"], None)
+        self.disconnected.append(command["username"])
+        return None, None
+
+    def _createRole(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        if command["rolename"] in self.roles:
+            return "Role already exists", None
+        acls = [acl | {"priority": 0} for acl in command.get("acls", [])]
+        self.roles[command["rolename"]] = _texts(command) | {"rolename": command["rolename"], "acls": acls}
+        return None, None
+
+    def _modifyRole(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        role = self.roles.get(command["rolename"])
+        if role is None:
+            return "Role does not exist", None
+        if "acls" in command:
+            role["acls"] = [acl | {"priority": 0} for acl in command["acls"]]
+        role.update(_texts(command))
+        return None, None
+
+    def _deleteRole(self, command: dict[str, Any]) -> tuple[str | None, Any]:
+        if self.roles.pop(command["rolename"], None) is None:
+            return "Role not found", None
+        for client in self.clients.values():
+            client["roles"] = [role for role in client["roles"] if role["rolename"] != command["rolename"]]
+        return None, None
+
+    def acls(self, rolename: str) -> set[tuple[str, str]]:
+        """A role's ACLs as (type, topic) pairs, all of them allowed."""
+        assert all(acl["allow"] for acl in self.roles[rolename]["acls"])
+        return {(acl["acltype"], acl["topic"]) for acl in self.roles[rolename]["acls"]}
+
+    def role_names(self, username: str) -> set[str]:
+        return {role["rolename"] for role in self.clients[username]["roles"]}
+
+
+def _texts(command: dict[str, Any]) -> dict[str, str]:
+    return {key: command[key] for key in ("textname", "textdescription") if key in command}
+
+
+def permission(resource: str, operation: str, context: str = "mqtt") -> dict[str, str]:
+    return {"resource": resource, "operation": operation, "context": context}
+
+
+@pytest.fixture
+def dynsec() -> FakeDynamicSecurity:
+    return FakeDynamicSecurity()
+
+
+@pytest.fixture
+def wired(reg: registry.Registry, dynsec: FakeDynamicSecurity, clock: Any) -> broker.Reconciler:
+    """The registry with a reconciler over the fake broker as its provisioner."""
+    reconciler = broker.Reconciler(reg.accounts, dynsec, clock=clock)
+    reg.provisioner = reconciler
+    return reconciler
+
+
+def approve(reg: registry.Registry, request: dict[str, Any], grant: dict[str, Any] | None = None) -> None:
+    reg.unlock()
+    assert reg.register(request).status == 202
+    reg.approve(request["username"], grant)
+
+
+# --- The mapping (BROKER-11.1-MAPPING) ---------------------------------------
+
+
+def test_each_operation_becomes_the_acl_types_of_the_table_and_http_permissions_are_not_the_brokers() -> None:
+    """Proves BROKER-11.1-MAPPING."""
+    rights = registry.Rights.of(
+        ["minimum"],
+        [
+            registry.Permission("mqtt", "plant/r/#", "read"),
+            registry.Permission("mqtt", "plant/w/+/x", "write"),
+            registry.Permission("mqtt", "plant/rw", "readWrite"),
+            registry.Permission("http", "/api/data", "readWrite"),
+        ],
+    )
+    assert broker.acls_of(rights) == {
+        broker.Acl("subscribePattern", "plant/r/#"),
+        broker.Acl("publishClientReceive", "plant/r/#"),
+        broker.Acl("publishClientSend", "plant/w/+/x"),
+        broker.Acl("subscribePattern", "plant/rw"),
+        broker.Acl("publishClientReceive", "plant/rw"),
+        broker.Acl("publishClientSend", "plant/rw"),
+    }
+
+
+def test_a_user_is_a_marked_client_with_its_granted_roles_and_a_role_of_its_own(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.1-MAPPING: the roles granted, narrowed, and the own role; no password for a certificate user."""
+    request = {
+        "username": "sensor-0001",
+        "csr": make_csr("sensor-0001"),
+        "roles": ["minimum", "operator"],
+        "permissions": [permission("plant/#", "write"), permission("/api", "read", "http")],
+    }
+    approve(reg, request, {"roles": ["operator"], "permissions": [permission("plant/a/#", "write")]})
+    left, _ = wired.reconcile()
+
+    assert left == broker.Plan([], [])
+    client = dynsec.clients["sensor-0001"]
+    assert client["textname"] == broker.MARK and client["textdescription"] == "certificate"
+    assert dynsec.role_names("sensor-0001") == {"operator", "client-registry/sensor-0001"}
+    assert dynsec.acls("client-registry/sensor-0001") == {("publishClientSend", "plant/a/#")}
+    assert "sensor-0001" not in dynsec.passwords
+    # The catalog's role is the operator's: made empty, unmarked, for it to fill in.
+    assert dynsec.roles["operator"]["acls"] == [] and "textname" not in dynsec.roles["operator"]
+    assert "minimum" not in dynsec.roles
+
+
+# --- The password's 201 (BROKER-11.2-PASSWORD-201) ---------------------------
+
+
+def test_a_password_users_201_waits_for_the_broker_and_the_next_poll_completes_it(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.2-PASSWORD-201: 503 broker_unavailable, Retry-After, nothing changed; then 201."""
+    request = {"username": "meter-0001", "password": "s3cret-pass", "permissions": [permission("plant/a/#", "read")]}
+    approve(reg, request)
+    wired.reconcile()
+    assert dynsec.clients["meter-0001"]["textdescription"].endswith(" awaited")
+    assert "meter-0001" not in dynsec.passwords  # nobody can sign in as it yet
+
+    dynsec.up = False
+    users = reg.users()
+    with pytest.raises(registry.BrokerUnavailable) as refused:
+        reg.register(request)
+    assert refused.value.status == 503 and refused.value.code == "broker_unavailable"
+    assert refused.value.headers["Retry-After"] == str(FAST.retry_after_pending)
+    assert reg.users() == users
+    assert wired.status()["reachable"] is False
+
+    dynsec.up = True
+    outcome = reg.register(request)
+    assert outcome.status == 201
+    assert dynsec.passwords["meter-0001"] == "s3cret-pass"
+    assert not dynsec.clients["meter-0001"]["textdescription"].endswith(" awaited")
+    assert wired.status()["reachable"] is True and wired.status()["awaitingPassword"] == 0
+
+
+def test_a_repeated_201_finds_the_password_held_and_disconnects_no_one(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.2-PASSWORD-201: every repeat is confirmed, and a client that holds its password is left be."""
+    request = {"username": "meter-0002", "password": "s3cret-pass"}
+    approve(reg, request)
+    wired.reconcile()  # the pass the approval kicks: the client exists, awaiting its password
+    assert reg.register(request).status == 201
+    assert reg.register(request).status == 201
+    assert dynsec.disconnected == ["meter-0002"]  # once, when the password was given (modifyClient)
+    dynsec.up = False
+    with pytest.raises(registry.BrokerUnavailable):
+        reg.register(request)
+
+
+def test_a_name_held_by_a_hand_made_client_is_left_alone_and_its_201_waits(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.2-PASSWORD-201 and BROKER-11.3-RECONCILE: what was made by hand is never touched."""
+    dynsec.clients["meter-0003"] = {"username": "meter-0003", "roles": [], "groups": []}
+    dynsec.passwords["meter-0003"] = "the operator's"
+    request = {"username": "meter-0003", "password": "s3cret-pass"}
+    approve(reg, request)
+    with pytest.raises(registry.BrokerUnavailable, match="the registry did not make"):
+        reg.register(request)
+    assert dynsec.clients["meter-0003"] == {"username": "meter-0003", "roles": [], "groups": []}
+    assert dynsec.passwords["meter-0003"] == "the operator's"
+    assert wired.status()["conflicts"] == ["meter-0003"] and wired.status()["pendingDifferences"] == 1
+
+
+def test_a_registry_without_a_provisioner_answers_201_as_before(reg: registry.Registry) -> None:
+    """Proves BROKER-11.2-PASSWORD-201 applies only with a broker: without one nothing changes."""
+    request = {"username": "meter-0004", "password": "s3cret-pass"}
+    approve(reg, request)
+    assert reg.provisioner is None and reg.register(request).status == 201
+
+
+# --- The reconciler (BROKER-11.3-RECONCILE) ----------------------------------
+
+
+def test_removal_deletes_the_client_and_its_role_and_leaves_hand_made_ones(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.3-RECONCILE: a removed user's client is deleted (so disconnected); the rest stays."""
+    dynsec.clients["watcher"] = {"username": "watcher", "textname": "by hand", "roles": [], "groups": []}
+    dynsec.roles["watching"] = {"rolename": "watching", "acls": [{"acltype": "subscribePattern", "topic": "#"}]}
+    approve(reg, {"username": "sensor-0002", "csr": make_csr("sensor-0002")})
+    wired.reconcile()
+    reg.remove_user("sensor-0002")
+    wired.reconcile()
+    assert set(dynsec.clients) == {"watcher"} and set(dynsec.roles) == {"watching"}
+    assert dynsec.disconnected == ["sensor-0002"]
+
+
+def test_what_drifted_at_the_broker_is_put_back(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.3-RECONCILE: level-triggered, it looks again and makes the broker agree."""
+    approve(
+        reg, {"username": "sensor-0003", "csr": make_csr("sensor-0003"), "permissions": [permission("a/#", "read")]}
+    )
+    wired.reconcile()
+    wanted = copy.deepcopy((dynsec.clients, dynsec.roles))
+    dynsec.roles["client-registry/sensor-0003"]["acls"].append(
+        {"acltype": "publishClientSend", "topic": "#", "allow": True}
+    )
+    dynsec.clients["sensor-0003"]["roles"].append({"rolename": "watching"})
+    dynsec.roles["watching"] = {"rolename": "watching", "acls": []}
+    wired.reconcile()
+    assert dynsec.clients == wanted[0] and dynsec.roles == wanted[1] | {
+        "watching": {"rolename": "watching", "acls": []}
+    }
+
+    # A broker that lost its state is made again.
+    dynsec.clients.clear()
+    dynsec.roles.clear()
+    wired.reconcile()
+    assert dynsec.clients == wanted[0] and dynsec.roles == wanted[1]
+
+
+def test_a_user_registered_again_gets_a_new_client_so_the_old_password_stops_working(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.3-RECONCILE: a changed credential is a client deleted and made anew."""
+    first = {"username": "meter-0005", "password": "first-pass"}
+    approve(reg, first)
+    assert reg.register(first).status == 201
+    dynsec.up = False  # the removal happens while the broker is away
+    reg.remove_user("meter-0005")
+    second = {"username": "meter-0005", "password": "second-pass"}
+    approve(reg, second)
+    dynsec.up = True
+    wired.reconcile()
+    assert "meter-0005" not in dynsec.passwords
+    assert dynsec.clients["meter-0005"]["textdescription"].endswith(" awaited")
+    assert reg.register(second).status == 201 and dynsec.passwords["meter-0005"] == "second-pass"
+
+
+def test_the_status_reports_the_brokers_state(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler, clock: Any
+) -> None:
+    """Proves BROKER-11.4-STATUS."""
+    assert wired.status() == {
+        "reachable": None,
+        "lastAgreement": None,
+        "pendingDifferences": None,
+        "conflicts": [],
+        "awaitingPassword": None,
+    }
+    approve(reg, {"username": "meter-0006", "password": "s3cret-pass"})
+    dynsec.up = False
+    with pytest.raises(broker.BrokerUnreachable):
+        wired.reconcile()
+    assert wired.status()["reachable"] is False and wired.status()["lastAgreement"] is None
+    dynsec.up = True
+    wired.reconcile()
+    assert wired.status() == {
+        "reachable": True,
+        "lastAgreement": clock().isoformat(),
+        "pendingDifferences": 0,
+        "conflicts": [],
+        "awaitingPassword": 1,
+    }
+
+
+USERNAMES = st.sampled_from(["dev-a", "dev-b", "dev-c", "dev-d"])
+PERMISSIONS = st.lists(
+    st.builds(
+        registry.Permission,
+        st.sampled_from(["mqtt", "http"]),
+        st.sampled_from(["plant/a/#", "plant/+/x", "/api"]),
+        st.sampled_from(registry.OPERATIONS),
+    ),
+    max_size=3,
+)
+ACCOUNTS = st.dictionaries(
+    USERNAMES,
+    st.tuples(
+        st.sampled_from(["password", "csr"]),
+        st.lists(st.sampled_from(["minimum", "operator"]), max_size=2),
+        PERMISSIONS,
+    ),
+)
+
+
+@given(before=ACCOUNTS, after=ACCOUNTS, by_hand=st.sets(USERNAMES, max_size=2))
+def test_one_pass_makes_any_broker_agree_and_touches_nothing_made_by_hand(
+    before: dict[str, Any], after: dict[str, Any], by_hand: set[str]
+) -> None:
+    """Proves BROKER-11.3-RECONCILE: from any state of the broker, one pass leaves nothing to do but conflicts."""
+
+    def accounts(users: dict[str, Any]) -> list[registry.Account]:
+        return [
+            registry.Account(
+                name, method, registry.Rights.of(roles, permissions), name if method == "password" else None
+            )
+            for name, (method, roles, permissions) in users.items()
+        ]
+
+    dynsec = FakeDynamicSecurity()
+    for name in by_hand:
+        dynsec.clients[name] = {"username": name, "roles": [], "groups": []}
+    made_by_hand = copy.deepcopy(dynsec.clients)
+    current = accounts(before)
+    reconciler = broker.Reconciler(lambda: current, dynsec, clock=lambda: datetime.now(UTC))
+    reconciler.reconcile()
+    current = accounts(after)
+    left, found = reconciler.reconcile()
+
+    assert left.commands == [] and left.conflicts == sorted(by_hand & set(after))
+    for name in by_hand:
+        assert dynsec.clients[name] == made_by_hand[name]
+    wanted = broker.wanted_state(current)
+    for name, client in wanted.clients.items():
+        if name not in by_hand:
+            assert found.clients[name].roles == client.roles
+            assert found.roles[broker.own_role(name)].acls == wanted.roles[broker.own_role(name)].acls
+    assert {name for name, client in found.clients.items() if client.managed} == set(after) - by_hand
+
+
+# --- The settings -------------------------------------------------------------
+
+
+def test_the_broker_url_and_the_admin_file_are_checked(tmp_path: Path) -> None:
+    """Proves BROKER-11.1-MAPPING's settings: a URL of mqtt or mqtts, and an admin file others cannot read."""
+    assert broker.BrokerAddress.parse("mqtt://127.0.0.1:1884") == broker.BrokerAddress("127.0.0.1", 1884, False)
+    assert broker.BrokerAddress.parse("mqtts://broker.plant") == broker.BrokerAddress("broker.plant", 8883, True)
+    for wrong in ("http://127.0.0.1:1883", "mqtt://admin:pw@127.0.0.1:1883", "mqtt:///x", "127.0.0.1:1883"):
+        with pytest.raises(ValueError, match="--mosquitto"):
+            broker.BrokerAddress.parse(wrong)
+    admin = tmp_path / "admin.json"
+    admin.write_text(json.dumps({"username": "admin", "password": "pw"}))
+    admin.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        broker.load_admin(admin)
+    admin.chmod(0o600)
+    assert broker.load_admin(admin) == ("admin", "pw")
+    admin.write_text("admin pw")
+    with pytest.raises(ValueError, match="not JSON"):
+        broker.load_admin(admin)
+
+
+def test_the_server_refuses_mosquitto_without_the_admin_file(tmp_path: Path) -> None:
+    """Proves BROKER-11.1-MAPPING's settings: --mosquitto alone cannot start."""
+    config = server.Config(data_dir=tmp_path / "data", port=0, http=True, mosquitto="mqtt://127.0.0.1:1883")
+    with pytest.raises(ValueError, match="--mosquitto-admin"):
+        server.build(config)
