@@ -13,19 +13,42 @@ mosquitto_sub (MQTT v5, QoS 1), as a device does.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
+import pwd
+import queue
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
 import broker
+import ca
 import registry
 import server
-from conftest import FAST, make_csr
+from conftest import ADMIN_TOKEN, FAST, call, make_csr, make_key, serve
+from test_interop import (
+    HOST,
+    MOSQUITTO,
+    MOSQUITTO_PUB,
+    SEARCH_PATH,
+    SUBPROCESS_SECONDS,
+    download,
+    free_port,
+    wait_until_listening,
+)
+
+PAHO = importlib.util.find_spec("paho") is not None
 
 # --- An in-memory dynamic security -------------------------------------------
 
@@ -451,3 +474,363 @@ def test_the_server_refuses_mosquitto_without_the_admin_file(tmp_path: Path) -> 
     config = server.Config(data_dir=tmp_path / "data", port=0, http=True, mosquitto="mqtt://127.0.0.1:1883")
     with pytest.raises(ValueError, match="--mosquitto-admin"):
         server.build(config)
+
+
+# --- Against the real broker ----------------------------------------------------
+
+MOSQUITTO_SUB = shutil.which("mosquitto_sub", path=SEARCH_PATH)
+MOSQUITTO_CTRL = shutil.which("mosquitto_ctrl", path=SEARCH_PATH)
+DYNAMIC_SECURITY = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+AGREEMENT_SECONDS = 30  # for the reconciler to reach a broker that has just started
+real_broker = pytest.mark.skipif(
+    not (MOSQUITTO and MOSQUITTO_PUB and MOSQUITTO_SUB and MOSQUITTO_CTRL and DYNAMIC_SECURITY.exists() and PAHO),
+    reason="mosquitto, mosquitto-clients, the dynamic security plugin or paho-mqtt is missing: apt-get install"
+    " mosquitto mosquitto-clients and pip install paho-mqtt to run the broker's tests",
+)
+
+
+class Plant:
+    """A registry started with --mosquitto, and Debian's mosquitto with the dynamic security plugin.
+
+    The broker has a plain listener for password clients and a TLS one that
+    requires a certificate from the registry's CA, checks its CRL, and takes
+    its Common Name as the username. Its dynamic security starts with an
+    administrator (``mosquitto_ctrl dynsec init``), whose name and password
+    the registry reads from a 0600 file; the test adds a client by hand, the
+    watcher, who may subscribe to and publish on ``plant/#``.
+    """
+
+    def __init__(self, folder: Path, base: str, data: Path, plain: int) -> None:
+        self.folder, self.base = folder, base
+        self.plain, self.tls = plain, free_port()
+        self.log = folder / "mosquitto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        download(base, "/api/client-registry/ca", folder / "ca.pem")
+        download(base, "/api/client-registry/crl.pem", folder / "crl.pem")
+        credentials = ca.CA.load_or_create(data, datetime.now(UTC)).issue_server_certificate(datetime.now(UTC))
+        (folder / "broker.pem").write_text(credentials.certificate_pem)
+        (folder / "broker.key").write_text(credentials.key_pem)
+        (folder / "broker.key").chmod(0o600)
+        self.config = folder / "mosquitto.conf"
+        self.config.write_text(
+            "\n".join(
+                [
+                    f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+                    "persistence false",
+                    "log_dest stderr",
+                    "log_type all",
+                    f"plugin {DYNAMIC_SECURITY}",
+                    f"plugin_opt_config_file {folder / 'dynamic-security.json'}",
+                    f"listener {self.plain} {HOST}",
+                    f"listener {self.tls} {HOST}",
+                    f"cafile {folder / 'ca.pem'}",
+                    f"certfile {folder / 'broker.pem'}",
+                    f"keyfile {folder / 'broker.key'}",
+                    "require_certificate true",
+                    "use_identity_as_username true",
+                    f"crlfile {folder / 'crl.pem'}",
+                    "",
+                ]
+            )
+        )
+
+    def start(self) -> None:
+        """Start the broker and wait until both its listeners take connections."""
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.config)], stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
+        for port in (self.plain, self.tls):
+            wait_until_listening(self.process, port, self.log)
+
+    def stop(self) -> None:
+        """Stop the broker this plant started, by its process handle."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(SUBPROCESS_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(SUBPROCESS_SECONDS)
+        self.process = None
+
+    def ctrl(self, *arguments: str) -> None:
+        """One mosquitto_ctrl dynsec command as the administrator: how an operator makes a client by hand."""
+        done = run(
+            [MOSQUITTO_CTRL, "-h", HOST, "-p", str(self.plain), "-u", "admin", "-P", "admin-password", "dynsec",
+             *arguments]
+        )  # fmt: skip
+        assert done.returncode == 0, done
+
+    def status(self) -> dict[str, Any]:
+        status, body = call(self.base, "GET", "/api/client-registry", token=ADMIN_TOKEN)
+        assert status == 200, body
+        return body["broker"]
+
+    def wait_for_agreement(self) -> dict[str, Any]:
+        """The broker's status once the reconciler reached it and left nothing to do."""
+        deadline = time.monotonic() + AGREEMENT_SECONDS
+        while time.monotonic() < deadline:
+            state = self.status()
+            if state["reachable"] and state["pendingDifferences"] == 0:
+                return state
+            time.sleep(0.1)
+        pytest.fail(f"the broker did not agree within {AGREEMENT_SECONDS} s: {self.status()}\n{self.log.read_text()}")
+
+    def publish(self, who: Device, topic: str) -> subprocess.CompletedProcess[str]:
+        return run([MOSQUITTO_PUB, *self._sign_in(who), "-q", "1", "-t", topic, "-m", who.name])
+
+    def subscribe_once(self, who: Device, topic: str) -> subprocess.CompletedProcess[str]:
+        """The first message on ``topic`` (the retained one), or a failure within 10 s."""
+        return run([MOSQUITTO_SUB, *self._sign_in(who), "-q", "1", "-t", topic, "-v", "-C", "1", "-W", "10"])
+
+    def subscriber(self, who: Device, topic: str) -> subprocess.Popen[str]:
+        """A subscriber that stays connected, printing what it receives."""
+        return subprocess.Popen(
+            [MOSQUITTO_SUB, *self._sign_in(who), "-q", "1", "-t", topic, "-v"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def _sign_in(self, who: Device) -> list[str]:
+        common = ["-h", HOST, "-V", "5", "-i", who.name]
+        if who.password is not None:
+            return [*common, "-p", str(self.plain), "-u", who.name, "-P", who.password]
+        return [*common, "-p", str(self.tls), "--cafile", str(self.folder / "ca.pem"),
+                "--cert", str(who.folder / "device.pem"), "--key", str(who.folder / "device.key")]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device's name and what it signs in with: a password, or the key and certificate in its folder."""
+
+    name: str
+    folder: Path
+    password: str | None = None
+
+
+class Watcher:
+    """The client made by hand: subscribed to plant/#, it sees every message the broker delivers there."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        subscribed: queue.Queue[object] = queue.Queue()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5)
+        self.client.username_pw_set("watcher", "watcher-password")
+        self.client.on_message = lambda _c, _u, message: self.messages.put((message.topic, message.payload))
+        self.client.on_subscribe = lambda _c, _u, _m, reasons, _p: subscribed.put(reasons)
+        self.client.on_connect = lambda client, _u, _f, _r, _p: client.subscribe("plant/#", qos=1)
+        self.client.connect(HOST, port)
+        self.client.loop_start()
+        assert not subscribed.get(timeout=SUBPROCESS_SECONDS)[0].is_failure
+
+    def publish(self, topic: str, payload: str, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(SUBPROCESS_SECONDS)
+
+    def next_topic(self) -> str:
+        """The topic of the next message delivered (the broker delivers in order)."""
+        return self.messages.get(timeout=SUBPROCESS_SECONDS)[0]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SUBPROCESS_SECONDS, check=False
+    )
+
+
+@pytest.fixture
+def plant(tmp_path: Path) -> Iterator[tuple[Plant, Watcher]]:
+    """A registry with --mosquitto and a running broker that agrees with it; the hand-made watcher connected."""
+    folder = tmp_path / "broker"
+    folder.mkdir(mode=0o700)
+    init = run([MOSQUITTO_CTRL, "dynsec", "init", str(folder / "dynamic-security.json"), "admin", "admin-password"])
+    assert init.returncode == 0, init
+    admin = tmp_path / "mosquitto-admin.json"
+    admin.write_text(json.dumps({"username": "admin", "password": "admin-password"}))
+    admin.chmod(0o600)
+    data = tmp_path / "data"
+    port = free_port()
+    # The port is chosen first, so the registry can be given it; the broker starts after the registry.
+    with serve(data, mosquitto=f"mqtt://{HOST}:{port}", mosquitto_admin=admin) as registry_server:
+        broker_plant = Plant(folder, registry_server.url, data, port)
+        broker_plant.start()
+        watcher = None
+        try:
+            registry_server.app.broker.kick()
+            broker_plant.wait_for_agreement()
+            broker_plant.ctrl("createRole", "watching")
+            for acl in ("subscribePattern", "publishClientSend"):
+                broker_plant.ctrl("addRoleACL", "watching", acl, "plant/#", "allow")
+            broker_plant.ctrl("createClient", "watcher", "-p", "watcher-password")
+            broker_plant.ctrl("addClientRole", "watcher", "watching")
+            watcher = Watcher(port)
+            yield broker_plant, watcher
+        finally:
+            if watcher is not None:
+                watcher.close()
+            broker_plant.stop()
+
+
+REGISTER = "/api/client-registry/register"
+
+
+def enrol(plant: Plant, device: Device, request: dict[str, Any], grant: dict[str, Any] | None = None) -> None:
+    """Register ``device`` asking for ``request``'s rights; the administrator approves, granting ``grant``."""
+    device.folder.mkdir()
+    body = {"username": device.name} | request
+    if device.password is not None:
+        body["password"] = device.password
+    else:
+        key = make_key()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (device.folder / "device.key").write_bytes(pem)
+        (device.folder / "device.key").chmod(0o600)
+        body["csr"] = make_csr(device.name, key)
+    (device.folder / "request.json").write_text(json.dumps(body))
+    assert call(plant.base, "POST", "/api/client-registry/unlock", token=ADMIN_TOKEN)[0] == 200
+    assert call(plant.base, "POST", REGISTER, body)[0] == 202
+    status, answer = call(
+        plant.base, "POST", f"/api/client-registry/requests/{device.name}/approve", grant, token=ADMIN_TOKEN
+    )
+    assert status == 200, answer
+
+
+def collect(plant: Plant, device: Device) -> tuple[int, Any]:
+    """The device polls with its request once more: its 201, or the refusal."""
+    status, answer = call(plant.base, "POST", REGISTER, json.loads((device.folder / "request.json").read_text()))
+    if status == 201 and "certificate" in answer:
+        (device.folder / "device.pem").write_text(answer["certificate"])
+    return status, answer
+
+
+def refused(published: subprocess.CompletedProcess[str]) -> bool:
+    """mosquitto_pub sent the message and the broker refused it in its PUBACK (MQTT v5: Not authorized)."""
+    return published.returncode == 0 and "Not authorized" in published.stderr
+
+
+@real_broker
+def test_a_certificate_client_publishes_where_it_was_granted_and_nowhere_else(
+    plant: tuple[Plant, Watcher], tmp_path: Path
+) -> None:
+    """Proves BROKER-11.1-MAPPING and BROKER-11.3-RECONCILE against mosquitto: a narrowed grant is what holds."""
+    broker_plant, watcher = plant
+    device = Device("sensor-0001", tmp_path / "sensor-0001")
+    enrol(broker_plant, device, {"permissions": [permission("plant/#", "write")]},
+          {"permissions": [permission("plant/a/#", "write")]})  # fmt: skip
+    assert collect(broker_plant, device)[0] == 201
+    broker_plant.wait_for_agreement()
+
+    allowed = broker_plant.publish(device, "plant/a/x")
+    assert allowed.returncode == 0 and "Not authorized" not in allowed.stderr, allowed
+    assert watcher.next_topic() == "plant/a/x"
+    assert refused(broker_plant.publish(device, "plant/b/x"))
+    watcher.publish("plant/sentinel", "after the refused one")
+    assert watcher.next_topic() == "plant/sentinel"  # plant/b/x was never delivered
+
+
+@real_broker
+def test_a_password_client_narrowed_to_read_subscribes_and_cannot_publish(
+    plant: tuple[Plant, Watcher], tmp_path: Path
+) -> None:
+    """Proves BROKER-11.1-MAPPING and BROKER-11.2-PASSWORD-201: asking for more than was granted gets the grant."""
+    broker_plant, watcher = plant
+    device = Device("meter-0001", tmp_path / "meter-0001", "meter-password")
+    asked = [permission("plant/a/#", "readWrite"), permission("plant/b/#", "write")]
+    enrol(broker_plant, device, {"permissions": asked}, {"permissions": [permission("plant/a/#", "read")]})
+    status, answer = collect(broker_plant, device)
+    assert status == 201 and answer["permissions"] == [permission("plant/a/#", "read")], answer
+
+    watcher.publish("plant/a/news", "retained", retain=True)
+    assert watcher.next_topic() == "plant/a/news"
+    received = broker_plant.subscribe_once(device, "plant/a/#")
+    assert received.returncode == 0 and received.stdout.strip() == "plant/a/news retained", received
+    for topic in ("plant/a/x", "plant/b/x"):
+        assert refused(broker_plant.publish(device, topic))
+    watcher.publish("plant/sentinel", "after the refused ones")
+    assert watcher.next_topic() == "plant/sentinel"
+    denied = broker_plant.subscribe_once(device, "plant/b/#")
+    assert "denied" in denied.stdout + denied.stderr, denied
+
+
+@real_broker
+def test_deleting_a_connected_user_disconnects_it_and_it_cannot_come_back(
+    plant: tuple[Plant, Watcher], tmp_path: Path
+) -> None:
+    """Proves BROKER-11.3-RECONCILE: a removal deletes the client, which the broker disconnects at once."""
+    broker_plant, watcher = plant
+    device = Device("meter-0002", tmp_path / "meter-0002", "meter-password")
+    enrol(broker_plant, device, {"permissions": [permission("plant/a/#", "read")]})
+    assert collect(broker_plant, device)[0] == 201
+    watcher.publish("plant/a/news", "retained", retain=True)
+    subscriber = broker_plant.subscriber(device, "plant/a/#")
+    try:
+        assert subscriber.stdout.readline().strip() == "plant/a/news retained"  # connected and subscribed
+        assert subscriber.poll() is None
+        assert call(broker_plant.base, "DELETE", f"/api/users/{device.name}", token=ADMIN_TOKEN)[0] == 200
+        subscriber.wait(SUBPROCESS_SECONDS)
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.wait(SUBPROCESS_SECONDS)
+        subscriber.stdout.close()
+        subscriber.stderr.close()
+    again = broker_plant.subscribe_once(device, "plant/a/#")
+    assert again.returncode != 0 and "Not authorized" in again.stderr, again
+
+
+@real_broker
+def test_a_broker_stopped_during_an_approval_agrees_when_it_returns(
+    plant: tuple[Plant, Watcher], tmp_path: Path
+) -> None:
+    """Proves BROKER-11.2-PASSWORD-201, BROKER-11.3-RECONCILE and BROKER-11.4-STATUS: 503 while down, then 201."""
+    broker_plant, watcher = plant
+    watcher.close()
+    broker_plant.stop()
+    device = Device("meter-0003", tmp_path / "meter-0003", "meter-password")
+    enrol(broker_plant, device, {"permissions": [permission("plant/a/#", "read")]})
+    status, answer = collect(broker_plant, device)
+    assert status == 503 and answer["error"] == "broker_unavailable", answer
+    assert broker_plant.status()["reachable"] is False
+
+    broker_plant.start()
+    state = broker_plant.wait_for_agreement()  # the reconciler finds it again, with no help
+    assert state["awaitingPassword"] == 1  # the client exists, without a password until it is collected
+    assert collect(broker_plant, device)[0] == 201
+    assert broker_plant.wait_for_agreement()["awaitingPassword"] == 0
+    watcher = Watcher(broker_plant.plain)
+    try:
+        watcher.publish("plant/a/news", "retained", retain=True)
+        received = broker_plant.subscribe_once(device, "plant/a/#")
+    finally:
+        watcher.close()
+    assert received.returncode == 0 and received.stdout.strip() == "plant/a/news retained", received
+
+
+@real_broker
+def test_a_client_made_by_hand_is_left_alone(plant: tuple[Plant, Watcher], tmp_path: Path) -> None:
+    """Proves BROKER-11.3-RECONCILE: users come and go, and the operator's own client stays as it was made."""
+    broker_plant, watcher = plant
+    admin = broker.MqttDynamicSecurity(
+        broker.BrokerAddress(HOST, broker_plant.plain, False), ("admin", "admin-password")
+    )
+    try:
+        before = admin.exchange([{"command": "getClient", "username": "watcher"}])[0]["data"]
+        device = Device("sensor-0002", tmp_path / "sensor-0002")
+        enrol(broker_plant, device, {"permissions": [permission("plant/#", "write")]})
+        assert collect(broker_plant, device)[0] == 201
+        assert call(broker_plant.base, "DELETE", f"/api/users/{device.name}", token=ADMIN_TOKEN)[0] == 200
+        broker_plant.wait_for_agreement()
+        after = admin.exchange([{"command": "getClient", "username": "watcher"}])[0]["data"]
+    finally:
+        admin.close()
+    assert after == before == {"client": {"username": "watcher", "roles": [{"rolename": "watching"}], "groups": []}}
+    watcher.publish("plant/still-here", "yes")
+    assert watcher.next_topic() == "plant/still-here"
