@@ -500,9 +500,9 @@ class Plant:
     watcher, who may subscribe to and publish on ``plant/#``.
     """
 
-    def __init__(self, folder: Path, base: str, data: Path, plain: int) -> None:
+    def __init__(self, folder: Path, base: str, data: Path, admin: int) -> None:
         self.folder, self.base = folder, base
-        self.plain, self.tls = plain, free_port()
+        self.plain, self.tls, self.admin = free_port(), free_port(), admin
         self.log = folder / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
         download(base, "/api/client-registry/ca", folder / "ca.pem")
@@ -529,6 +529,11 @@ class Plant:
                     "require_certificate true",
                     "use_identity_as_username true",
                     f"crlfile {folder / 'crl.pem'}",
+                    # The registry's administrator, over TLS with no client certificate (mqtts://).
+                    f"listener {self.admin} {HOST}",
+                    f"cafile {folder / 'ca.pem'}",
+                    f"certfile {folder / 'broker.pem'}",
+                    f"keyfile {folder / 'broker.key'}",
                     "",
                 ]
             )
@@ -540,7 +545,7 @@ class Plant:
             self.process = subprocess.Popen(
                 [MOSQUITTO, "-c", str(self.config)], stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
             )
-        for port in (self.plain, self.tls):
+        for port in (self.plain, self.tls, self.admin):
             wait_until_listening(self.process, port, self.log)
 
     def stop(self) -> None:
@@ -655,9 +660,13 @@ def plant(tmp_path: Path) -> Iterator[tuple[Plant, Watcher]]:
     admin.write_text(json.dumps({"username": "admin", "password": "admin-password"}))
     admin.chmod(0o600)
     data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    ca.CA.load_or_create(data, datetime.now(UTC))  # its certificate is the broker's CA as well
     port = free_port()
     # The port is chosen first, so the registry can be given it; the broker starts after the registry.
-    with serve(data, mosquitto=f"mqtt://{HOST}:{port}", mosquitto_admin=admin) as registry_server:
+    with serve(
+        data, mosquitto=f"mqtts://{HOST}:{port}", mosquitto_cafile=data / "ca.pem", mosquitto_admin=admin
+    ) as registry_server:
         broker_plant = Plant(folder, registry_server.url, data, port)
         broker_plant.start()
         watcher = None
@@ -669,7 +678,7 @@ def plant(tmp_path: Path) -> Iterator[tuple[Plant, Watcher]]:
                 broker_plant.ctrl("addRoleACL", "watching", acl, "plant/#", "allow")
             broker_plant.ctrl("createClient", "watcher", "-p", "watcher-password")
             broker_plant.ctrl("addClientRole", "watcher", "watching")
-            watcher = Watcher(port)
+            watcher = Watcher(broker_plant.plain)
             yield broker_plant, watcher
         finally:
             if watcher is not None:
