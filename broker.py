@@ -183,9 +183,13 @@ def plan(wanted: BrokerState, found: BrokerState, passwords: Mapping[str, str] |
     never touched: a name it holds is a conflict.
     """
     passwords = passwords or {}
+    # A role that lets its holder administer the broker (the one ``dynsec init``
+    # makes) is never handed to a user, whatever the catalog calls it.
+    administering = {name for name, role in found.roles.items() if not role.managed and _administers(role)}
     conflicts = sorted(
         [name for name in wanted.clients if name in found.clients and not found.clients[name].managed]
         + [name for name, role in wanted.roles.items() if role.managed and _by_hand(found.roles.get(name))]
+        + [name for name, client in wanted.clients.items() if administering & set(client.roles)]
     )
     blocked = set(conflicts)
     roles, clients, deletions = [], [], []
@@ -219,6 +223,10 @@ def plan(wanted: BrokerState, found: BrokerState, passwords: Mapping[str, str] |
 
 def _roles_of(username: str, rights: registry.Rights) -> tuple[str, ...]:
     return tuple(sorted({*rights.roles, own_role(username)}))
+
+
+def _administers(role: Role) -> bool:
+    return any(acl.allow and acl.topic.startswith("$CONTROL") for acl in role.acls)
 
 
 def _by_hand(role: Role | None) -> bool:

@@ -297,6 +297,19 @@ def test_a_name_held_by_a_hand_made_client_is_left_alone_and_its_201_waits(
     assert wired.status()["conflicts"] == ["meter-0003"] and wired.status()["pendingDifferences"] == 1
 
 
+def test_a_catalog_role_that_administers_the_broker_is_never_given(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.1-MAPPING: a role whose ACLs reach $CONTROL (dynsec init's admin role) is no user's."""
+    dynsec.roles["operator"] = {
+        "rolename": "operator",
+        "acls": [{"acltype": "publishClientSend", "topic": "$CONTROL/dynamic-security/#", "allow": True}],
+    }
+    approve(reg, {"username": "sensor-0009", "csr": make_csr("sensor-0009"), "roles": ["operator"]})
+    left, _ = wired.reconcile()
+    assert left.conflicts == ["sensor-0009"] and "sensor-0009" not in dynsec.clients
+
+
 def test_a_registry_without_a_provisioner_answers_201_as_before(reg: registry.Registry) -> None:
     """Proves BROKER-11.2-PASSWORD-201 applies only with a broker: without one nothing changes."""
     request = {"username": "meter-0004", "password": "s3cret-pass"}
