@@ -391,6 +391,7 @@ class MqttDynamicSecurity:
         client.on_connect = lambda _c, _u, _f, reason, _p: answers.put(("connect", reason))
         client.on_subscribe = lambda _c, _u, _m, reasons, _p: answers.put(("subscribe", reasons[0]))
         client.on_message = lambda _c, _u, message: answers.put(("message", message.payload))
+        client.on_disconnect = lambda _c, _u, _f, reason, _p: answers.put(("disconnect", reason))
         self._client = client
         client.connect(self.address.host, self.address.port, keepalive=60)
         client.loop_start()
@@ -409,6 +410,8 @@ class MqttDynamicSecurity:
         self._client.publish(CONTROL, json.dumps({"commands": tagged}), qos=1)
         while True:
             kind, payload = self._answers.get(timeout=self._timeout)
+            if kind == "disconnect":
+                raise BrokerUnreachable(f"the connection was lost ({payload})")
             if kind != "message":
                 continue
             responses = json.loads(payload).get("responses", [])
