@@ -93,7 +93,9 @@ the same state.
 
 The core touches no socket. Certificates are the business of an injected
 ``CertificateAuthority`` (``ca.py`` provides one); without it the registry
-serves password registrations only.
+serves password registrations only. An injected ``Provisioner`` (SPEC
+section 11; ``broker.py`` provides one) must hold a password user's
+password before that user's 201 is answered.
 """
 
 from __future__ import annotations

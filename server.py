@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import broker as broker_module
 import ca as ca_module
 import clientcheck
 import files
@@ -238,7 +239,7 @@ class App:
         *,
         max_body: int = 64 * 1024,
         check: clientcheck.ClientCheck | None = None,
-        broker: Any = None,
+        broker: broker_module.Reconciler | None = None,
     ) -> None:
         self.core = core
         self.broker = broker  # --mosquitto: a broker.Reconciler, kicked after every change of a user
@@ -321,8 +322,8 @@ class App:
         return Response(outcome.status, outcome.content, JSON, outcome.headers)
 
     def status(self, request: Request) -> Response:
-        broker = {"broker": self.broker.status()} if self.broker else {}
-        return Response.json(HTTPStatus.OK, self.core.status() | broker)
+        kept = {"broker": self.broker.status()} if self.broker else {}
+        return Response.json(HTTPStatus.OK, self.core.status() | kept)
 
     def unlock(self, request: Request) -> Response:
         return Response.json(HTTPStatus.OK, self.core.unlock(_json_body(request), **_actor(request)))
@@ -1049,10 +1050,8 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     core = registry.Registry(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
     check = clientcheck.ClientCheck() if config.test_clients else None
     reconciler = None
-    if config.mosquitto:
-        import broker  # paho-mqtt is needed only with --mosquitto
-
-        reconciler = broker.serve(core, config.mosquitto, config.mosquitto_admin, config.mosquitto_cafile, clock)
+    if config.mosquitto:  # paho-mqtt is imported then, and only then
+        reconciler = broker_module.serve(core, config.mosquitto, config.mosquitto_admin, config.mosquitto_cafile, clock)
     app = App(core, admin_token(config), max_body=config.max_body, check=check, broker=reconciler)
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
     server = RegistryServer(config, app, tls)

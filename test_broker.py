@@ -20,6 +20,7 @@ import pwd
 import queue
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -856,3 +857,17 @@ def test_a_client_made_by_hand_is_left_alone(plant: tuple[Plant, Watcher], tmp_p
     assert after == before == {"client": {"username": "watcher", "roles": [{"rolename": "watching"}], "groups": []}}
     watcher.publish("plant/still-here", "yes")
     assert watcher.next_topic() == "plant/still-here"
+
+
+def test_paho_is_imported_only_when_mosquitto_is_given(tmp_path: Path) -> None:
+    """Proves BROKER-11.1-MAPPING's settings: the server without --mosquitto needs no MQTT library."""
+    script = (
+        "import sys, server\n"
+        f"built = server.build(server.Config(data_dir=server.Path({str(tmp_path / 'data')!r}), port=0, http=True))\n"
+        "built.server_close()\n"
+        "assert not [name for name in sys.modules if name.startswith('paho')], 'paho was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
