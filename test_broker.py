@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
@@ -333,6 +334,26 @@ def test_removal_deletes_the_client_and_its_role_and_leaves_hand_made_ones(
     wired.reconcile()
     assert set(dynsec.clients) == {"watcher"} and set(dynsec.roles) == {"watching"}
     assert dynsec.disconnected == ["sensor-0002"]
+
+
+def test_a_renewal_changes_nothing_at_the_broker(
+    reg: registry.Registry, dynsec: FakeDynamicSecurity, wired: broker.Reconciler
+) -> None:
+    """Proves BROKER-11.3-RECONCILE: a renewal keeps the user, its rights and its client: nobody is disconnected."""
+    key = make_key()
+    request = {
+        "username": "sensor-0004",
+        "csr": make_csr("sensor-0004", key),
+        "permissions": [permission("a/#", "write")],
+    }
+    approve(reg, request)
+    certificate = x509.load_pem_x509_certificate(reg.register(request).body["certificate"].encode())
+    wired.reconcile()
+    before = copy.deepcopy((dynsec.clients, dynsec.roles))
+    renewed = reg.renew(certificate.public_bytes(serialization.Encoding.DER), {"csr": make_csr("sensor-0004", key)})
+    assert renewed.status == 201
+    left, _ = wired.reconcile()
+    assert left == broker.Plan([], []) and (dynsec.clients, dynsec.roles) == before and dynsec.disconnected == []
 
 
 def test_what_drifted_at_the_broker_is_put_back(
