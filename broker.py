@@ -556,10 +556,13 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stopped.is_set():
             self._kicked.clear()
+            was_reachable = self._reachable
             try:
                 self.reconcile()
             except BrokerUnreachable as error:
-                log.warning("%s; trying again in %.0f s", error, self.retry)
+                # Once when it goes away, not at every try: a broker down for an hour is one line.
+                level = logging.DEBUG if was_reachable is False else logging.WARNING
+                log.log(level, "%s; trying again every %.0f s", error, self.retry)
             except Exception:
                 log.exception("a pass of the broker's reconciler failed; trying again in %.0f s", self.retry)
                 self._reachable = False
