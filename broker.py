@@ -362,6 +362,7 @@ class MqttDynamicSecurity:
         self._answers: queue.Queue[Any] = queue.Queue()
 
     def exchange(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Publish ``commands`` in one message and wait for their responses (``DynamicSecurity.exchange``)."""
         with self._lock:
             try:
                 if self._client is None or not self._client.is_connected():
@@ -451,6 +452,7 @@ class Reconciler:
         self.clock = clock
         self.period, self.retry = period, retry
         self._lock = threading.Lock()  # one pass at a time
+        self._recorded = threading.Lock()  # what the last pass found: read by status() without waiting for a pass
         self._kicked = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -469,7 +471,8 @@ class Reconciler:
             try:
                 return self._pass(passwords or {})
             except BrokerUnreachable:
-                self._reachable = False
+                with self._recorded:
+                    self._reachable = False
                 raise
 
     def _pass(self, passwords: Mapping[str, str]) -> tuple[Plan, BrokerState]:
@@ -490,16 +493,17 @@ class Reconciler:
     def _record(self, found: BrokerState, left: Plan) -> None:
         if self._reachable is False:
             log.info("the broker is reachable again")
-        self._reachable = True
-        self._pending = len(left.commands) + len(left.conflicts)
         if left.conflicts and left.conflicts != self._conflicts:
-            log.warning("clients or roles made by hand hold the names %s: left alone", ", ".join(left.conflicts))
-        self._conflicts = left.conflicts
-        if not left.commands and not left.conflicts:
-            self._agreed_at = self.clock()
-        self._awaiting = sum(
-            1 for client in found.clients.values() if client.managed and client.description.endswith(" awaited")
-        )
+            log.warning("these names are held at the broker by hand, or by its administrator's role: %s: left alone",
+                        ", ".join(left.conflicts))  # fmt: skip
+        awaiting = sum(1 for c in found.clients.values() if c.managed and c.description.endswith(" awaited"))
+        with self._recorded:
+            self._reachable = True
+            self._pending = len(left.commands) + len(left.conflicts)
+            self._conflicts = left.conflicts
+            if not left.commands and not left.conflicts:
+                self._agreed_at = self.clock()
+            self._awaiting = awaiting
 
     def _look(self) -> BrokerState:
         listing = [
@@ -556,21 +560,21 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stopped.is_set():
             self._kicked.clear()
-            was_reachable = self._reachable
+            was_reachable, passed = self._reachable, False
             try:
                 self.reconcile()
+                passed = True
             except BrokerUnreachable as error:
                 # Once when it goes away, not at every try: a broker down for an hour is one line.
                 level = logging.DEBUG if was_reachable is False else logging.WARNING
                 log.log(level, "%s; trying again every %.0f s", error, self.retry)
-            except Exception:
+            except Exception:  # an answer it did not expect, say: the next pass tries again
                 log.exception("a pass of the broker's reconciler failed; trying again in %.0f s", self.retry)
-                self._reachable = False
-            self._kicked.wait(self.period if self._reachable else self.retry)
+            self._kicked.wait(self.period if passed else self.retry)
 
     def status(self) -> dict[str, Any]:
         """The broker's state for the status call: reachable, the last agreement, the differences pending."""
-        with self._lock:
+        with self._recorded:
             return {
                 "reachable": self._reachable,
                 "lastAgreement": self._agreed_at.isoformat() if self._agreed_at else None,
