@@ -516,9 +516,8 @@ def test_the_server_refuses_mosquitto_without_the_admin_file(tmp_path: Path) -> 
 MOSQUITTO_SUB = shutil.which("mosquitto_sub", path=SEARCH_PATH)
 MOSQUITTO_CTRL = shutil.which("mosquitto_ctrl", path=SEARCH_PATH)
 # Debian ships the plugin in the mosquitto package, in its architecture's library folder.
-PLUGINS = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")) + [
-    Path("/usr/lib/mosquitto_dynamic_security.so")
-]
+PLUGINS = [*sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))]
+PLUGINS.append(Path("/usr/lib/mosquitto_dynamic_security.so"))
 DYNAMIC_SECURITY = next((path for path in PLUGINS if path.exists()), PLUGINS[-1])
 AGREEMENT_SECONDS = 30  # for the reconciler to reach a broker that has just started
 real_broker = pytest.mark.skipif(
