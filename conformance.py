@@ -179,6 +179,10 @@ REQUIREMENTS: dict[str, tuple[str, str, str]] = {
     "CLIENT-9.2-SAME-REQUEST": ("MUST", "9", "a client polls with the very request it sent"),
     "CLIENT-9.3-DENIED": ("SHOULD", "9", "a denied client stops asking"),
     "CLIENT-9.4-LOST-ANSWER": ("MUST", "9", "a client sends again when an answer is lost, and takes a 201 twice"),
+    "BROKER-11.1-MAPPING": ("MUST", "11", "each user is a broker client with its roles and a role of its grants"),
+    "BROKER-11.2-PASSWORD-201": ("MUST", "11", "a password user's 201 only once the broker holds its password"),
+    "BROKER-11.3-RECONCILE": ("MUST", "11", "the broker's marked clients are made equal to the users, and kept so"),
+    "BROKER-11.4-STATUS": ("MUST", "11", "the status call reports the broker's state"),
 }
 
 # Why the kit leaves a requirement (or a part of one) to the implementation's own tests.
@@ -207,6 +211,10 @@ NOT_CHECKED: dict[str, str] = {
     "CLIENT-9.2-SAME-REQUEST": "no: a client's duty, which `server.py --test-clients` checks",
     "CLIENT-9.3-DENIED": "no: a client's duty, which `server.py --test-clients` checks",
     "CLIENT-9.4-LOST-ANSWER": "no: a client's duty, which `server.py --test-clients` tests by losing answers",
+    "BROKER-11.1-MAPPING": "no: needs a broker (section 11), tested by test_broker.py",
+    "BROKER-11.2-PASSWORD-201": "no: needs a broker (section 11), tested by test_broker.py",
+    "BROKER-11.3-RECONCILE": "no: needs a broker (section 11), tested by test_broker.py",
+    "BROKER-11.4-STATUS": "no: needs a broker (section 11), tested by test_broker.py",
 }
 # Requirements the kit checks only in part: what it leaves out.
 PARTLY: dict[str, str] = {

@@ -195,7 +195,19 @@ SCHEMAS: dict[str, Schema] = {
                 ],
                 "description": "The current CRL (null without a CA)",
             },
-        }
+            # SPEC section 11: only on a server started with --mosquitto.
+            "broker": _closed(
+                {
+                    "reachable": {"type": ["boolean", "null"], "description": "Whether the last pass reached it"},
+                    "lastAgreement": MAYBE_TIME,
+                    "pendingDifferences": {"type": ["integer", "null"], "minimum": 0},
+                    "conflicts": {"type": "array", "items": TEXT, "description": "Names held by hand"},
+                    "awaitingPassword": {"type": ["integer", "null"], "minimum": 0},
+                },
+                description="The MQTT broker kept equal to the users (a server started with --mosquitto)",
+            ),
+        },
+        required=("locked", "unlockedUntil", "pending", "crl"),
     ),
     "Request": _closed(
         {
@@ -361,7 +373,8 @@ NOTES: dict[str, dict[int, str]] = {
         422: "Against policy (policy_violation): username, password, role or CSR key",
         423: "Locked: a new request while the registry is locked; nothing was stored",
         429: "Too many new requests from this address (when a rate limit is set)",
-        503: "Full (registry_full): as many pending requests as the registry keeps",
+        503: "Full (registry_full): as many pending requests as the registry keeps; or broker_unavailable: the MQTT"
+        " broker could not be given a password user's account yet (SPEC section 11)",
     },
     "approve": {409: "not_pending: the request was already decided", 422: "A role outside the catalog, or no CA"},
     "deny": {409: "not_pending: the request was already decided"},

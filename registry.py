@@ -93,7 +93,9 @@ the same state.
 
 The core touches no socket. Certificates are the business of an injected
 ``CertificateAuthority`` (``ca.py`` provides one); without it the registry
-serves password registrations only.
+serves password registrations only. An injected ``Provisioner`` (SPEC
+section 11; ``broker.py`` provides one) must hold a password user's
+password before that user's 201 is answered.
 """
 
 from __future__ import annotations
@@ -251,6 +253,12 @@ class StorageUnavailable(RegistryError):
     """The database cannot take a write now, its disk full (503); nothing was stored."""
 
     status, code = HTTPStatus.SERVICE_UNAVAILABLE, "storage_unavailable"
+
+
+class BrokerUnavailable(RegistryError):
+    """The MQTT broker could not be given a password user's credential now (503); the next poll tries again."""
+
+    status, code = HTTPStatus.SERVICE_UNAVAILABLE, "broker_unavailable"
 
 
 # --- Values ---------------------------------------------------------------
@@ -483,6 +491,41 @@ class CertificateAuthority(Protocol):
         self, revoked: Iterable[RevokedCertificate], number: int, this_update: datetime, next_update: datetime
     ) -> bytes:
         """Sign a CRL (DER) listing ``revoked``."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as a broker needs to know it (SPEC section 11): its name, how it signs in, and what it was granted."""
+
+    username: str
+    method: str  # "password" or "csr"
+    rights: Rights
+    # A password user's password, named without being revealed: the SHA-256
+    # of its salted hash (it changes when the user registers anew). None for
+    # a certificate user.
+    credential: str | None
+
+
+def password_credential(password_hash: str) -> str:
+    """The name of a stored password that reveals nothing of it: the SHA-256 of its salted scrypt hash."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()
+
+
+class Provisioner(Protocol):
+    """Where a password user's credential must arrive before its 201 (SPEC section 11); ``broker.Reconciler`` is one.
+
+    The registry keeps no password, only its scrypt hash: the plaintext is
+    in the client's own request alone, so it reaches the broker when the
+    client collects its 201.
+    """
+
+    def provision_password(self, username: str, password: str, rights: Rights, credential: str) -> None:
+        """Make ``username`` able to sign in with ``password`` and ``rights``; ``BrokerUnavailable`` when it cannot.
+
+        ``credential`` names the password without revealing it (the SHA-256 of
+        its salted hash), so that a provisioner can tell a password it holds
+        already from a new one.
+        """
 
 
 @dataclass(frozen=True)
@@ -1121,6 +1164,11 @@ class Store:
     def user(self, username: str) -> sqlite3.Row | None:
         return self._db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
 
+    def accounts(self) -> list[sqlite3.Row]:
+        """Every user's name, method, grant and password hash, by name (SPEC section 11)."""
+        query = "SELECT username, method, granted, password_hash FROM users ORDER BY username"
+        return self._db.execute(query).fetchall()
+
     def user_by_certificate(self, certificate_sha256: str) -> sqlite3.Row | None:
         return self._db.execute("SELECT * FROM users WHERE certificate_sha256 = ?", (certificate_sha256,)).fetchone()
 
@@ -1561,8 +1609,10 @@ class Registry:
         roles: Mapping[str, str] | Iterable[str] = ("minimum",),
         ca: CertificateAuthority | None = None,
         settings: Settings = Settings(),
+        provisioner: Provisioner | None = None,
     ) -> None:
         self.clock = clock
+        self.provisioner = provisioner
         self.roles = dict(roles) if isinstance(roles, Mapping) else dict.fromkeys(roles, "")
         self.ca = ca
         self.settings = settings
@@ -1622,7 +1672,11 @@ class Registry:
         problems = policy_problems(registration, self.roles, csr)
         if problems:
             raise _policy(problems)
-        return registration, self._answer(registration, csr, address)
+        outcome = self._answer(registration, csr, address)
+        if outcome.status is HTTPStatus.CREATED:
+            self._provision(registration, outcome)  # BROKER-11.2-PASSWORD-201: may raise 503 instead
+            self._collected(registration.username)
+        return registration, outcome
 
     def _answer(self, registration: Registration, csr: CsrInfo | None, address: str) -> Outcome:
         """SPEC section 2.4 for a well-formed request within policy: ``decide``, then do what it says.
@@ -1704,8 +1758,6 @@ class Registry:
         name = registration.username
         if decision is Decision.REDELIVER:
             self._throttle.signed_in(name, address, now)
-            if row["collected_at"] is None:
-                self._mark_collected(name, now)
             return self._approved_outcome(name)
         if decision is Decision.POLL:
             assert row is not None
@@ -1858,6 +1910,42 @@ class Registry:
             return False
         seen.created_at, seen.checked = row["created_at"], self._version
         return True
+
+    # --- The broker's part (SPEC section 11) ------------------------------
+
+    def _provision(self, registration: Registration, outcome: Outcome) -> None:
+        """BROKER-11.2-PASSWORD-201: a password user's 201 goes out only once the provisioner holds its password.
+
+        Called outside the lock with every 201 that ``register`` answers; a
+        provisioner that cannot be reached turns it into 503 ``broker_unavailable``.
+        """
+        if self.provisioner is None or registration.password is None or outcome.status is not HTTPStatus.CREATED:
+            return
+        with self._lock:
+            user = self._store.user(registration.username)
+        if user is None:  # removed since it was answered: there is nothing to provision
+            return
+        credential = password_credential(user["password_hash"])
+        rights = Rights.loads(user["granted"])
+        try:
+            self.provisioner.provision_password(registration.username, registration.password, rights, credential)
+        except BrokerUnavailable as error:
+            error.headers.setdefault("Retry-After", str(self.settings.retry_after_pending))
+            raise
+
+    def accounts(self) -> list[Account]:
+        """Every user as a broker needs to know it, by name: what a reconciler makes the broker equal to."""
+        with self._lock:
+            rows = self._store.accounts()
+        return [
+            Account(
+                row["username"],
+                row["method"],
+                Rights.loads(row["granted"]),
+                password_credential(row["password_hash"]) if row["password_hash"] else None,
+            )
+            for row in rows
+        ]
 
     # --- The lock (SPEC section 3) ----------------------------------------
 
@@ -2238,11 +2326,19 @@ class Registry:
                     log.error("the database cannot store (disk full?): new requests get 503 until it can")
             raise
 
-    def _mark_collected(self, username: str, now: int) -> None:
-        # Once, and only to inform the administrator: the answer goes out
-        # even when it cannot be written.
-        with contextlib.suppress(StorageUnavailable), self._writing(changes_requests=False):
-            self._store.mark_collected(username, now)
+    def _collected(self, username: str) -> None:
+        """Note when the client of an approved request first fetched its 201.
+
+        Once, and only to inform the administrator: the answer goes out even
+        when it cannot be written.
+        """
+        now = self._now()
+        with self._lock:
+            row = self._store.request(username)
+            if row is None or row["collected_at"] is not None:
+                return
+            with contextlib.suppress(StorageUnavailable), self._writing(changes_requests=False):
+                self._store.mark_collected(username, now)
 
     def _count_poll(self, username: str, address: str, now: int) -> None:
         if self._polls.count(username, address, now):

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import broker as broker_module
 import ca as ca_module
 import clientcheck
 import files
@@ -133,6 +134,10 @@ class Config:
     fast_http: bool = True
     backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
     test_clients: bool = False  # vary the answers to registrations and report what clients do wrong
+    # SPEC section 11: the MQTT broker kept equal to the users (mqtt:// or mqtts://), its CA, its admin's file.
+    mosquitto: str | None = None
+    mosquitto_cafile: Path | None = None
+    mosquitto_admin: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -234,8 +239,10 @@ class App:
         *,
         max_body: int = 64 * 1024,
         check: clientcheck.ClientCheck | None = None,
+        broker: broker_module.Reconciler | None = None,
     ) -> None:
         self.core = core
+        self.broker = broker  # --mosquitto: a broker.Reconciler, kicked after every change of a user
         self.max_body = max_body
         self.check = check  # --test-clients: registrations varied, their clients watched
         self._token = admin_token.encode()
@@ -315,7 +322,8 @@ class App:
         return Response(outcome.status, outcome.content, JSON, outcome.headers)
 
     def status(self, request: Request) -> Response:
-        return Response.json(HTTPStatus.OK, self.core.status())
+        kept = {"broker": self.broker.status()} if self.broker else {}
+        return Response.json(HTTPStatus.OK, self.core.status() | kept)
 
     def unlock(self, request: Request) -> Response:
         return Response.json(HTTPStatus.OK, self.core.unlock(_json_body(request), **_actor(request)))
@@ -328,6 +336,7 @@ class App:
 
     def approve(self, request: Request, username: str) -> Response:
         user = self.core.approve(username, _json_body(request), **_actor(request))
+        self._kick_broker()
         return Response.json(HTTPStatus.OK, user)
 
     def deny(self, request: Request, username: str) -> Response:
@@ -352,6 +361,7 @@ class App:
 
     def remove_user(self, request: Request, username: str) -> Response:
         self.core.remove_user(username, **_actor(request))
+        self._kick_broker()
         return Response.json(HTTPStatus.OK, {"status": "removed", "username": username})
 
     def ca(self, request: Request) -> Response:
@@ -370,7 +380,13 @@ class App:
 
     def renew(self, request: Request) -> Response:
         outcome = self.core.renew(request.peer_certificate, _json_body(request), address=request.client_address)
+        self._kick_broker()
         return Response(outcome.status, outcome.content, JSON, outcome.headers)
+
+    def _kick_broker(self) -> None:
+        # BROKER-11.3-RECONCILE: a pass after every approval, renewal and removal.
+        if self.broker is not None:
+            self.broker.kick()
 
     def whoami(self, request: Request) -> Response:
         if request.peer_certificate:
@@ -904,6 +920,8 @@ class RegistryServer(ThreadingHTTPServer):
         self.watchdog.stop()
         self.access_log.close()
         self.crl_timer.stop()
+        if self.app.broker is not None:
+            self.app.broker.stop()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread a connection, no more threads than slots, and no more
@@ -1033,9 +1051,15 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
     core = registry.Registry(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
     check = clientcheck.ClientCheck() if config.test_clients else None
-    app = App(core, admin_token(config), max_body=config.max_body, check=check)
+    reconciler = None
+    if config.mosquitto:  # paho-mqtt is imported then, and only then
+        reconciler = broker_module.serve(core, config.mosquitto, config.mosquitto_admin, config.mosquitto_cafile, clock)
+    app = App(core, admin_token(config), max_body=config.max_body, check=check, broker=reconciler)
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
-    return RegistryServer(config, app, tls)
+    server = RegistryServer(config, app, tls)
+    if reconciler is not None:
+        reconciler.start()
+    return server
 
 
 def admin_token(config: Config) -> str:
@@ -1227,6 +1251,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="test the clients (SPEC section 9): vary Retry-After, answer 429 and 503 now and then, lose answers,"
         " keep each unlock to 30 s at most (it starts locked, as always); report what each client does wrong at"
         " /api/client-registry/client-report",
+    )
+    option(
+        "--mosquitto",
+        metavar="URL",
+        help="keep this MQTT broker's dynamic security equal to the users (mqtt://HOST:PORT or mqtts://HOST:PORT;"
+        " needs paho-mqtt; see docs/relying-parties.md)",
+    )
+    option("--mosquitto-cafile", type=Path, metavar="FILE", help="the CA that signed an mqtts:// broker's certificate")
+    option(
+        "--mosquitto-admin",
+        type=Path,
+        metavar="FILE",
+        help='a 0600 JSON file {"username": ..., "password": ...}: the broker\'s dynamic-security administrator',
     )
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
