@@ -16,9 +16,14 @@ e) CSR approvals through the administrator's API (approve, sign, store),
    reported in approvals per second without a bound: an approval is decided
    by a person, one at a time, and its speed does not matter next to its
    correctness;
-f) the peak resident memory (VmHWM) of the server of d) with 100,000 users.
+f) the peak resident memory (VmHWM) of the server of d) with 100,000 users;
+g) the administrator's ``GET /api/client-registry`` latency while 8
+   connections send wrong passwords for many pending requests, right after
+   a restart (so nothing is remembered): each guess costs scrypt, which must
+   run outside the registry's lock (SPEC SAFE-6.6-SLOW-WORK).
 
-The issue's targets (the polls of b), c) and d), the memory of f)) are
+The issue's targets (the polls of b), c) and d), the memory of f), the
+administrator's latency of g)) are
 printed beside the numbers, each marked PASS or FAIL; e) has none. The run
 exits 0 whatever they say, and 1 only when something broke (a server that
 did not start, an answer with the wrong status).
@@ -121,10 +126,13 @@ class Scale:
     small_users: int
     large_users: int
     large_pending: int
+    guessed: int  # pending password requests in g), each guessed at 4 times (under the throttle's 5)
 
 
-FULL = Scale(2.0, 3, 50, 200, 300, 1.5, 10, 100_000, 10_000)
-QUICK = Scale(0.3, 1, 5, 20, 20, 0.3, 10, 1_000, 100)
+FULL = Scale(2.0, 3, 50, 200, 300, 1.5, 10, 100_000, 10_000, 150)
+QUICK = Scale(0.3, 1, 5, 20, 20, 0.3, 10, 1_000, 100, 10)
+GUESSES_PER_USER = 4  # wrong passwords per pending request in g): each is checked (409), none throttled (429)
+GUESSING_CONNECTIONS = (2, 4)  # g)'s load: worker processes x connections each
 
 
 # --- The client: raw keep-alive HTTP/1.1 over a socket ---------------------
@@ -930,6 +938,44 @@ class Bench:
         peak = targets["d_large"].peak_memory()
         self.results["f"] = {"peak_rss_mb": round(peak / 2**20, 1), "users": scale.large_users}
 
+    def admin_under_guesses(self) -> None:
+        """g): the administrator's status call, idle and while 8 connections guess passwords after a restart."""
+        names = [f"guessed-{i:04d}" for i in range(self.scale.guessed)]
+        setup = self.launch("registry (g's requests)", "registry", "registry-guesses", http=True).wait()
+        self.register(setup, polls(map(password_request, names)))
+        self.stop_servers()
+        target = self.launch("registry after a restart", "registry", "registry-guesses", http=True).wait()
+        self.results["g_idle"] = self.admin_latency(target, lambda: None)
+        guesses = polls({**password_request(name), "password": f"wrong-{n}"} for n in range(4) for name in names)
+        workers, connections = GUESSING_CONNECTIONS
+        guessing = threading.Thread(
+            target=lambda: self.load.run(
+                target, guesses, expect=HTTPStatus.CONFLICT, once=True, workers=workers, connections=connections
+            )
+        )
+        self.results["g_guesses"] = self.admin_latency(target, guessing.start, until=guessing)
+        guessing.join()
+
+    def admin_latency(
+        self, target: ServerProcess, start: Callable[[], None], until: threading.Thread | None = None
+    ) -> dict[str, float]:
+        """``GET /api/client-registry`` back to back on one connection, for a second or until ``until`` ends."""
+        connection = Connection(target.port, target.tls_ca)
+        request = build_request("GET", "/api/client-registry", token=self.token)
+        latencies: list[float] = []
+        start()
+        time.sleep(0.2 if until else 0.0)  # the guesses under way
+        deadline = time.perf_counter() + 1.0
+        while (until.is_alive() if until else time.perf_counter() < deadline) and len(latencies) < 100_000:
+            sent = time.perf_counter()
+            status, answer = connection.exchange(request)
+            latencies.append(time.perf_counter() - sent)
+            if status != HTTPStatus.OK:
+                raise BenchError(f"GET /api/client-registry on {target.name}: {status}: {answer[:300]!r}")
+        connection.close()
+        load = Load(len(latencies), sum(latencies), latencies, 0.0, 0.0)
+        return {"p50_ms": load.summary()["p50_ms"], "p99_ms": load.summary()["p99_ms"], "calls": len(latencies)}
+
     def targets(self) -> list[Target]:
         r = self.results
 
@@ -947,6 +993,7 @@ class Bench:
                 False,
             ),
             Target(f"f peak RSS in MB with {r['f']['users']:,} users", r["f"]["peak_rss_mb"], 300, False),
+            Target("g admin p50 ms under password guesses", r["g_guesses"]["p50_ms"], 5, False),
         ]
 
 
@@ -975,6 +1022,9 @@ def render(results: dict[str, dict[str, Any]], targets: list[Target], header: st
     label = "e) CSR approvals through the API"
     lines.append(f"{label:<38}{results['e_server']['approvals_per_second']:>9,.0f}  approvals/s (no bound)")
     lines.append(f"{'f) server peak RSS (VmHWM)':<38}{results['f']['peak_rss_mb']:>9,.1f}  MB")
+    for key, label in (("g_idle", "g) admin status call, idle"), ("g_guesses", "g) ... under 8 guessing connections")):
+        row = results[key]
+        lines.append(f"{label:<38}{'':>9}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}  ({row['calls']:,} calls)")
     lines += ["", f"{'target':<44}{'measured':>10}  {'bound':<9}result"]
     for target in targets:
         bound = f"{'>=' if target.at_least else '<'} {target.bound:g}"
@@ -1072,6 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.approvals()
             bench.stop_servers()
             bench.latency()
+            bench.stop_servers()
+            bench.admin_under_guesses()
         except BenchError as error:
             print(f"bench.py: {error}", file=sys.stderr)
             return 1

@@ -21,6 +21,8 @@ MEASUREMENTS = {
     "d_large": (*POLLS, "users", "pending"),
     "e_server": ("approvals_per_second", "approvals", "seconds"),
     "f": ("peak_rss_mb", "users"),
+    "g_idle": ("p50_ms", "p99_ms", "calls"),
+    "g_guesses": ("p50_ms", "p99_ms", "calls"),
 }
 
 
@@ -53,7 +55,7 @@ def test_quick_run_measures_every_target(tmp_path: Path) -> None:
     # e) is reported without a bound: the targets are the polls' and the memory's.
     assert "approvals/s" in run.stdout
     targets = report["targets"]
-    assert len(targets) == 5
+    assert len(targets) == 6
     assert not any("approv" in target["name"] for target in targets)
     assert all(target["value"] > 0 and isinstance(target["pass"], bool) for target in targets)
     for target in targets:
