@@ -36,9 +36,12 @@ The order of the checks (SPEC section 2)
    or its CSR is not one PEM block, does not parse, does not verify, or
    names another CN.
 2. 422 ``PolicyViolation``: username, password, role or CSR key policy.
-3. ``decide``: the stored request for the username, if any, by its state
-   and whether the request matches it (201 again, 202 for a poll, 403 for a
-   denied one, 409 when it differs); for a username with none, 423 when the
+3. ``decide``: the stored request for the username, if any: first, for a
+   password repeating a stored password, 429 while the username's failed
+   sign-ins from this address are at their limit (REG-2.4-THROTTLE: no
+   password is checked then); then by its state and whether the request
+   matches it (201 again, 202 for a poll, 403 for a denied one, 409 when it
+   differs; a wrong password is a failed sign-in); for a username with none, 423 when the
    registry is locked, 503 when the pending queue is full, 429 when the
    client address asks too often (when limited); otherwise it is stored as
    pending: 202.
@@ -48,10 +51,14 @@ or a CSR with the same public key) and the requested rights are equal.
 
 The certificate's life (SPEC section 7)
 ---------------------------------------
-Every certificate issued is recorded. A client renews its current one over
-mutual TLS (``renew``): the same key renews, a new one re-keys, and the new
-certificate becomes the user's credential while the previous one stays
-valid until its own notAfter. Removing a user revokes its unexpired
+Every certificate issued is recorded, and stands *current* (the user's
+credential), *superseded* (a renewal replaced it), *revoked* or *expired*.
+The table ``CERTIFICATE_LIFE`` alone decides a renewal over mutual TLS
+(``renew``): the current certificate renews with the same key or re-keys
+with a new one, and the new certificate becomes current; the one it
+replaced may only repeat that renewal (a CSR for the current key fetches
+the current certificate again); anything else is 401. A superseded
+certificate stays valid for relying parties until its own notAfter. Removing a user revokes its unexpired
 certificates; the CA signs a CRL of them at every revocation and whenever
 the current CRL has less than half of its validity left (``refresh_crl``,
 which the server calls from a timer).
@@ -65,6 +72,9 @@ Invariants
 - A CSR is read once, by the CA, when it is registered: the registry keeps
   the public key of the very request whose signature was verified, and an
   approval issues the certificate for that key.
+- Every password check passes the sign-in throttle first
+  (``SignInThrottle``); no key derivation or signature runs under the
+  registry's lock.
 - Time comes only from the injected clock, kept as whole microseconds;
   every state change is committed in a SQLite transaction before it is
   answered, one transaction per command, so a kill at any moment loses
