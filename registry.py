@@ -283,35 +283,54 @@ class State(enum.Enum):
 
 
 class Event(enum.Enum):
-    """What the administrator (or time) does to a stored request."""
+    """What a client, the administrator or time does to a stored request."""
 
+    REQUEST = "request"
     APPROVE = "approve"
     DENY = "deny"
     FORGET = "forget"
     REMOVE_USER = "remove the user of"
+    EXPIRE = "expire"
 
 
 GONE = None
-TRANSITIONS: dict[tuple[State, Event], State | None] = {
-    (State.PENDING, Event.APPROVE): State.APPROVED,
+# Every move of a stored request; GONE is no request (before one is made, and
+# after it is forgotten). Nothing else changes a request's state.
+TRANSITIONS: dict[tuple[State | None, Event], State | None] = {
+    (GONE, Event.REQUEST): State.PENDING,  # REG-2.4-STORE
+    (State.PENDING, Event.APPROVE): State.APPROVED,  # ADMIN-4.2-CALLS
     (State.PENDING, Event.DENY): State.DENIED,
     (State.PENDING, Event.FORGET): GONE,
     (State.DENIED, Event.FORGET): GONE,
     (State.APPROVED, Event.REMOVE_USER): GONE,
+    (State.PENDING, Event.EXPIRE): GONE,  # REG-2.5-RETENTION
+    (State.DENIED, Event.EXPIRE): GONE,
 }
+# REG-2.5-RETENTION: the column from which a request's retention period
+# counts, for each state that expires: a pending request's creation, a
+# denied one's decision. An approved request is kept as long as its user.
+RETENTION_STARTS: dict[State, str] = {State.PENDING: "created_at", State.DENIED: "decided_at"}
+assert set(RETENTION_STARTS) == {state for state, event in TRANSITIONS if event is Event.EXPIRE}
 
 
-def transition(state: State, event: Event) -> State | None:
-    """The state after ``event``; ``Conflict`` when the move is illegal."""
+def transition(state: State | None, event: Event) -> State | None:
+    """The state after ``event`` (ADMIN-4.3-DECIDE); ``Conflict`` when the move is illegal."""
     try:
         return TRANSITIONS[state, event]
     except KeyError:
         hint = " (remove its user instead)" if state is State.APPROVED else ""
+        now = state.value if state else "gone"
         raise Conflict(
-            f"cannot {event.value} a request that is {state.value}{hint}",
+            f"cannot {event.value} a request that is {now}{hint}",
             code="not_pending",
-            state=state.value,
+            state=now,
         ) from None
+
+
+def expired(state: State, times: Mapping[str, Any], cutoff: int) -> bool:
+    """REG-2.5-RETENTION: whether a request in ``state`` with these times is gone at ``cutoff``."""
+    start = RETENTION_STARTS.get(state)
+    return start is not None and times[start] <= cutoff
 
 
 class Standing(enum.Enum):
@@ -617,22 +636,65 @@ class LockWindow:
 
 
 class Decision(enum.Enum):
-    """What a well-formed registration within policy comes to (SPEC section 2.4), with its status."""
+    """What a well-formed registration within policy comes to (SPEC section 2.4)."""
 
-    THROTTLED = "a password over the failed sign-ins' limit", HTTPStatus.TOO_MANY_REQUESTS
-    REDELIVER = "the approved request again", HTTPStatus.CREATED
-    POLL = "a poll of the pending request", HTTPStatus.ACCEPTED
-    STORE = "a new pending request", HTTPStatus.ACCEPTED
-    USERNAME_TAKEN = "another request for a user's name", HTTPStatus.CONFLICT
-    DUPLICATE = "another request beside a stored one", HTTPStatus.CONFLICT
-    DENIED = "the denied request again", HTTPStatus.FORBIDDEN
-    LOCKED = "a new request while locked", HTTPStatus.LOCKED
-    FULL = "a new request while the queue is full", HTTPStatus.SERVICE_UNAVAILABLE
-    LIMITED = "a new request over the address's rate", HTTPStatus.TOO_MANY_REQUESTS
+    THROTTLED = "a password over the failed sign-ins' limit"
+    REDELIVER = "the approved request again"
+    POLL = "a poll of the pending request"
+    STORE = "a new pending request"
+    USERNAME_TAKEN = "another request for a user's name"
+    DUPLICATE = "another request beside a pending one"
+    DUPLICATE_OF_DENIED = "another request beside a denied one"
+    DENIED = "the denied request again"
+    LOCKED = "a new request while locked"
+    FULL = "a new request while the queue is full"
+    LIMITED = "a new request over the address's rate"
 
-    def __init__(self, meaning: str, status: HTTPStatus) -> None:
-        self.meaning = meaning
-        self.status = status
+    @property
+    def status(self) -> HTTPStatus:
+        """The status that answers it."""
+        answer = ANSWERS[self]
+        return answer.error.status if isinstance(answer, Refusal) else answer
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """How a decision refuses: its error (which knows its status), its code and its message for ``name``."""
+
+    error: type[RegistryError]
+    message: str  # formatted with the username as {name} and the rate limit as {limit}
+    code: str | None = None  # the error's own code when None
+
+
+# SPEC section 2.4: every decision's answer, in one table: the status of
+# those the registry carries out (``Registry._act``), the refusal of the rest.
+ANSWERS: dict[Decision, HTTPStatus | Refusal] = {
+    Decision.REDELIVER: HTTPStatus.CREATED,  # REG-2.4-USER, REG-2.4-REDELIVER
+    Decision.POLL: HTTPStatus.ACCEPTED,  # REG-2.4-PENDING
+    Decision.STORE: HTTPStatus.ACCEPTED,  # REG-2.4-STORE
+    Decision.THROTTLED: Refusal(  # REG-2.4-THROTTLE
+        TooManyRequests, "too many failed sign-ins for {name!r} from this address: wait, then send the request again"
+    ),
+    Decision.USERNAME_TAKEN: Refusal(Conflict, "the username {name!r} is taken", "username_taken"),  # REG-2.4-USER
+    Decision.DUPLICATE: Refusal(  # REG-2.4-PENDING
+        Conflict, "a different request for {name!r} is pending: poll with the same request", "duplicate_request"
+    ),
+    Decision.DUPLICATE_OF_DENIED: Refusal(  # REG-2.4-DENIED
+        Conflict,
+        "a different request for {name!r} was denied; it is forgotten after the retention period",
+        "duplicate_request",
+    ),
+    Decision.DENIED: Refusal(Denied, "the request for {name!r} was denied"),  # REG-2.4-DENIED
+    Decision.LOCKED: Refusal(  # REG-2.4-LOCKED
+        Locked, "the registry is locked: ask the administrator to unlock it, then send the request again"
+    ),
+    Decision.FULL: Refusal(  # REG-2.4-FULL
+        Full, "the registry holds as many pending requests as it may: try again later"
+    ),
+    Decision.LIMITED: Refusal(  # REG-2.4-RATE
+        TooManyRequests, "more than {limit} new requests a minute from this address"
+    ),
+}
 
 
 # SPEC section 2.4: a stored request decides, by its state and whether the
@@ -643,7 +705,7 @@ STORED: dict[tuple[State, bool], Decision] = {
     (State.PENDING, True): Decision.POLL,
     (State.PENDING, False): Decision.DUPLICATE,
     (State.DENIED, True): Decision.DENIED,
-    (State.DENIED, False): Decision.DUPLICATE,
+    (State.DENIED, False): Decision.DUPLICATE_OF_DENIED,
 }
 
 
@@ -676,44 +738,20 @@ def decide(
 
 
 def refusal(
-    decision: Decision,
-    username: str,
-    *,
-    reason: str = "",
-    stored: State | None = None,
-    retry_after: int = 0,
-    rate_limit: int = 0,
+    decision: Decision, username: str, *, reason: str = "", retry_after: int = 0, limit: int = 0
 ) -> RegistryError:
-    """The error that answers a refusing ``decision``: its status, code, message and headers."""
-    name = username
-    retry = {"Retry-After": str(retry_after)}
-    if decision is Decision.USERNAME_TAKEN:
-        return Conflict(f"the username {name!r} is taken", code="username_taken")
-    if decision is Decision.DUPLICATE and stored is State.DENIED:
-        return Conflict(
-            f"a different request for {name!r} was denied; it is forgotten after the retention period",
-            code="duplicate_request",
-        )
-    if decision is Decision.DUPLICATE:
-        return Conflict(
-            f"a different request for {name!r} is pending: poll with the same request", code="duplicate_request"
-        )
-    if decision is Decision.DENIED:
-        return Denied(f"the request for {name!r} was denied", reason=reason)
-    if decision is Decision.LOCKED:
-        return Locked(
-            "the registry is locked: ask the administrator to unlock it, then send the request again", headers=retry
-        )
-    if decision is Decision.FULL:
-        return Full("the registry holds as many pending requests as it may: try again later", headers=retry)
-    if decision is Decision.LIMITED:
-        return TooManyRequests(f"more than {rate_limit} new requests a minute from this address", headers=retry)
-    if decision is Decision.THROTTLED:
-        return TooManyRequests(
-            f"too many failed sign-ins for {name!r} from this address: wait, then send the request again",
-            headers=retry,
-        )
-    raise ValueError(f"{decision.name} is not a refusal")
+    """The error that answers a refusing ``decision``, from ``ANSWERS``: status, code, message and headers."""
+    answer = ANSWERS[decision]
+    if not isinstance(answer, Refusal):
+        raise ValueError(f"{decision.name} is not a refusal")
+    # REG-2.5-RETRY-AFTER: every 423, 429 and 503 says when to come back.
+    waits = answer.error.status in (HTTPStatus.LOCKED, HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE)
+    return answer.error(
+        answer.message.format(name=username, limit=limit),
+        code=answer.code,
+        headers={"Retry-After": str(retry_after)} if waits else None,
+        **({"reason": reason} if decision is Decision.DENIED else {}),
+    )
 
 
 def pending_outcome(username: str, pairing_id: str, retry_after: int) -> Outcome:
@@ -1122,9 +1160,10 @@ class Store:
         return self._db.execute("SELECT * FROM requests WHERE username = ?", (username,)).fetchone()
 
     def pending_count(self, cutoff: int) -> int:
-        """The pending requests created after ``cutoff``."""
+        """The pending requests whose retention has not ended at ``cutoff`` (REG-2.5-RETENTION)."""
+        start = RETENTION_STARTS[State.PENDING]
         return self._db.execute(
-            "SELECT count(*) FROM requests WHERE state = ? AND created_at > ?", (State.PENDING.value, cutoff)
+            f"SELECT count(*) FROM requests WHERE state = ? AND {start} > ?", (State.PENDING.value, cutoff)
         ).fetchone()[0]
 
     def add_request(self, **columns: object) -> None:
@@ -1154,9 +1193,9 @@ class Store:
         self._db.execute("UPDATE requests SET collected_at = ? WHERE username = ?", (now, username))
 
     def purge(self, cutoff: int) -> None:
-        """Drop pending requests created, and denied ones decided, at or before ``cutoff``."""
-        self._db.execute("DELETE FROM requests WHERE state = ? AND created_at <= ?", (State.PENDING.value, cutoff))
-        self._db.execute("DELETE FROM requests WHERE state = ? AND decided_at <= ?", (State.DENIED.value, cutoff))
+        """Drop the requests whose retention ended at or before ``cutoff`` (REG-2.5-RETENTION)."""
+        for state, start in RETENTION_STARTS.items():
+            self._db.execute(f"DELETE FROM requests WHERE state = ? AND {start} <= ?", (state.value, cutoff))
 
     def count_polls(self, polls: Mapping[str, tuple[int, int, str]]) -> None:
         """Add polls to pending requests: by username, (last time, how many, from which address)."""
@@ -1329,11 +1368,6 @@ class Store:
         names = ", ".join(columns)
         marks = ", ".join("?" * len(columns))
         self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(columns.values()))
-
-
-def _since(row: sqlite3.Row) -> int:
-    """When the retention period of a request started: its creation, or its denial."""
-    return row["decided_at"] if row["state"] == State.DENIED.value else row["created_at"]
 
 
 def _user_json(user: Mapping[str, Any], now: int) -> dict[str, Any]:
@@ -1782,14 +1816,8 @@ class Registry:
             retry_after = _seconds_until(self._rate_window(address, now)[0] + MINUTE, now)
         if decision is Decision.THROTTLED:
             retry_after = self._throttle.wait(name, address, now) or 1
-        raise refusal(
-            decision,
-            name,
-            reason=(row["reason"] or "") if row is not None else "",
-            stored=State(row["state"]) if row is not None else None,
-            retry_after=retry_after,
-            rate_limit=self.settings.rate_limit,
-        )
+        reason = (row["reason"] or "") if row is not None else ""
+        raise refusal(decision, name, reason=reason, retry_after=retry_after, limit=self.settings.rate_limit)
 
     def _inspect_csr(self, registration: Registration) -> CsrInfo | None:
         if registration.csr is None:
@@ -1853,10 +1881,11 @@ class Registry:
         name = registration.username
         credential = csr.public_key_sha256 if csr else hashlib.sha256((password_hash or "").encode()).hexdigest()
         pairing = pairing_id(credential)
+        state = transition(GONE, Event.REQUEST)
         with self._writing():
             self._store.add_request(
                 username=name,
-                state=State.PENDING.value,
+                state=state.value,
                 method=registration.method,
                 password_hash=password_hash,
                 public_key=csr.public_key if csr else None,
@@ -2308,7 +2337,7 @@ class Registry:
     def _live_request(self, username: str, now: int) -> sqlite3.Row | None:
         """The stored request for ``username``; one past its retention period counts as gone."""
         row = self._store.request(username)
-        if row is None or (row["state"] != State.APPROVED.value and _since(row) <= self._cutoff(now)):
+        if row is None or expired(State(row["state"]), row, self._cutoff(now)):
             return None
         return row
 

@@ -57,10 +57,11 @@ def fenced(text: str, language: str) -> list[str]:
 
 def state_diagram(transitions: dict[tuple[registry.State, registry.Event], registry.State | None]) -> str:
     """The Mermaid state diagram of a transition table: one line an entry, ``[*]`` for gone."""
-    lines = ["stateDiagram-v2", f"    [*] --> {registry.State.PENDING.value} : request"]
+    lines = ["stateDiagram-v2"]
     for (state, event), after in transitions.items():
+        source = "[*]" if state is None else state.value
         target = "[*]" if after is None else after.value
-        lines.append(f"    {state.value} --> {target} : {event.name.lower()}")
+        lines.append(f"    {source} --> {target} : {event.name.lower()}")
     return "\n".join(lines) + "\n"
 
 
@@ -101,7 +102,10 @@ def test_the_state_diagram_is_the_transition_table() -> None:
 
 
 def test_the_diagram_shows_every_move_and_only_those() -> None:
-    table = {(registry.State.PENDING, registry.Event.APPROVE): registry.State.APPROVED}
+    table = {
+        (None, registry.Event.REQUEST): registry.State.PENDING,
+        (registry.State.PENDING, registry.Event.APPROVE): registry.State.APPROVED,
+    }
     assert state_diagram(table) == (
         "stateDiagram-v2\n    [*] --> pending : request\n    pending --> approved : approve\n"
     )
