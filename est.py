@@ -136,7 +136,7 @@ class Est:
             return Answer(HTTPStatus.INTERNAL_SERVER_ERROR, b"the server failed to answer; the error is in its log\n")
 
     def _route(self, method: str, path: str) -> tuple[str, str | None]:
-        """The operation and the label (None without one) of an EST path; 404 or 405 otherwise."""
+        """SPEC EST-10.1-PATHS: the operation and the label (None without one) of an EST path; else 404 or 405."""
         if not self.over_tls:
             raise NotOverTls("EST is served over HTTPS only (RFC 7030 section 3.3); this listener speaks plain HTTP")
         *labels, operation = path.removeprefix(PREFIX).split("/")
@@ -150,7 +150,7 @@ class Est:
         return operation, labels[0] if labels else None
 
     def _roles(self, label: str | None) -> list[str]:
-        """SPEC EST-10.4-LABEL: a label requests the role it names, which must be in the catalog."""
+        """SPEC EST-10.5-LABEL: a label requests the role it names, which must be in the catalog."""
         if label is None:
             return []
         if label not in self.core.roles:
@@ -160,17 +160,17 @@ class Est:
     # --- The operations ---------------------------------------------------
 
     def cacerts(self) -> Answer:
-        """SPEC EST-10.1-CACERTS: the CA certificate, a certs-only PKCS#7 in base64."""
+        """SPEC EST-10.2-CACERTS: the CA certificate, a certs-only PKCS#7 in base64."""
         if self._ca_certificate is None:
             raise registry.NotFound("this registry has no CA")
         return Answer(HTTPStatus.OK, certs_only([self._ca_certificate]), PKCS7)
 
     def csrattrs(self) -> Answer:
-        """SPEC EST-10.6-CSRATTRS: 204, no attributes required (RFC 7030 section 4.5.2)."""
+        """SPEC EST-10.7-CSRATTRS: 204, no attributes required (RFC 7030 section 4.5.2)."""
         return Answer(HTTPStatus.NO_CONTENT)
 
     def simpleenroll(self, body: bytes, roles: list[str], client_address: str) -> Answer:
-        """SPEC EST-10.2-ENROLL: a registration of the CSR's CN with the CSR, by the registry's own rules."""
+        """SPEC EST-10.3-ENROLL: a registration of the CSR's CN with the CSR, by the registry's own rules."""
         der, csr = read_csr(body)
         payload = {"username": common_name(csr), "csr": csr_pem(der), "roles": roles}
         outcome = self.core.register_via(VIA, payload, client_address)
@@ -179,7 +179,7 @@ class Est:
         return issued(outcome)
 
     def simplereenroll(self, body: bytes, peer_certificate: bytes | None, client_address: str) -> Answer:
-        """SPEC EST-10.5-REENROLL: section 7's renewal, the CSR naming what the current certificate names."""
+        """SPEC EST-10.6-REENROLL: section 7's renewal, the CSR naming what the current certificate names."""
         if not peer_certificate:
             raise registry.Unauthorized(
                 "re-enroll over mutual TLS, with the certificate this registry issued you",
@@ -247,7 +247,7 @@ def certs_only(certificates: list[x509.Certificate]) -> bytes:
 
 
 def pending(outcome: registry.Outcome) -> Answer:
-    """The registry's 202 (a stored or polled request), as EST's 202: Retry-After, and the pairing id in words."""
+    """SPEC EST-10.3-OUTCOMES: the registry's 202 as EST's, its Retry-After, and the pairing id in words."""
     body = outcome.body
     text = (
         f"pending: the request for {body['username']!r} waits for the administrator's approval;"
@@ -258,7 +258,7 @@ def pending(outcome: registry.Outcome) -> Answer:
 
 
 def issued(outcome: registry.Outcome) -> Answer:
-    """The registry's 201 (approved, again, or renewed) as EST's 200: the certificate alone, certs-only PKCS#7.
+    """SPEC EST-10.3-OUTCOMES: the registry's 201 (approved, again, renewed) as EST's 200, certs-only PKCS#7.
 
     RFC 7030 section 4.2.3: the response contains "only the certificate that
     was issued"; the CA certificate is what cacerts is for.
@@ -268,7 +268,7 @@ def issued(outcome: registry.Outcome) -> Answer:
 
 
 def refusal(error: registry.RegistryError) -> Answer:
-    """The one place where a refusal becomes EST's answer: its status, a sentence in text, no JSON.
+    """The one place where a refusal becomes EST's answer: its status, a sentence in text, no JSON (EST-10.3-ERRORS).
 
     SPEC EST-10.3-LOCKED: the lock's 423 is 503 with the same Retry-After.
     """

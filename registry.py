@@ -337,7 +337,7 @@ class Registration:
     csr: str | None
     rights: Rights
     context: str | None
-    # How the request came (SPEC section 10): "api" (this JSON) or "est"
+    # How the request came (SPEC EST-10.4-VIA): "api" (this JSON) or "est"
     # (RFC 7030). The administrator sees it; it takes no part in matching.
     via: str = "api"
 

@@ -144,7 +144,7 @@ def test_the_settings_are_the_flags_and_fields() -> None:
 
 
 REQUIREMENT = re.compile(r"^\s*- \*\*([A-Z]+-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\*\* \((MUST|SHOULD)\b", re.MULTILINE)
-AREAS = "REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP|CLIENT"
+AREAS = "REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP|CLIENT|EST"
 CITED = re.compile(rf"\b((?:{AREAS})-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\b")
 
 
