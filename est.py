@@ -185,6 +185,8 @@ class Est:
                 "re-enroll over mutual TLS, with the certificate this registry issued you",
                 headers=dict(registry.CHALLENGE),
             )
+        # Who asks comes before what is asked (401 before 400), as in section 7; renew checks again.
+        self.core.authenticate_certificate(peer_certificate)
         der, csr = read_csr(body)
         current = x509.load_der_x509_certificate(peer_certificate)
         # RFC 7030 section 4.2.2: the Subject and the SubjectAltName are those of the certificate renewed.

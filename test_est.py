@@ -417,6 +417,9 @@ def test_reenrollment_without_a_certificate_or_with_a_removed_user_s_is_401(
     refused = reenroll(face, make_csr("plc-0012", key), first)
     assert (refused.status, refused.content_type) == (HTTPStatus.UNAUTHORIZED, est.TEXT)
     assert b"revoked" in refused.body
+    # Who asks is checked before what is asked: a revoked certificate learns nothing of its CSR.
+    assert reenroll(face, csr_with_organization("plc-0012", key), first).status == HTTPStatus.UNAUTHORIZED
+    assert face.answer("POST", est.PREFIX + "simplereenroll", b"junk", peer_certificate=first).status == 401
 
 
 def test_a_label_that_names_no_role_refuses_reenrollment_too(face: est.Est, reg: registry.Registry) -> None:
