@@ -53,6 +53,7 @@ import logging
 import textwrap
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -147,7 +148,7 @@ class Est:
         if OPERATIONS[operation] != ("GET" if method == "HEAD" else method):
             allowed = "GET, HEAD" if OPERATIONS[operation] == "GET" else "POST"
             raise MethodNotAllowed(f"{operation} takes {allowed}, not {method}", headers={"Allow": allowed})
-        return operation, labels[0] if labels else None
+        return operation, unquote(labels[0]) if labels else None
 
     def _roles(self, label: str | None) -> list[str]:
         """SPEC EST-10.5-LABEL: a label requests the role it names, which must be in the catalog."""

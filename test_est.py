@@ -321,6 +321,7 @@ def test_a_label_requests_its_role_and_an_unknown_label_is_404_storing_nothing(
     reg.unlock()
     assert enroll(face, make_csr("plc-0006"), label="operator").status == HTTPStatus.ACCEPTED
     assert listed(reg, "plc-0006")["roles"] == ["operator"]
+    assert enroll(face, make_csr("plc-0006"), label="%6Fperator").status == HTTPStatus.ACCEPTED  # a poll
 
     for operation in ("simpleenroll", "cacerts", "csrattrs"):
         method = "POST" if operation == "simpleenroll" else "GET"
