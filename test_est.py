@@ -319,9 +319,10 @@ def test_a_label_requests_its_role_and_an_unknown_label_is_404_storing_nothing(
 ) -> None:
     """Proves EST-10.5-LABEL."""
     reg.unlock()
-    assert enroll(face, make_csr("plc-0006"), label="operator").status == HTTPStatus.ACCEPTED
+    csr = make_csr("plc-0006")
+    assert enroll(face, csr, label="operator").status == HTTPStatus.ACCEPTED
     assert listed(reg, "plc-0006")["roles"] == ["operator"]
-    assert enroll(face, make_csr("plc-0006"), label="%6Fperator").status == HTTPStatus.ACCEPTED  # a poll
+    assert enroll(face, csr, label="%6Fperator").status == HTTPStatus.ACCEPTED  # percent-encoded: a poll
 
     for operation in ("simpleenroll", "cacerts", "csrattrs"):
         method = "POST" if operation == "simpleenroll" else "GET"
