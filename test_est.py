@@ -595,7 +595,7 @@ def wait_for_request(core: registry.Registry, username: str, process: subprocess
         request = listed(core, username)
         if request is not None:
             return request
-        time.sleep(0.05)
+        time.sleep(0.1)
     raise AssertionError(f"estclient sent no request for {username}: {finish(process)}")
 
 
@@ -610,7 +610,7 @@ def test_estclient_fetches_the_ca_enrolls_waits_for_approval_reenrolls_and_is_re
 ) -> None:
     """Proves EST-10.2-CACERTS, EST-10.3-OUTCOMES, EST-10.4-VIA and EST-10.6-REENROLL with a real EST client."""
     data = tmp_path / "data"
-    with https_server(tmp_path, retry_after=2) as instance:
+    with https_server(tmp_path, retry_after=3) as instance:
         core = instance.app.core
         client = EstClient(instance, data, tmp_path)
         _, out = client.run("cacerts", "-g")
@@ -648,7 +648,7 @@ def test_estclient_fetches_the_ca_enrolls_waits_for_approval_reenrolls_and_is_re
 def test_estclient_is_told_of_a_denial_and_of_the_lock(tmp_path: Path) -> None:
     """Proves EST-10.3-ERRORS (403 with the reason) and EST-10.3-LOCKED (503 with Retry-After) with a real client."""
     data = tmp_path / "data"
-    with https_server(tmp_path, retry_after=2) as instance:
+    with https_server(tmp_path, retry_after=3) as instance:
         core = instance.app.core
         client = EstClient(instance, data, tmp_path)
         core.unlock()
