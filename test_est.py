@@ -29,13 +29,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import ca
 import conformance
 import est
 import registry
 import server
 import test_conformance
-from conftest import FakeClock, make_csr, make_key, serve
+from conftest import FAST, FakeClock, make_csr, make_key, serve
 
 ESTCLIENT = shutil.which("estclient")
 needs_estclient = pytest.mark.skipif(
@@ -340,6 +343,64 @@ def test_the_same_device_under_another_label_is_another_request(face: est.Est, r
 
     assert enroll(face, csr).status == HTTPStatus.CONFLICT
     assert enroll(face, csr, label="operator").status == HTTPStatus.ACCEPTED
+
+
+# --- The same rules, whichever face: a property ------------------------------------------------
+
+
+def _prepared(authority: ca.CA, stored: str | None, locked: bool, first_csr: str) -> registry.Registry:
+    """An in-memory registry where "plc-0050" has a request in state ``stored`` (None: none) for ``first_csr``."""
+    core = registry.Registry(clock=FakeClock(), ca=authority, roles=("minimum", "operator"), settings=FAST)
+    core.unlock()
+    if stored is not None:
+        core.register({"username": "plc-0050", "csr": first_csr, "roles": []})
+    if stored == "approved":
+        core.approve("plc-0050")
+    if stored == "denied":
+        core.deny("plc-0050", {"reason": "no"})
+    if locked:
+        core.lock()
+    return core
+
+
+def _stored(core: registry.Registry) -> list[dict[str, Any]]:
+    ignored = {"createdAt", "lastPollAt", "decidedAt", "collectedAt", "pairingId", "via"}
+    return [{k: v for k, v in r.items() if k not in ignored} for r in core.requests()]
+
+
+@settings(max_examples=25)
+@given(
+    stored=st.sampled_from([None, "pending", "approved", "denied"]),
+    locked=st.booleans(),
+    same_key=st.booleans(),
+    label=st.sampled_from([None, "operator"]),
+)
+def test_an_enrollment_is_answered_as_the_registration_it_is(
+    authority: ca.CA, stored: str | None, locked: bool, same_key: bool, label: str | None
+) -> None:
+    """Proves EST-10.3-ENROLL, EST-10.3-OUTCOMES and EST-10.3-LOCKED: EST's status is section 2's, mapped.
+
+    The same request, by the JSON API to one registry and by EST to an
+    identical one, gets the same decision (201 is EST's 200, 423 its 503)
+    and leaves the same stored requests.
+    """
+    key = make_key()
+    first = make_csr("plc-0050", key)
+    asked = first if same_key else make_csr("plc-0050")
+    by_json, by_est = (_prepared(authority, stored, locked, first) for _ in range(2))
+    try:
+        try:
+            request = {"username": "plc-0050", "csr": asked, "roles": [label] if label else []}
+            json_status = by_json.register(request, "10.0.0.9").status
+        except registry.RegistryError as error:
+            json_status = error.status
+        answer = enroll(est.Est(by_est, over_tls=True), asked, label)
+        expected = {HTTPStatus.CREATED: HTTPStatus.OK, HTTPStatus.LOCKED: HTTPStatus.SERVICE_UNAVAILABLE}
+        assert answer.status == expected.get(json_status, json_status)
+        assert _stored(by_est) == _stored(by_json)
+    finally:
+        by_json.close()
+        by_est.close()
 
 
 # --- Re-enrollment is renewal ---------------------------------------------------------------
