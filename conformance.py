@@ -2474,7 +2474,11 @@ def check_est_reenroll(kit: Kit) -> None:
     """Re-enrollment over mutual TLS renews; another subject is 400; none, or a removed user's, is 401."""
     username, key, certificate = _est_enrolled(kit, "est-reenroll")
     identity = (username, certificate.public_bytes(serialization.Encoding.PEM).decode(), key)
+    renamed = est_body(make_csr(username, key, organization="kit"))
+    exchange = _est(kit, "POST", "simplereenroll", renamed, identity=identity)
+    _est_text(kit, exchange, 400, "EST-10.6-REENROLL", "a CSR whose subject is not the certificate's: 400")
     same = est_body(make_csr(username, key))
+    _est_text(kit, _est(kit, "POST", "simplereenroll", same), 401, "EST-10.6-REENROLL", "no certificate: 401")
     exchange = _est(kit, "POST", "simplereenroll", same, identity=identity)
     [renewed] = _est_certificates(kit, exchange, "EST-10.6-REENROLL", "a re-enrollment with the certificate: 200")
     kit.require(
@@ -2483,10 +2487,8 @@ def check_est_reenroll(kit: Kit) -> None:
         "a new certificate for the same subject",
         exchange,
     )
-    renamed = est_body(make_csr(username, key, organization="kit"))
-    exchange = _est(kit, "POST", "simplereenroll", renamed, identity=identity)
-    _est_text(kit, exchange, 400, "EST-10.6-REENROLL", "a CSR whose subject is not the certificate's: 400")
-    _est_text(kit, _est(kit, "POST", "simplereenroll", same), 401, "EST-10.6-REENROLL", "no certificate: 401")
+    # The renewed certificate is the user's current one (LIFE-7.2-RENEW): it is the one that must be refused.
+    identity = (username, renewed.public_bytes(serialization.Encoding.PEM).decode(), key)
     kit.admin("DELETE", f"{USERS}/{quote(username)}")
     exchange = _est(kit, "POST", "simplereenroll", same, identity=identity)
     _est_text(kit, exchange, 401, "EST-10.6-REENROLL", "the certificate of a removed user: 401")
