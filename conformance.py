@@ -2385,5 +2385,239 @@ def main(argv: Sequence[str] | None = None, report: Callable[[str], None] = prin
     return 1 if counts["FAIL"] or (partial and args.require_full) else 0
 
 
+# --- Section 10: EST (RFC 7030), a separate block ------------------------------------
+#
+# EST's answers are not JSON: a certificate travels as base64 of a certs-only
+# PKCS#7 (RFC 7030 section 4.1.3), a refusal as a sentence in text/plain.
+
+EST = "/.well-known/est"
+PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
+REQUIREMENTS.update(
+    {
+        "EST-10.1-PATHS": ("MUST", "10", "EST under /.well-known/est/[label/] on HTTPS; 404 another op, 405 a method"),
+        "EST-10.2-CACERTS": ("MUST", "10", "cacerts: 200 application/pkcs7-mime, base64 certs-only with the CA"),
+        "EST-10.3-ENROLL": ("MUST", "10", "simpleenroll is a registration of the CSR's CN, in section 2's order"),
+        "EST-10.3-OUTCOMES": ("MUST", "10", "202 with Retry-After and the pairing id; 200 certs-only; re-delivered"),
+        "EST-10.3-ERRORS": ("MUST", "10", "every EST refusal is text/plain with section 2's status; 413 too"),
+        "EST-10.3-LOCKED": ("MUST", "10", "a new EST request while locked is 503 with Retry-After, not stored"),
+        "EST-10.4-VIA": ("MUST", "10", 'an EST request is listed with "via": "est", and decided as any other'),
+        "EST-10.5-LABEL": ("MUST", "10", "a label requests the role it names; an unknown label is 404"),
+        "EST-10.6-REENROLL": ("MUST", "10", "simplereenroll over mutual TLS renews: 200 certs-only; 400, 401"),
+        "EST-10.7-CSRATTRS": ("MUST", "10", "csrattrs is 204"),
+    }
+)
+PARTLY["EST-10.1-PATHS"] = "over the https:// URL it is given; not that a plain-HTTP listener answers 404"
+
+
+def est_body(csr_pem: str, width: int = 64) -> bytes:
+    """A CSR as EST sends it: base64 of its DER (RFC 7030 section 4.2.1), in lines of ``width``."""
+    der = x509.load_pem_x509_csr(csr_pem.encode()).public_bytes(serialization.Encoding.DER)
+    text = base64.b64encode(der).decode()
+    return "\r\n".join(text[i : i + width] for i in range(0, len(text), width)).encode() + b"\r\n"
+
+
+def _est(kit: Kit, method: str, operation: str, body: bytes = b"", **options: Any) -> Exchange:
+    headers = {"Content-Type": "application/pkcs10"} if method == "POST" else {}
+    return kit.call(method, f"{EST}/{operation}", raw=body, headers=headers | options.pop("headers", {}), **options)
+
+
+def _est_text(kit: Kit, exchange: Exchange, status: int, requirement: str, expected: str) -> str:
+    """The text of an EST refusal that must be ``status``: text/plain, a sentence, not JSON (EST-10.3-ERRORS)."""
+    kit.require(exchange.status == status, requirement, expected, exchange)
+    text = exchange.answer.decode("utf-8", "replace")
+    kit.require(
+        exchange.answer_headers.get("content-type", "").startswith("text/plain")
+        and text.strip() != ""
+        and exchange.json() is NOT_JSON,
+        "EST-10.3-ERRORS",
+        f"a {status} on an EST path has a text/plain body saying what to do, not JSON",
+        exchange,
+    )
+    return text
+
+
+def _est_certificates(kit: Kit, exchange: Exchange, requirement: str, expected: str) -> list[x509.Certificate]:
+    """The certificates of a 200 whose body is base64 of a DER certs-only PKCS#7."""
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    kit.require(exchange.status == 200, requirement, expected, exchange)
+    kit.require(
+        exchange.answer_headers.get("content-type", "").startswith("application/pkcs7-mime"),
+        requirement,
+        "Content-Type: application/pkcs7-mime",
+        exchange,
+    )
+    try:
+        return pkcs7.load_der_pkcs7_certificates(base64.b64decode(b"".join(exchange.answer.split()), validate=True))
+    except ValueError:
+        raise Broken(requirement, "a body of base64 of a DER certs-only PKCS#7", exchange) from None
+
+
+def _est_enrolled(kit: Kit, label: str) -> tuple[str, Any, x509.Certificate]:
+    """A user of this run enrolled by EST and approved: (username, key, its certificate)."""
+    username, key = kit.name(label), generate_key()
+    body = est_body(make_csr(username, key))
+    kit.open()
+    exchange = _est(kit, "POST", "simpleenroll", body)
+    kit.require(exchange.status == 202, "EST-10.3-OUTCOMES", "a new EST request while open: 202", exchange)
+    kit.created.add(username)
+    kit.approve(username)
+    exchange = _est(kit, "POST", "simpleenroll", body)
+    [certificate] = _est_certificates(kit, exchange, "EST-10.3-OUTCOMES", "the approved request again: 200")
+    return username, key, certificate
+
+
+@check("10", "EST-10.2-CACERTS", "EST-10.1-PATHS", needs=["ca", "tls"])
+def check_est_cacerts(kit: Kit) -> None:
+    """cacerts is the CA certificate in certs-only PKCS#7; another operation is 404, another method 405."""
+    exchange = _est(kit, "GET", "cacerts")
+    certificates = _est_certificates(kit, exchange, "EST-10.2-CACERTS", "GET cacerts: 200 with the CA")
+    kit.require(certificates == [kit.ca_certificate], "EST-10.2-CACERTS", "cacerts holds the CA certificate alone")
+    _est_text(kit, _est(kit, "GET", "fullcmc"), 404, "EST-10.1-PATHS", "an operation the registry lacks: 404")
+    exchange = _est(kit, "POST", "cacerts", b"x")
+    _est_text(kit, exchange, 405, "EST-10.1-PATHS", "POST cacerts: 405")
+    kit.require("GET" in exchange.answer_headers.get("allow", ""), "EST-10.1-PATHS", "a 405 names GET in Allow")
+
+
+@check("10", "EST-10.3-ENROLL", "EST-10.3-OUTCOMES", "EST-10.4-VIA", needs=["admin", "ca", "tls"])
+def check_est_enroll(kit: Kit) -> None:
+    """An EST enrollment waits, is listed via EST, is approved as usual and gets its certificate, twice."""
+    username, key = kit.name("est-enroll"), generate_key()
+    csr = make_csr(username, key)
+    kit.open()
+    # RFC 8951 section 3: a Content-Transfer-Encoding header may come, and need not.
+    exchange = _est(kit, "POST", "simpleenroll", est_body(csr, 76), headers={"Content-Transfer-Encoding": "base64"})
+    text = _est_text_pending(kit, exchange)
+    kit.created.add(username)
+    pairing = hashlib.sha256(spki(key)).hexdigest()[:6]
+    kit.require(pairing in text, "EST-10.3-OUTCOMES", f"the 202's text gives the pairing id {pairing}", exchange)
+    listed = kit.requests().get(username, {})
+    kit.require(
+        listed.get("state") == "pending" and listed.get("via") == "est" and listed.get("roles") == [],
+        "EST-10.4-VIA",
+        'the EST request is listed pending, "via": "est", with no role',
+    )
+    _est_text_pending(kit, _est(kit, "POST", "simpleenroll", est_body(csr, 40)))
+    kit.approve(username)
+    exchange = _est(kit, "POST", "simpleenroll", est_body(csr))
+    [certificate] = _est_certificates(kit, exchange, "EST-10.3-OUTCOMES", "the approved request again: 200")
+    kit.require(
+        exchange.answer_headers.get("content-type", "").replace(" ", "") == PKCS7_CERTS_ONLY.replace(" ", ""),
+        "EST-10.3-OUTCOMES",
+        f"Content-Type: {PKCS7_CERTS_ONLY}",
+        exchange,
+    )
+    kit.require(
+        certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == username
+        and certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        == spki(key),
+        "EST-10.3-ENROLL",
+        "the certificate names the CSR's CN and certifies its key",
+        exchange,
+    )
+    again = _est_certificates(kit, _est(kit, "POST", "simpleenroll", est_body(csr)), "EST-10.3-OUTCOMES", "200")
+    kit.require(again == [certificate], "EST-10.3-OUTCOMES", "a repeat re-delivers the same certificate")
+
+
+def _est_text_pending(kit: Kit, exchange: Exchange) -> str:
+    kit.require(exchange.status == 202, "EST-10.3-OUTCOMES", "a new or polled EST request: 202", exchange)
+    value = exchange.answer_headers.get("retry-after", "")
+    kit.require(value.isascii() and value.isdigit(), "EST-10.3-OUTCOMES", "a 202 has Retry-After: <seconds>", exchange)
+    kit.require(
+        exchange.answer_headers.get("content-type", "").startswith("text/plain"),
+        "EST-10.3-OUTCOMES",
+        "a 202's body is text/plain",
+        exchange,
+    )
+    return exchange.answer.decode("utf-8", "replace")
+
+
+@check("10", "EST-10.3-ERRORS", "EST-10.3-ENROLL", needs=["admin", "ca", "tls"])
+def check_est_errors(kit: Kit) -> None:
+    """Bad bodies are 400, a weak key 422, a taken name 409, a denied request 403 with its reason, as text."""
+    for body, what in [
+        (b"not base64!", "a body that is not base64"),
+        (base64.b64encode(b"not a certificate request"), "base64 of no PKCS#10"),
+        (est_body(make_csr(None, generate_key())), "a CSR without a Common Name"),
+    ]:
+        _est_text(kit, _est(kit, "POST", "simpleenroll", body), 400, "EST-10.3-ENROLL", f"{what}: 400")
+    weak = est_body(make_csr(kit.name("est-weak"), generate_key("rsa1024")))
+    _est_text(kit, _est(kit, "POST", "simpleenroll", weak), 422, "EST-10.3-ENROLL", "an RSA key of 1024 bits: 422")
+    large = b"A" * (kit.max_body + 1)
+    _est_text(kit, _est(kit, "POST", "simpleenroll", large), 413, "EST-10.3-ERRORS", "a body over the limit: 413")
+    username, _, _ = _est_enrolled(kit, "est-taken")
+    other = est_body(make_csr(username, generate_key()))
+    _est_text(kit, _est(kit, "POST", "simpleenroll", other), 409, "EST-10.3-ERRORS", "another key for a user: 409")
+    denied = est_body(make_csr(kit.name("est-denied"), generate_key()))
+    _est_text_pending(kit, _est(kit, "POST", "simpleenroll", denied))
+    kit.created.add(kit.name("est-denied"))
+    kit.deny(kit.name("est-denied"), "kit: an unknown device")
+    text = _est_text(kit, _est(kit, "POST", "simpleenroll", denied), 403, "EST-10.3-ERRORS", "a denied request: 403")
+    kit.require("kit: an unknown device" in text, "EST-10.3-ERRORS", "the 403 gives the administrator's reason")
+
+
+@check("10", "EST-10.3-LOCKED", needs=["admin", "ca", "tls"])
+def check_est_locked(kit: Kit) -> None:
+    """A new EST request while locked is 503 with Retry-After, and nothing is stored."""
+    kit.lock()
+    username = kit.name("est-locked")
+    exchange = _est(kit, "POST", "simpleenroll", est_body(make_csr(username, generate_key())))
+    _est_text(kit, exchange, 503, "EST-10.3-LOCKED", "a new EST request while locked: 503")
+    value = exchange.answer_headers.get("retry-after", "")
+    kit.require(value.isascii() and value.isdigit(), "EST-10.3-LOCKED", "the 503 has Retry-After: <seconds>", exchange)
+    kit.require(username not in kit.requests(), "EST-10.3-LOCKED", "the 503 stores nothing", exchange)
+
+
+@check("10", "EST-10.5-LABEL", needs=["admin", "ca", "tls"])
+def check_est_label(kit: Kit) -> None:
+    """A label asks for the role it names; a label that names no role is 404."""
+    role = kit.roles[0]
+    username = kit.name("est-label")
+    kit.open()
+    exchange = _est(kit, "POST", f"{quote(role, safe='')}/simpleenroll", est_body(make_csr(username, generate_key())))
+    _est_text_pending(kit, exchange)
+    kit.created.add(username)
+    listed = kit.requests().get(username, {})
+    kit.require(listed.get("roles") == [role], "EST-10.5-LABEL", f"the request under the label asks for [{role!r}]")
+    unknown = f"{kit.prefix}no-such-role"
+    exchange = _est(kit, "POST", f"{unknown}/simpleenroll", est_body(make_csr(kit.name("est-nolabel"), generate_key())))
+    _est_text(kit, exchange, 404, "EST-10.5-LABEL", "a label that names no role: 404")
+    _est_text(kit, _est(kit, "GET", f"{unknown}/cacerts"), 404, "EST-10.5-LABEL", "on every operation: 404")
+
+
+@check("10", "EST-10.6-REENROLL", needs=["admin", "ca", "tls"])
+def check_est_reenroll(kit: Kit) -> None:
+    """Re-enrollment over mutual TLS renews; another subject is 400; none, or a removed user's, is 401."""
+    username, key, certificate = _est_enrolled(kit, "est-reenroll")
+    identity = (username, certificate.public_bytes(serialization.Encoding.PEM).decode(), key)
+    renamed = est_body(make_csr(username, key, organization="kit"))
+    exchange = _est(kit, "POST", "simplereenroll", renamed, identity=identity)
+    _est_text(kit, exchange, 400, "EST-10.6-REENROLL", "a CSR whose subject is not the certificate's: 400")
+    same = est_body(make_csr(username, key))
+    _est_text(kit, _est(kit, "POST", "simplereenroll", same), 401, "EST-10.6-REENROLL", "no certificate: 401")
+    exchange = _est(kit, "POST", "simplereenroll", same, identity=identity)
+    [renewed] = _est_certificates(kit, exchange, "EST-10.6-REENROLL", "a re-enrollment with the certificate: 200")
+    kit.require(
+        renewed.serial_number != certificate.serial_number and renewed.subject == certificate.subject,
+        "EST-10.6-REENROLL",
+        "a new certificate for the same subject",
+        exchange,
+    )
+    # The renewed certificate is the user's current one (LIFE-7.2-RENEW): it is the one that must be refused.
+    identity = (username, renewed.public_bytes(serialization.Encoding.PEM).decode(), key)
+    kit.admin("DELETE", f"{USERS}/{quote(username)}")
+    exchange = _est(kit, "POST", "simplereenroll", same, identity=identity)
+    _est_text(kit, exchange, 401, "EST-10.6-REENROLL", "the certificate of a removed user: 401")
+
+
+@check("10", "EST-10.7-CSRATTRS", needs=["ca", "tls"])
+def check_est_csrattrs(kit: Kit) -> None:
+    """csrattrs is 204, no content."""
+    exchange = _est(kit, "GET", "csrattrs")
+    kit.require(exchange.status == 204 and exchange.answer == b"", "EST-10.7-CSRATTRS", "204, no content", exchange)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -229,6 +229,7 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "What was granted (an approved request)",
             },
             "collectedAt": {**MAYBE_TIME, "description": "When the client first fetched its 201"},
+            "via": {"enum": ["api", "est"], "description": "How the request came: this JSON API, or EST (RFC 7030)"},
         }
     ),
     "User": _closed(

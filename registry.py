@@ -460,6 +460,9 @@ class Registration:
     csr: str | None
     rights: Rights
     context: str | None
+    # How the request came (SPEC EST-10.4-VIA): "api" (this JSON) or "est"
+    # (RFC 7030). The administrator sees it; it takes no part in matching.
+    via: str = "api"
 
     @property
     def method(self) -> str:
@@ -1083,7 +1086,7 @@ CREATE TABLE IF NOT EXISTS audit (
 # What the administrator's listings show: no hash, no key, no certificate.
 REQUEST_COLUMNS = (
     "requests.username, state, pairing_id, requests.method, requested, context, requests.created_at, last_poll_at,"
-    " poll_count, client_address, decided_at, reason, collected_at, users.granted"
+    " poll_count, client_address, decided_at, reason, collected_at, users.granted, via"
 )
 USER_COLUMNS = "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before"
 
@@ -1116,6 +1119,9 @@ class Store:
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
         if "collected_at" not in columns:
             self._db.execute("ALTER TABLE requests ADD COLUMN collected_at INTEGER")
+        # SPEC section 10: how a request came, "api" or "est" (NULL in rows stored before EST: "api").
+        if "via" not in columns:
+            self._db.execute("ALTER TABLE requests ADD COLUMN via TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -1409,6 +1415,7 @@ def _request_json(row: sqlite3.Row) -> dict[str, Any]:
         # What was granted, and when the client first fetched it (approved requests).
         "granted": json.loads(row["granted"]) if row["granted"] else None,
         "collectedAt": _iso(row["collected_at"]) if row["collected_at"] else None,
+        "via": row["via"] or "api",
     }
 
 
@@ -1694,6 +1701,13 @@ class Registry:
         """Answer a client's request, its parsed JSON body: 201 or 202, or raise a ``RegistryError``."""
         return self._register(payload, client_address)[1]
 
+    def register_via(self, via: str, payload: object, client_address: str = "") -> Outcome:
+        """``register``, for a request that came another way than the JSON API (SPEC section 10: "est").
+
+        The same rules in the same order; a request it stores is listed with ``via``.
+        """
+        return self._register(payload, client_address, via)[1]
+
     def register_body(self, body: bytes, client_address: str = "") -> Outcome:
         """Answer a client's request as it came over the wire: the body's bytes (400 when not JSON).
 
@@ -1710,8 +1724,10 @@ class Registry:
                 self._repeated.remember(fingerprint, registration, outcome)
         return outcome
 
-    def _register(self, payload: object, address: str) -> tuple[Registration, Outcome]:
+    def _register(self, payload: object, address: str, via: str = "api") -> tuple[Registration, Outcome]:
         registration = parse_registration(payload)
+        if via != registration.via:
+            registration = dataclasses.replace(registration, via=via)
         csr = self._inspect_csr(registration)
         problems = policy_problems(registration, self.roles, csr)
         if problems:
@@ -1896,6 +1912,7 @@ class Registry:
                 client_address=address,
                 created_at=now,
                 last_poll_at=now,
+                via=registration.via,
             )
             self._audit(now, name, address, "request", name, registration.rights.to_json() | {"pairingId": pairing})
         return pending_outcome(name, pairing, self.settings.retry_after_pending)

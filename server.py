@@ -47,6 +47,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import broker as broker_module
 import ca as ca_module
 import clientcheck
+import est
 import files
 import openapi
 import registry
@@ -240,9 +241,11 @@ class App:
         max_body: int = 64 * 1024,
         check: clientcheck.ClientCheck | None = None,
         broker: broker_module.Reconciler | None = None,
+        over_tls: bool = False,
     ) -> None:
         self.core = core
         self.broker = broker  # --mosquitto: a broker.Reconciler, kicked after every change of a user
+        self.est = est.Est(core, over_tls=over_tls)  # SPEC section 10, on the HTTPS listener only
         self.max_body = max_body
         self.check = check  # --test-clients: registrations varied, their clients watched
         self._token = admin_token.encode()
@@ -251,6 +254,8 @@ class App:
     def handle(self, request: Request) -> Response:
         """Answer one request; what goes wrong is answered by ``error_response``."""
         try:
+            if est.is_est(request.path):
+                return self._est(request)
             route, arguments = self._route(request)
             if route.access == "admin":
                 self._authorize(request)
@@ -278,6 +283,23 @@ class App:
                 headers={"Allow": ", ".join(allowed)},
             )
         raise registry.NotFound(f"there is nothing at {request.path}")
+
+    def _est(self, request: Request) -> Response:
+        """SPEC section 10: EST's paths, answered by est.py in EST's types and plain text."""
+        answer = self.est.answer(
+            request.method,
+            request.path,
+            request.body,
+            client_address=request.client_address,
+            peer_certificate=request.peer_certificate,
+        )
+        return _est_response(answer)
+
+    def refusal(self, error: registry.RegistryError, path: str | None) -> Response:
+        """A refusal of the HTTP reader (413, 400, ...): in plain text on EST's paths (SPEC section 10)."""
+        if path is not None and est.is_est(path):
+            return _est_response(est.refusal(error))
+        return error_response(error)
 
     def _authorize(self, request: Request) -> None:
         scheme, token = _credentials(request)
@@ -488,6 +510,10 @@ def _validated(request: Request, data: object) -> Response:
     return Response(response.status, response.body, JSON, {"ETag": tag})
 
 
+def _est_response(answer: est.Answer) -> Response:
+    return Response(answer.status, answer.body, answer.content_type, answer.headers)
+
+
 def _username_of(body: bytes) -> str | None:
     """The username a registration names, if its body is a JSON object with one."""
     try:
@@ -577,7 +603,7 @@ class Handler(BaseHTTPRequestHandler):
         except registry.RegistryError as refusal:
             if isinstance(refusal, BadFraming):  # what follows on the connection cannot be told apart
                 self.close_connection = True
-            response = error_response(refusal)
+            response = self.server.app.refusal(refusal, self.path)
         else:
             self.server.watchdog.arm(self.connection, None)  # the answer is ours to make
             response = self.server.app.handle(request)
@@ -731,8 +757,9 @@ class Handler(BaseHTTPRequestHandler):
         self.server.watchdog.arm(self.connection, self.server.config.timeout)
         status = HTTPStatus(response.status)
         headers = {"Date": http_date(), "Content-Type": response.content_type, "Content-Length": len(response.body)}
-        if status is HTTPStatus.NOT_MODIFIED:
-            headers = {"Date": headers["Date"]}  # RFC 9110 section 15.4.5: no content, and no length of none
+        if status in (HTTPStatus.NOT_MODIFIED, HTTPStatus.NO_CONTENT):
+            # RFC 9110 sections 15.4.5 and 8.6: no content, and no length of none.
+            headers = {"Date": headers["Date"]}
         headers |= {"Cache-Control": "no-store", **response.headers}
         if self.close_connection:
             headers["Connection"] = "close"
@@ -1054,7 +1081,9 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     reconciler = None
     if config.mosquitto:  # paho-mqtt is imported then, and only then
         reconciler = broker_module.serve(core, config.mosquitto, config.mosquitto_admin, config.mosquitto_cafile, clock)
-    app = App(core, admin_token(config), max_body=config.max_body, check=check, broker=reconciler)
+    app = App(
+        core, admin_token(config), max_body=config.max_body, check=check, broker=reconciler, over_tls=not config.http
+    )
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
     server = RegistryServer(config, app, tls)
     if reconciler is not None:

@@ -31,6 +31,7 @@ import server
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+DESIGN = HERE / "docs" / "design.md"
 MAX_README_LINES = 300
 
 # [text](target) and ![alt](target); the target ends at white space or ")".
@@ -94,9 +95,9 @@ def test_the_link_check_sees_what_leaves() -> None:
 
 
 def test_the_state_diagram_is_the_transition_table() -> None:
-    [printed] = fenced(section(README.read_text(), "The life of a request"), "mermaid")
+    [printed] = fenced(section(DESIGN.read_text(), "The life of a request, and the rules layer"), "mermaid")
     assert printed == state_diagram(registry.TRANSITIONS), (
-        "the README's diagram and registry.TRANSITIONS differ; the diagram should read:\n"
+        "docs/design.md's diagram and registry.TRANSITIONS differ; the diagram should read:\n"
         + state_diagram(registry.TRANSITIONS)
     )
 
@@ -148,7 +149,7 @@ def test_the_settings_are_the_flags_and_fields() -> None:
 
 
 REQUIREMENT = re.compile(r"^\s*- \*\*([A-Z]+-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\*\* \((MUST|SHOULD)\b", re.MULTILINE)
-AREAS = "REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP|CLIENT"
+AREAS = "REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP|CLIENT|EST"
 CITED = re.compile(rf"\b((?:{AREAS})-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\b")
 
 
@@ -174,9 +175,15 @@ def embedding_examples() -> list[str]:
     """The README's ```python blocks under "Embedding `registry.py`", each padded to its line in README.md."""
     text = README.read_text()
     blocks = fenced(section(text, "Embedding `registry.py`"), "python")
-    assert len(blocks) == 2, "the README's embedding examples changed: update this test with them"
-    # Blank lines before each block, so that a traceback names the README's own line numbers.
-    return ["\n" * text[: text.index(block)].count("\n") + block for block in blocks]
+    design = DESIGN.read_text()
+    blocks += fenced(section(design, "The life of a request, and the rules layer"), "python")
+    assert len(blocks) == 2, "the embedding examples changed: update this test with them"
+    # Blank lines before each block, so that a traceback names its document's own line numbers.
+    padded = []
+    for block in blocks:
+        document = text if block in text else design
+        padded.append("\n" * document[: document.index(block)].count("\n") + block)
+    return padded
 
 
 def run_example(source: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1590,6 +1590,7 @@ README_WORKFLOWS = (
     "The workflow with curl",
     "The workflow with client.py",
     "A certificate's life, and who trusts it",
+    "EST with curl",
     "Learning, and testing other implementations",
 )
 
@@ -1670,7 +1671,7 @@ def wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
 def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
     """Issue 17: every example of the README, in order, in one shell, in this folder, against a fresh server."""
     blocks = [block for title in README_WORKFLOWS for block in readme_workflow(title)]
-    assert len(blocks) == 12, "the README's workflow changed: update this test with it"
+    assert len(blocks) == 13, "the README's workflow changed: update this test with it"
     data, work, port = tmp_path / "registry-data", tmp_path / "client", free_port()
     work.mkdir()
     script = ["set -e -o pipefail", f"export REGISTRY_URL=https://localhost:{port}"]  # client.py's --server
@@ -1753,8 +1754,14 @@ def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
     assert "certificate revoked" in run.stderr + outputs[10]
     crl = x509.load_pem_x509_crl((work / "crl.pem").read_bytes())
     assert renewed.serial_number in {entry.serial_number for entry in crl}
+    # EST (issue 25): the CA as PKCS#7, a 202, then the certificate, which openssl accepts for a TLS client.
+    assert "subject=CN = Client Registry CA" in outputs[11] and "HTTP/1.1 202 Accepted" in outputs[11]
+    assert re.search(r"^Retry-After: 5\r?$", outputs[11], re.MULTILINE)
+    assert outputs[11].rstrip().endswith("plc.pem: OK")
+    plc = x509.load_pem_x509_certificate((work / "plc.pem").read_bytes())
+    assert plc.subject.rfc4514_string() == "CN=plc-0001"
     # The tour ran, and the conformance kit found no MUST broken.
-    assert re.search(r"\d+ checks in [\d.]+ s: \d+ PASS, 0 FAIL", outputs[11] + run.stderr)
+    assert re.search(r"\d+ checks in [\d.]+ s: \d+ PASS, 0 FAIL", outputs[12] + run.stderr)
     # Nothing was written into the repository.
     assert set(HERE.iterdir()) == repository
 

@@ -837,3 +837,21 @@ def test_the_page_sends_its_etag_and_keeps_the_rows_on_304(page: sync_api.Page, 
     expect(page.locator("#banner")).to_be_hidden()
     assert page.evaluate("window.rowMutations") == 0
     assert page.console_errors == []
+
+
+# --- Issue 25: a request that came by EST -------------------------------------------------
+
+
+def test_a_request_that_came_by_est_is_marked_in_its_row_and_its_dialog(page: sync_api.Page, tmp_path: Path) -> None:
+    """Proves EST-10.4-VIA on the page: the administrator sees how the request came."""
+    with running_server(tmp_path) as srv:
+        core = srv.app.core
+        core.unlock()
+        core.register_via("est", {"username": "plc-0001", "csr": make_csr("plc-0001"), "roles": []})
+        core.register({"username": "agent-0001", "csr": make_csr("agent-0001")})
+        sign_in(page, srv.url)
+
+        expect(request_row(page, "plc-0001").locator(".via")).to_have_text("by EST")
+        expect(request_row(page, "agent-0001").locator(".via")).to_have_count(0)
+        open_request(page, "plc-0001")
+        expect(page.locator("#grant-method")).to_have_text("Certificate signing request (CSR), by EST (RFC 7030)")

@@ -41,6 +41,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 
 import ca
 import client
@@ -57,14 +58,18 @@ TIMEOUT = 10  # seconds for any one call or command, so that nothing hangs
 SENSOR, SENSOR_PASSWORD = "sensor-0003", "s3cret-pass"
 AGENT = "agent-0001"
 CAMERA, CAMERA_PASSWORD = "camera-0007", "camera-pass-7"
+PLC = "plc-0009"
 REGISTER = "/api/client-registry/register"
 CA_FILE = '"$TOUR/registry/ca.pem"'
+EST_ENROLL = "/.well-known/est/simpleenroll"
+EST_REQUEST = "application/pkcs10"  # RFC 7030 section 4.2.1
 
 # Who speaks in the sequence diagram, in the order of its columns.
 PARTICIPANTS = {
     "Sensor": f"{SENSOR} (password)",
     "Agent": f"{AGENT} (CSR)",
     "Camera": CAMERA,
+    "Plc": f"{PLC} (EST)",
     "Other": "other devices",
     "Registry": "registry",
     "Admin": "administrator",
@@ -355,7 +360,7 @@ class Tour:
         self.folder = folder
         self.show = show
         self.data = folder / "registry"
-        for device in ("sensor", "agent", "camera"):
+        for device in ("sensor", "agent", "camera", "plc"):
             (folder / device).mkdir(mode=0o700)
         config = server.Config(port=0, data_dir=self.data, admin_token=ADMIN_TOKEN, http=False)
         self.server = server.build(config)
@@ -388,6 +393,7 @@ class Tour:
         output: str | None = None,
         raw: str | None = None,
         after: tuple[int, str] | None = None,
+        sent: str | None = None,
     ) -> Answer:
         """One HTTPS call, shown as it went, with its arrows in the diagram and a curl line.
 
@@ -396,19 +402,24 @@ class Tour:
         ``-d @``; ``output`` keeps the answer; ``raw`` says what an answer
         that is not JSON is. ``after`` is the status, and why, that the curl
         line gets once the step is over, when the step has changed it (a
-        reader with --pause runs it then).
+        reader with --pause runs it then). Without ``body``, a ``body_file``
+        is sent as it is, as EST's (``sent`` says what it holds).
         """
-        if body_file:
+        if body_file and body is not None:
             (self.folder / body_file).write_text(json.dumps(body))
         context = ssl.create_default_context(cafile=str(self.data / "ca.pem"))
         if who.certificate:
             context.load_cert_chain(*(self.folder / name for name in who.certificate))
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if body is None and body_file:
+            headers["Content-Type"] = EST_REQUEST
         if who.admin:
             headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
         if who.basic:
             headers["Authorization"] = "Basic " + base64.b64encode(":".join(who.basic).encode()).decode()
         payload = None if body is None else json.dumps(body).encode()
+        if body is None and body_file:
+            payload = (self.folder / body_file).read_bytes()
         connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=TIMEOUT)
         try:
             connection.request(method, path, payload, headers)
@@ -418,14 +429,21 @@ class Tour:
             connection.close()
         if output:
             (self.folder / output).write_bytes(answer.body)
-        self._show(who, f"{method} {path}", headers, body, answer, raw)
+        self._show(who, f"{method} {path}", headers, body, answer, raw, sent)
         self.show.command(curl(who, method, path, body, body_file, output), try_it(after))
         if answer.status != expect:
             raise TourError(f"{method} {path}: the tour expected {expect}, the server answered {answer.status}")
         return answer
 
     def _show(
-        self, who: Identity, line: str, headers: dict[str, str], body: Any, answer: Answer, raw: str | None
+        self,
+        who: Identity,
+        line: str,
+        headers: dict[str, str],
+        body: Any,
+        answer: Answer,
+        raw: str | None,
+        sent: str | None = None,
     ) -> None:
         shown = [f"> {line} HTTP/1.1"]
         if who.certificate:
@@ -435,6 +453,8 @@ class Tour:
         shown += [f"> {name}: {value}{decoded if name == 'Authorization' else ''}" for name, value in headers.items()]
         if body is not None:
             shown += [">", *("> " + text for text in pretty(self.abridge(body)))]
+        if sent:
+            shown += [">", f"> ({sent})"]
         shown.append(f"< HTTP/1.1 {answer.status} {answer.reason}")
         kind = answer.headers.get("Content-Type", "")
         if kind != "application/json":
@@ -445,7 +465,12 @@ class Tour:
             if name in answer.headers
         ]
         shown.append("<")
-        shown += [f"< ({raw})"] if raw else ["< " + text for text in pretty(self.abridge(answer.json()))]
+        if raw:
+            shown.append(f"< ({raw})")
+        elif kind.startswith("text/plain"):  # EST's answers in words (SPEC section 10)
+            shown += ["< " + text for text in textwrap.wrap(answer.body.decode(), WIDTH - 2)]
+        else:
+            shown += ["< " + text for text in pretty(self.abridge(answer.json()))]
         self.show.block(shown)
         arrow = line.replace("/api/client-registry", "").replace("/api", "") or "/"
         tls = " (mutual TLS)" if who.certificate else ""
@@ -516,7 +541,7 @@ def curl(who: Identity, method: str, path: str, body: Any, body_file: str | None
     if who.certificate:
         certificate, key = who.certificate
         words += [f'--cert "$TOUR/{certificate}"', f'--key "$TOUR/{key}"']
-    if method not in ("GET", "POST") or (method == "POST" and body is None):
+    if method not in ("GET", "POST") or (method == "POST" and body is None and not body_file):
         words.append(f"-X {method}")
     if who.admin:
         words.append('-H "Authorization: Bearer $TOKEN"')
@@ -525,9 +550,12 @@ def curl(who: Identity, method: str, path: str, body: Any, body_file: str | None
     if body is not None:
         data = f'@"$TOUR/{body_file}"' if body_file else shlex.quote(json.dumps(body))
         words += ["-H 'Content-Type: application/json'", f"-d {data}"]
+    elif body_file:
+        words += [f"-H 'Content-Type: {EST_REQUEST}'", f'--data-binary @"$TOUR/{body_file}"']
     if output:
         words.append(f'-o "$TOUR/{output}"')
-    return [*words, "$URL" + path.removeprefix("/api")]
+    # EST's paths are beside /api, not under it: ${URL%/api} is the server's root.
+    return [*words, "$URL" + path.removeprefix("/api") if path.startswith("/api/") else "${URL%/api}" + path]
 
 
 # --- The steps ---------------------------------------------------------------------
@@ -778,6 +806,49 @@ def policy(tour: Tour) -> None:
     )
 
 
+def est_enroll(tour: Tour) -> None:
+    tour.show.step(
+        "A PLC enrolls by EST, on the same pending list",
+        "Routers and PLCs often ship an EST client (RFC 7030) instead of speaking this JSON. The PLC posts its "
+        "CSR, base64 of the DER, to /.well-known/est/simpleenroll: a registration of the CSR's Common Name, "
+        "with the same rules, the same pending list (marked as coming by EST) and the same approval.",
+    )
+    key = client.generate_key("ec")
+    tour.show.mask.name(pairing_id(key.public_key()), f"<pairing id of {PLC}>")
+    csr = x509.load_pem_x509_csr(client.make_csr(PLC, key).encode()).public_bytes(serialization.Encoding.DER)
+    (tour.folder / "plc/csr.b64").write_bytes(base64.encodebytes(csr))
+    sent = f"base64 of the DER of a CSR for CN={PLC} and an {key_description(key.public_key())} key"
+    plc = Identity("Plc")
+    tour.call(
+        plc, "POST", EST_ENROLL, expect=202, body_file="plc/csr.b64", sent=sent,
+        after=(200, "the certificate, since the administrator approved it"),
+    )  # fmt: skip
+    listed = next(r for r in tour.server.app.core.requests() if r["username"] == PLC)
+    tour.show.say(
+        f'The administrator\'s list shows it as any other, with "via": "{listed["via"]}", and approves it. '
+        "The PLC, which slept its Retry-After, sends the same request again."
+    )
+    tour.call(
+        ADMIN, "POST", f"/api/client-registry/requests/{PLC}/approve", expect=200,
+        after=(409, "not_pending, the request is approved already"),
+    )  # fmt: skip
+    answer = tour.call(
+        plc, "POST", EST_ENROLL, expect=200, body_file="plc/csr.b64", output="plc/cert.p7", sent=sent,
+        raw="base64 of a certs-only PKCS#7 holding the certificate, below",
+    )  # fmt: skip
+    [certificate] = pkcs7.load_der_pkcs7_certificates(base64.b64decode(answer.body))
+    tour.certificate(certificate.public_bytes(serialization.Encoding.PEM).decode(), "PLC's certificate")
+    tour.show.rules(
+        {
+            "EST-10.3-ENROLL": "simpleenroll is a registration of username = the CSR's Common Name, in "
+            "section 2's order; no HTTP authentication: the approval is the authorization.",
+            "EST-10.3-OUTCOMES": "pending: 202 with Retry-After and the pairing id in words; approved: 200, "
+            "a certs-only PKCS#7 with the certificate, again at every repeat.",
+            "EST-10.4-VIA": 'the request is listed "via": "est", and decided as any other.',
+        }
+    )
+
+
 def deny(tour: Tour) -> None:
     tour.show.step(
         "The administrator denies a request, and locks the registry",
@@ -890,6 +961,7 @@ STEPS: list[Callable[[Tour], None]] = [
     whoami,
     conflict,
     policy,
+    est_enroll,
     deny,
     renew,
     delete,

@@ -556,6 +556,7 @@ function fillRequestRow(row, request) {
   const meta = element("span", "client-meta");
   meta.append(
     element("span", `method ${request.method}`, request.method === "csr" ? "CSR" : "password"),
+    ...(request.via === "est" ? [element("span", "via", "by EST")] : []), // SPEC EST-10.4-VIA
     element("span", "pairing-cell mono", `pairing ${request.pairingId}`),
   );
   client.append(meta);
@@ -643,7 +644,9 @@ async function openGrantDialog(username) {
   if (page.fresh.delete(username)) showRequests();
   $("grant-username").textContent = username;
   $("grant-pairing").textContent = request.pairingId;
-  $("grant-method").textContent = request.method === "csr" ? "Certificate signing request (CSR)" : "Password";
+  $("grant-method").textContent =
+    (request.method === "csr" ? "Certificate signing request (CSR)" : "Password") +
+    (request.via === "est" ? ", by EST (RFC 7030)" : "");
   $("grant-address").textContent = request.clientAddress;
   $("grant-created").textContent = formatTime(request.createdAt);
   $("grant-requested-roles").replaceChildren(...chips(request.roles, "chip", "none"));
