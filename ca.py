@@ -13,8 +13,9 @@ verified, and a certificate is issued for that key and no other.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from files import check_private, write_private
-from registry import CsrInfo, IssuedCertificate, RevokedCertificate
 
 # Client clocks run a little behind or ahead: a certificate is valid from a
 # few minutes before it was signed.
@@ -36,19 +36,6 @@ CLOCK_SKEW = timedelta(minutes=5)
 CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=365)
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
-# A CSR field is exactly one PEM block (RFC 7468 section 7, or the older
-# NEW label), with nothing around it but white space: no second block, no
-# RFC 1421 header lines, no text. Any other text could be read one way when
-# its signature is checked and another way later.
-ONE_CSR_BLOCK = re.compile(
-    r"\s*-----BEGIN ((?:NEW )?)CERTIFICATE REQUEST-----[A-Za-z0-9+/=\s]+-----END \1CERTIFICATE REQUEST-----\s*",
-    re.ASCII,
-)
-ONE_CSR_BLOCK_HELP = (
-    "must be one PKCS#10 certificate signing request in exactly one PEM block, from"
-    " '-----BEGIN CERTIFICATE REQUEST-----' to"
-    " '-----END CERTIFICATE REQUEST-----', with nothing before or after it and no header lines"
-)
 
 KEY_USAGE_BITS = (
     "digital_signature",
@@ -74,6 +61,36 @@ END_ENTITY = x509.BasicConstraints(ca=False, path_length=None)
 # encipher the pre-master secret (keyEncipherment).
 SIGNING_USAGE = _key_usage(digital_signature=True)
 RSA_USAGE = _key_usage(digital_signature=True, key_encipherment=True)
+
+
+@dataclass(frozen=True)
+class CsrInfo:
+    """What a CSR says, read once and its signature verified (the registry's ``CsrInfo``)."""
+
+    common_name: str | None
+    key_algorithm: str  # "RSA", "EC", "Ed25519", or another name
+    key_size: int
+    curve: str | None
+    # The SubjectPublicKeyInfo (DER) of the very request whose signature was
+    # verified; None when cryptography cannot load the key's algorithm, so
+    # that no signature could be checked and nothing may be certified.
+    public_key: bytes | None
+
+    @functools.cached_property
+    def public_key_sha256(self) -> str:
+        """The hex SHA-256 of the key (of nothing, for a key that could not be read)."""
+        return hashlib.sha256(self.public_key or b"").hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A client certificate as this CA issued it."""
+
+    pem: str
+    serial: int
+    not_before: datetime
+    not_after: datetime
+    sha256: str  # hex digest of the certificate DER
 
 
 @dataclass(frozen=True)
@@ -153,14 +170,13 @@ class CA:
         return None
 
     def inspect_csr(self, pem: str) -> CsrInfo:
-        """Read a CSR and verify its signature; ``ValueError`` saying what is wrong.
+        """Read a PEM CSR and verify its signature; ``ValueError`` saying what is wrong.
 
         The key in the answer is the SubjectPublicKeyInfo of the request whose
         signature was verified: the registry keeps it, and a certificate is
-        issued for it without the CSR being read again.
+        issued for it without the CSR being read again. A key whose algorithm
+        cryptography cannot load is answered with ``public_key`` None.
         """
-        if ONE_CSR_BLOCK.fullmatch(pem) is None:
-            raise ValueError(ONE_CSR_BLOCK_HELP)
         try:
             csr = x509.load_pem_x509_csr(pem.encode())
         except ValueError:
@@ -168,7 +184,7 @@ class CA:
         try:
             key = csr.public_key()
         except (UnsupportedAlgorithm, ValueError):
-            return CsrInfo(_common_name(csr), "unsupported", 0, None, b"")
+            return CsrInfo(_common_name(csr), _algorithm_name(csr), 0, None, None)
         # RFC 2986 section 3: the signature proves possession of the key.
         if not csr.is_signature_valid:
             raise ValueError("has a signature that does not verify: it must be signed by its own key")
@@ -198,9 +214,9 @@ class CA:
         )
 
     def sign_crl(
-        self, revoked: Iterable[RevokedCertificate], number: int, this_update: datetime, next_update: datetime
+        self, revoked: Iterable[tuple[int, datetime, str]], number: int, this_update: datetime, next_update: datetime
     ) -> bytes:
-        """An X.509 v2 CRL (RFC 5280 section 5) of ``revoked``, signed by this CA, in DER."""
+        """An X.509 v2 CRL (RFC 5280 section 5) of ``revoked``, (serial, when, a CRLReason name), in DER."""
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
@@ -211,13 +227,13 @@ class CA:
             # RFC 5280 section 5.2.1: which CA key signed it.
             .add_extension(self._authority_key_identifier, critical=False)
         )
-        for entry in revoked:
+        for serial, revoked_at, reason in revoked:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
-                .serial_number(entry.serial)
-                .revocation_date(_whole_seconds(entry.revoked_at))
+                .serial_number(serial)
+                .revocation_date(_whole_seconds(revoked_at))
                 # RFC 5280 section 5.3.1: why.
-                .add_extension(x509.CRLReason(x509.ReasonFlags(entry.reason)), critical=False)
+                .add_extension(x509.CRLReason(x509.ReasonFlags(reason)), critical=False)
                 .build()
             )
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
@@ -306,6 +322,11 @@ def _describe(key: object) -> tuple[str, int, str | None]:
     if isinstance(key, ed448.Ed448PublicKey):
         return "Ed448", 456, None
     return type(key).__name__.removesuffix("PublicKey").lstrip("_"), 0, None
+
+
+def _algorithm_name(csr: x509.CertificateSigningRequest) -> str:
+    """A CSR's key algorithm that cryptography cannot load, named by its OID (RFC 5280 section 4.1.2.7)."""
+    return f"OID {csr.public_key_algorithm_oid.dotted_string}"
 
 
 def _common_name(csr: x509.CertificateSigningRequest) -> str | None:

@@ -80,7 +80,7 @@ def make_csr(common_name: str | None, key: object = None, *, extensions: list[x5
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM).decode()
 
 
-def issue(authority: ca.CA, csr_pem: str, username: str, now: datetime) -> registry.IssuedCertificate:
+def issue(authority: ca.CA, csr_pem: str, username: str, now: datetime) -> ca.IssuedCertificate:
     """A certificate for ``username`` and the key of ``csr_pem``, read and verified as registration reads it."""
     return authority.issue_client_certificate(authority.inspect_csr(csr_pem).public_key, username, now)
 

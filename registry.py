@@ -147,6 +147,19 @@ OPERATIONS = ("read", "write", "readWrite")
 CONTEXTS = ("mqtt", "http")
 REQUEST_FIELDS = frozenset({"username", "password", "csr", "roles", "permissions", "context"})
 PERMISSION_FIELDS = frozenset({"resource", "operation", "context"})
+# REQ-1-CSR-PEM: a CSR field is exactly one PEM block (RFC 7468 section 7, or
+# the older NEW label), with nothing around it but white space: no second
+# block, no RFC 1421 header lines, no text. Any other text could be read one
+# way when its signature is checked and another way later.
+ONE_CSR_BLOCK = re.compile(
+    r"\s*-----BEGIN ((?:NEW )?)CERTIFICATE REQUEST-----[A-Za-z0-9+/=\s]+-----END \1CERTIFICATE REQUEST-----\s*",
+    re.ASCII,
+)
+ONE_CSR_BLOCK_HELP = (
+    "must be one PKCS#10 certificate signing request in exactly one PEM block, from"
+    " '-----BEGIN CERTIFICATE REQUEST-----' to"
+    " '-----END CERTIFICATE REQUEST-----', with nothing before or after it and no header lines"
+)
 # SPEC section 2.3: the keys a CSR may carry (the curve names are those of
 # cryptography's ``EllipticCurve.name``).
 ACCEPTED_CURVES = frozenset({"secp256r1", "secp384r1"})
@@ -469,9 +482,8 @@ class Registration:
         return "password" if self.password is not None else "csr"
 
 
-@dataclass(frozen=True)
-class CsrInfo:
-    """What the registry needs to know of a parsed, verified CSR."""
+class CsrInfo(Protocol):
+    """What the registry needs to know of a CSR its CA read and verified; ``ca.CsrInfo`` is one."""
 
     common_name: str | None
     key_algorithm: str  # "RSA", "EC", "Ed25519", or another name
@@ -479,32 +491,23 @@ class CsrInfo:
     curve: str | None
     # The SubjectPublicKeyInfo (DER) of the very request whose signature was
     # verified: the key a certificate is issued for, kept from that moment.
-    public_key: bytes
+    # None when the CA cannot load the key's algorithm: nothing was verified,
+    # and the key policy refuses it (REG-2.3-KEY).
+    public_key: bytes | None
 
-    @functools.cached_property
+    @property
     def public_key_sha256(self) -> str:
         """The hex SHA-256 of the key: how a poll with the same key is recognised."""
-        return hashlib.sha256(self.public_key).hexdigest()
 
 
-@dataclass(frozen=True)
-class IssuedCertificate:
-    """A client certificate as the CA issued it."""
+class IssuedCertificate(Protocol):
+    """A client certificate as the CA issued it; ``ca.IssuedCertificate`` is one."""
 
     pem: str
     serial: int
     not_before: datetime
     not_after: datetime
     sha256: str  # hex digest of the certificate DER
-
-
-@dataclass(frozen=True)
-class RevokedCertificate:
-    """One entry of a CRL (RFC 5280 section 5.1.2.6): which certificate, since when, and why."""
-
-    serial: int
-    revoked_at: datetime
-    reason: str  # a CRLReason name of RFC 5280 section 5.3.1, such as "cessationOfOperation"
 
 
 class CertificateAuthority(Protocol):
@@ -520,9 +523,9 @@ class CertificateAuthority(Protocol):
         """Sign a client certificate for ``username`` and ``public_key``, the verified SPKI DER of its CSR."""
 
     def sign_crl(
-        self, revoked: Iterable[RevokedCertificate], number: int, this_update: datetime, next_update: datetime
+        self, revoked: Iterable[tuple[int, datetime, str]], number: int, this_update: datetime, next_update: datetime
     ) -> bytes:
-        """Sign a CRL (DER) listing ``revoked``."""
+        """Sign a CRL (DER) listing ``revoked``: (serial, when, a CRLReason name of RFC 5280 section 5.3.1)."""
 
 
 @dataclass(frozen=True)
@@ -923,8 +926,8 @@ def policy_problems(registration: Registration, catalog: Mapping[str, str], csr:
 
 
 def key_accepted(csr: CsrInfo) -> bool:
-    """SPEC section 2.3: RSA >= 2048 bits, EC P-256 or P-384, Ed25519."""
-    return (
+    """REG-2.3-KEY: RSA >= 2048 bits, EC P-256 or P-384, Ed25519; never a key the CA could not load."""
+    return csr.public_key is not None and (
         (csr.key_algorithm == "RSA" and csr.key_size >= MIN_RSA_BITS)
         or (csr.key_algorithm == "EC" and csr.curve in ACCEPTED_CURVES)
         or csr.key_algorithm == "Ed25519"
@@ -937,6 +940,9 @@ def key_problem(csr: CsrInfo) -> str:
 
 
 def describe_key(csr: CsrInfo) -> str:
+    """A key as a person names it: "EC secp256r1", "RSA 1024-bit"."""
+    if csr.public_key is None:
+        return f"{csr.key_algorithm} (an algorithm the CA cannot read)"
     if csr.key_algorithm == "EC":
         return f"EC {csr.curve}"
     return f"{csr.key_algorithm} {csr.key_size}-bit" if csr.key_size else csr.key_algorithm
@@ -1685,7 +1691,7 @@ class Registry:
         # One CRL signer at a time, outside the registry's lock.
         self._crl_lock = threading.Lock()
         self._storage_logged_at = -MINUTE
-        self._store.keep_verified_keys(ca.inspect_csr if ca else None)
+        self._store.keep_verified_keys(self._inspect_text if ca else None)
         self._store.record_issued_certificates(SKEW_OF_OLD_CERTIFICATES)
         self.refresh_crl()
 
@@ -1851,7 +1857,7 @@ class Registry:
         info = self._csrs.get(digest)
         if info is None:
             try:
-                info = self.ca.inspect_csr(text)
+                info = self._inspect_text(text)
             except ValueError as error:
                 raise MalformedRequest(f"'csr' {error}") from None
             self._csrs.put(digest, info)
@@ -1860,6 +1866,13 @@ class Registry:
         if info.common_name != username:
             raise MalformedRequest(f"the CSR's Common Name {info.common_name!r} is not the username {username!r}")
         return info
+
+    def _inspect_text(self, text: str) -> CsrInfo:
+        """REQ-1-CSR-PEM, then the CA's reading and verifying (REG-2.2-CSR); ``ValueError`` saying what is wrong."""
+        assert self.ca is not None
+        if ONE_CSR_BLOCK.fullmatch(text) is None:
+            raise ValueError(ONE_CSR_BLOCK_HELP)
+        return self.ca.inspect_csr(text)
 
     def _matches(
         self, registration: Registration, csr: CsrInfo | None, row: sqlite3.Row, password_matches: bool
@@ -2255,7 +2268,7 @@ class Registry:
                 ):
                     return
                 revoked = [
-                    RevokedCertificate(int(row["serial"], 16), _datetime(row["revoked_at"]), row["reason"])
+                    (int(row["serial"], 16), _datetime(row["revoked_at"]), row["reason"])
                     for row in self._store.revoked(now)
                 ]
             number = crl["number"] + 1 if crl else 1

@@ -355,12 +355,15 @@ def test_a_csr_in_one_pem_block_is_signed_for_its_key_however_the_block_is_writt
 
 @pytest.mark.parametrize("variant", list(_refused_pem_variants(make_csr("sensor-0003"), make_csr("sensor-0003"))))
 def test_a_csr_field_with_more_than_one_pem_block_is_refused(
-    authority: ca.CA, client_keys: dict[str, object], variant: str
+    reg: registry.Registry, client_keys: dict[str, object], variant: str
 ) -> None:
+    """Proves REQ-1-CSR-PEM: the registry reads no text but one PEM block, before its CA reads anything."""
     text = _refused_pem_variants(make_csr("sensor-0003"), make_csr("sensor-0003", client_keys["rsa"]))[variant]
+    reg.unlock()
 
-    with pytest.raises(ValueError, match="exactly one PEM block"):
-        authority.inspect_csr(text)
+    with pytest.raises(registry.MalformedRequest, match="exactly one PEM block"):
+        reg.register({"username": "sensor-0003", "csr": text})
+    assert reg.requests() == []
 
 
 def test_validity_starts_before_now_for_clock_skew_and_lasts_a_year(authority: ca.CA) -> None:

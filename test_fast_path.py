@@ -62,10 +62,10 @@ class DerivedCA:
         self.inspect_csr = authority.inspect_csr
         self.issued = 0
 
-    def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> registry.IssuedCertificate:
+    def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> ca.IssuedCertificate:
         self.issued += 1
         digest = hashlib.sha256(public_key + f"{username} {now.isoformat()} {self.issued}".encode()).hexdigest()
-        return registry.IssuedCertificate(
+        return ca.IssuedCertificate(
             pem=f"certificate {digest}",
             serial=int(digest[:30], 16),
             not_before=now,
@@ -74,7 +74,7 @@ class DerivedCA:
         )
 
     def sign_crl(
-        self, revoked: list[registry.RevokedCertificate], number: int, this_update: datetime, next_update: datetime
+        self, revoked: list[tuple[int, datetime, str]], number: int, this_update: datetime, next_update: datetime
     ) -> bytes:
         return repr((revoked, number, this_update, next_update)).encode()
 

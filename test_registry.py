@@ -1233,7 +1233,7 @@ class FailingCA:
         self.not_after = authority.not_after
         self.inspect_csr = authority.inspect_csr
 
-    def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> registry.IssuedCertificate:
+    def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> ca.IssuedCertificate:
         raise RuntimeError(f"the signing device refused {username}")
 
     def sign_crl(self, *crl: object) -> bytes:
