@@ -30,7 +30,7 @@ import registry
 
 JSON = "application/json"
 PEM = "application/x-pem-file"
-PKIX_CRL = "application/pkix-crl"
+PKIX_CRL = "application/pkix-crl"  # RFC 2585 section 4.2
 # The types of the page's files, as the server's STATIC_TYPES serves them.
 STATIC_TYPES = ("text/html; charset=utf-8", "text/javascript", "text/css", "image/png")
 PARAMETER = re.compile(r"\{(\w+)\}")
@@ -78,10 +78,9 @@ USERNAME: Schema = {
     "maxLength": max(registry.USERNAME_LENGTH),
     "pattern": f"^{registry.USERNAME.pattern}$",
 }
-# MQTT 3.1.1 sections 4.7.1 and 4.7.3, as registry._is_topic_filter reads them: '+' alone in its level,
-# '#' alone and last, no NUL. One closing '$', so that a generator reads it as the end of the string.
-TOPIC_LEVEL = r"(?:\+|[^+#/\u0000]*)"
-TOPIC_FILTER = rf"^(?:#|{TOPIC_LEVEL}(?:/{TOPIC_LEVEL})*(?:/#)?)$"
+# MQTT 3.1.1 sections 4.7.1 and 4.7.3, as the registry reads a topic filter. One closing '$', so that a
+# generator reads it as the end of the string.
+TOPIC_FILTER = f"^(?:{registry.TOPIC_FILTER.pattern})$"
 # What a path parameter may be: any other value names nothing, and is 404.
 PATH_PARAMETERS: dict[str, Schema] = {
     "username": USERNAME,

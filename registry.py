@@ -139,6 +139,11 @@ log = logging.getLogger("registry")
 # =============================================================================
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# MQTT 3.1.1 section 4.7.1: '#' stands alone as the last level, '+' stands
+# alone in its level; section 4.7.3: no U+0000. The OpenAPI document says the
+# same with this very pattern.
+_TOPIC_LEVEL = r"(?:\+|[^+#/\x00]*)"
+TOPIC_FILTER = re.compile(rf"#|{_TOPIC_LEVEL}(?:/{_TOPIC_LEVEL})*(?:/#)?")
 USERNAME_LENGTH = range(3, 65)
 PASSWORD_LENGTH = range(5, 1025)
 CONTEXT_LENGTH = 1024
@@ -868,13 +873,8 @@ def _permission(index: int, value: object, problems: list[str]) -> Permission | 
 
 
 def _is_topic_filter(resource: str) -> bool:
-    # MQTT 3.1.1 section 4.7.1: '#' stands alone as the last level, '+'
-    # stands alone in its level; section 4.7.3: no U+0000.
-    levels = resource.split("/")
-    return "\0" not in resource and all(
-        ("#" not in level or (level == "#" and i == len(levels) - 1)) and ("+" not in level or level == "+")
-        for i, level in enumerate(levels)
-    )
+    """REQ-1-PERMISSION: an MQTT topic filter (``TOPIC_FILTER``)."""
+    return TOPIC_FILTER.fullmatch(resource) is not None
 
 
 def _text(body: Mapping[str, Any], name: str, problems: list[str], *, required: bool = False) -> str | None:

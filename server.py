@@ -56,9 +56,7 @@ log = logging.getLogger("registry.server")
 access_logger = logging.getLogger("registry.access")
 
 
-JSON = "application/json"
-PEM = "application/x-pem-file"
-PKIX_CRL = "application/pkix-crl"  # RFC 2585 section 4.2
+JSON, PEM, PKIX_CRL = openapi.JSON, openapi.PEM, openapi.PKIX_CRL  # the media types, as the document names them
 TEST_UNLOCK = timedelta(seconds=30)  # the longest unlock window under --test-clients
 CRL_CHECK_SECONDS = 60.0  # how often the server asks whether the CRL is due to be signed again
 STATIC = Path(__file__).with_name("static")
@@ -517,8 +515,8 @@ def _est_response(answer: est.Answer) -> Response:
 def _username_of(body: bytes) -> str | None:
     """The username a registration names, if its body is a JSON object with one."""
     try:
-        payload = json.loads(body)
-    except ValueError:
+        payload = registry.parse_json(body)
+    except registry.MalformedRequest:
         return None
     name = payload.get("username") if isinstance(payload, dict) else None
     return name if isinstance(name, str) else None
@@ -556,7 +554,7 @@ def _credentials(request: Request) -> tuple[str, str]:
 
 def _basic_credentials(request: Request) -> tuple[str, str]:
     scheme, encoded = _credentials(request)
-    challenge = {"WWW-Authenticate": 'Basic realm="client-registry"'}
+    challenge = dict(registry.CHALLENGE)
     if scheme != "basic":
         raise registry.Unauthorized("authenticate with HTTP Basic or your client certificate", headers=challenge)
     try:
@@ -1285,14 +1283,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--mosquitto",
         metavar="URL",
         help="keep this MQTT broker's dynamic security equal to the users (mqtt://HOST:PORT or mqtts://HOST:PORT;"
-        " needs paho-mqtt; see docs/relying-parties.md)",
+        " needs paho-mqtt; see docs/relying-parties.md)" + NO_DEFAULT_SHOWN,
     )
-    option("--mosquitto-cafile", type=Path, metavar="FILE", help="the CA that signed an mqtts:// broker's certificate")
+    option(
+        "--mosquitto-cafile",
+        type=Path,
+        metavar="FILE",
+        help="the CA that signed an mqtts:// broker's certificate" + NO_DEFAULT_SHOWN,
+    )
     option(
         "--mosquitto-admin",
         type=Path,
         metavar="FILE",
-        help='a 0600 JSON file {"username": ..., "password": ...}: the broker\'s dynamic-security administrator',
+        help='a 0600 JSON file {"username": ..., "password": ...}: the broker\'s dynamic-security administrator'
+        + NO_DEFAULT_SHOWN,
     )
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
