@@ -91,15 +91,11 @@ The module reads in three layers, each under its own heading:
 3. **The registry**: ``Registry``, the thread-safe facade that reads the
    clock, asks the rules, and writes what they decided.
 
-Thousands of clients poll every few seconds, so the registry keeps a fast
-path beside the reference one: bodies answered 202 are answered again
-without parsing, passwords and CSRs that verified once are remembered, and
-poll statistics are counted in memory and written with the next
-transaction. It lives in named helpers (``RepeatedPolls``,
-``PasswordVerifier``, ``PollCounter`` and a ``BoundedCache`` of CSRs), and
-``Settings(fast_path=False)`` turns all of it off; a stateful property test
-(``test_fast_path.py``) checks that both give the same answers and store
-the same state.
+This module is the reference: every request is answered the plain way, with
+no cache. Thousands of clients poll every few seconds, so the server uses
+``fastpath.FastRegistry``, which extends ``Registry`` with remembered polls,
+passwords and CSRs, and batches the poll counts; ``test_fast_path.py``
+checks that both give the same answers and store the same state.
 
 The core touches no socket. Certificates are the business of an injected
 ``CertificateAuthority`` (``ca.py`` provides one); without it the registry
@@ -627,9 +623,6 @@ class Settings:
     # scrypt's cost n (RFC 7914 section 2): 2**14 is the interactive-login
     # choice of the RFC's authors; tests lower it to stay fast.
     scrypt_n: int = 2**14
-    # The poll cache, the password and CSR caches and the in-memory poll
-    # counters (layer 3); False answers every request the reference way.
-    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -1457,85 +1450,12 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-# --- The fast path: each helper can be left out (Settings.fast_path) ---------
-
-
-class BoundedCache(collections.OrderedDict):
-    """A dict that forgets its oldest entries beyond ``capacity`` (0 keeps nothing)."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-
-    def put(self, key: object, value: object) -> None:
-        self[key] = value
-        while len(self) > self.capacity:
-            self.popitem(last=False)
-
-
-class PasswordVerifier:
-    """Remembers passwords that verified against scrypt hashes (capacity 0: none).
-
-    A success is remembered as the password's HMAC under a key that lives
-    only in this process, so the same password's next check of the same
-    hash is one HMAC. Only a success is remembered: any other password is
-    not told apart here but goes the reference way, throttle then scrypt,
-    so that a wrong guess never costs less (Trust before speed).
-    """
-
-    def __init__(self, capacity: int = 250_000) -> None:
-        self._key = secrets.token_bytes(32)
-        self._known = BoundedCache(capacity)
-
-    def remembered(self, password: str, stored: str) -> bool:
-        """Whether ``password`` is the one remembered to match ``stored``; False says nothing."""
-        known = self._known.get(stored)
-        return known is not None and hmac.compare_digest(known, hmac.digest(self._key, password.encode(), "sha256"))
-
-    def remember(self, password: str, stored: str) -> None:
-        """Record a password that is known to match ``stored`` (just hashed)."""
-        self._known.put(stored, hmac.digest(self._key, password.encode(), "sha256"))
-
-
-@dataclass
-class _Poll:
-    """A body that was answered 202, known by its keyed hash: what it asked for."""
-
-    username: str
-    pairing_id: str
-    requested: str  # the canonical text of the requested rights
-    password: bool  # whether the body holds a password: the throttle comes first
-    outcome: Outcome
-    created_at: int = 0
-    checked: int = -1  # the registry's version when the stored request was last seen to match
-
-
-class RepeatedPolls:
-    """Bodies answered 202, by a hash keyed with a secret of this process only, since a body holds a password."""
-
-    def __init__(self, capacity: int) -> None:
-        self._key = secrets.token_bytes(32)
-        self._seen = BoundedCache(capacity)
-
-    def fingerprint(self, body: bytes) -> bytes:
-        return hashlib.blake2b(body, key=self._key, digest_size=16).digest()
-
-    def get(self, fingerprint: bytes) -> _Poll | None:
-        return self._seen.get(fingerprint)
-
-    def remember(self, fingerprint: bytes, registration: Registration, outcome: Outcome) -> None:
-        poll = _Poll(
-            registration.username,
-            outcome.body["pairingId"],
-            registration.rights.dumps(),
-            registration.password is not None,
-            outcome,
-        )
-        self._seen.put(fingerprint, poll)
+# --- The counted polls (ADMIN-4.7-POLL-STATS) ---------------------------------
 
 
 class PollCounter:
-    """Polls counted in memory, to be written with the next transaction or once ``period`` has passed."""
+    """Polls counted in memory until they are written: at once (``period`` 0), or with the next transaction
+    once ``period`` has passed; counts that cannot be written wait for the next write (STORE-6.2-FULL-DISK)."""
 
     def __init__(self, period: int, now: int) -> None:
         self.period = period
@@ -1675,14 +1595,7 @@ class Registry:
         self.settings = settings
         self._lock = threading.RLock()
         self._store = Store(database)
-        fast = settings.fast_path
-        self._passwords = PasswordVerifier(250_000 if fast else 0)
-        self._csrs = BoundedCache(settings.max_pending if fast else 0)
-        self._repeated = RepeatedPolls(settings.max_pending) if fast else None
-        self._polls = PollCounter(SECOND if fast else 0, self._now())
-        # Write transactions that may change a request: a remembered poll
-        # looks at its request again when this has moved.
-        self._version = 0
+        self._polls = PollCounter(0, self._now())  # each poll written at once; a subclass may batch them
         self._new_requests: dict[str, collections.deque[int]] = {}
         self._throttle = SignInThrottle(settings)
         # Slow work runs outside the lock, at most one key derivation a core
@@ -1715,20 +1628,8 @@ class Registry:
         return self._register(payload, client_address, via)[1]
 
     def register_body(self, body: bytes, client_address: str = "") -> Outcome:
-        """Answer a client's request as it came over the wire: the body's bytes (400 when not JSON).
-
-        On the fast path a body answered 202 before is answered again without
-        being parsed, while its request is still the one pending.
-        """
-        if self._repeated is None:
-            return self.register(parse_json(body), client_address)
-        fingerprint = self._repeated.fingerprint(body)
-        outcome = self._repeated_poll(fingerprint, client_address)
-        if outcome is None:
-            registration, outcome = self._register(parse_json(body), client_address)
-            if outcome.status is HTTPStatus.ACCEPTED:
-                self._repeated.remember(fingerprint, registration, outcome)
-        return outcome
+        """Answer a client's request as it came over the wire: the body's bytes (400 when not JSON)."""
+        return self.register(parse_json(body), client_address)
 
     def _register(self, payload: object, address: str, via: str = "api") -> tuple[Registration, Outcome]:
         registration = parse_registration(payload)
@@ -1851,16 +1752,10 @@ class Registry:
     def _read_csr(self, text: str, username: str) -> CsrInfo:
         """The CSR ``text``, read and verified by the CA, naming ``username``; ``MalformedRequest`` otherwise."""
         assert self.ca is not None
-        # The same CSR text verifies the same way: on the fast path a poll
-        # pays for reading it once.
-        digest = hashlib.sha256(text.encode()).digest()
-        info = self._csrs.get(digest)
-        if info is None:
-            try:
-                info = self._inspect_text(text)
-            except ValueError as error:
-                raise MalformedRequest(f"'csr' {error}") from None
-            self._csrs.put(digest, info)
+        try:
+            info = self._inspect_text(text)
+        except ValueError as error:
+            raise MalformedRequest(f"'csr' {error}") from None
         if not info.common_name:
             raise MalformedRequest("the CSR's subject has no Common Name: it must be the username")
         if info.common_name != username:
@@ -1888,21 +1783,14 @@ class Registry:
         return _window(self._new_requests, address, now - MINUTE)
 
     def _hash(self, password: str) -> str:
-        """A new password's hash; call outside the lock."""
+        """A new password's hash (SAFE-6.3-PASSWORDS); call outside the lock (SAFE-6.6-SLOW-WORK)."""
         with self._derivations:
-            stored = hash_password(password, self.settings.scrypt_n)
-        self._passwords.remember(password, stored)
-        return stored
+            return hash_password(password, self.settings.scrypt_n)
 
     def _verify(self, password: str, stored: str) -> bool:
         """Whether ``password`` is the one behind ``stored``; call outside the lock, after the throttle."""
-        if self._passwords.remembered(password, stored):
-            return True
         with self._derivations:
-            if not check_password(password, stored):
-                return False
-        self._passwords.remember(password, stored)
-        return True
+            return check_password(password, stored)
 
     def _store_new(
         self, registration: Registration, csr: CsrInfo | None, password_hash: str | None, address: str, now: int
@@ -1946,39 +1834,6 @@ class Registry:
             "notAfter": _iso(certificate["not_after"]),
             "renewAfter": _iso(renew_after(certificate["not_before"], certificate["not_after"])),
         }
-
-    def _repeated_poll(self, fingerprint: bytes, address: str) -> Outcome | None:
-        """The 202 again for a body seen before, while its request is the one pending."""
-        assert self._repeated is not None
-        seen = self._repeated.get(fingerprint)
-        if seen is None:
-            return None
-        now = self._now()
-        with self._lock:
-            if seen.checked != self._version and not self._still_pending(seen):
-                return None
-            if seen.created_at <= self._cutoff(now):
-                return None
-            if seen.password and self._throttle.wait(seen.username, address, now) is not None:
-                return None  # the reference way answers 429 (REG-2.4-THROTTLE)
-            self._count_poll(seen.username, address, now)
-        return seen.outcome
-
-    def _still_pending(self, seen: _Poll) -> bool:
-        """Whether the stored request is still the pending one ``seen`` matched."""
-        row = self._store.request(seen.username)
-        # A password request's pairing id comes from its salted hash, and a
-        # CSR request's from its key: with the rights, they say that the
-        # stored request is still the one this body matched.
-        if (
-            row is None
-            or row["state"] != State.PENDING.value
-            or row["pairing_id"] != seen.pairing_id
-            or row["requested"] != seen.requested
-        ):
-            return False
-        seen.created_at, seen.checked = row["created_at"], self._version
-        return True
 
     # --- The broker's part (SPEC section 11) ------------------------------
 
@@ -2274,7 +2129,7 @@ class Registry:
             number = crl["number"] + 1 if crl else 1
             next_update = now + self.settings.crl_validity // MICROSECOND
             der = self.ca.sign_crl(revoked, number, _datetime(now), _datetime(next_update))
-            with self._lock, self._writing(changes_requests=False):
+            with self._lock, self._writing():
                 self._store.set_crl(number, now, next_update, der)
 
     def audit(self, limit: int = 100, before: int | None = None) -> dict[str, Any]:
@@ -2375,10 +2230,8 @@ class Registry:
         return self._store.pending_count(self._cutoff(now))
 
     @contextlib.contextmanager
-    def _writing(self, *, changes_requests: bool = True) -> Iterator[None]:
-        """A write transaction that writes the counted polls first; remembered polls look again after it."""
-        if changes_requests:
-            self._version += 1
+    def _writing(self) -> Iterator[None]:
+        """A write transaction that writes the counted polls first (STORE-6.2-FULL-DISK: 503 when it cannot)."""
         now = self._now()
         counts = self._polls.take(now)
         try:
@@ -2406,7 +2259,7 @@ class Registry:
             row = self._store.request(username)
             if row is None or row["collected_at"] is not None:
                 return
-            with contextlib.suppress(StorageUnavailable), self._writing(changes_requests=False):
+            with contextlib.suppress(StorageUnavailable), self._writing():
                 self._store.mark_collected(username, now)
 
     def _count_poll(self, username: str, address: str, now: int) -> None:
@@ -2417,8 +2270,7 @@ class Registry:
                 self._write_polls()
 
     def _write_polls(self) -> None:
-        # Poll counts change no request's state: the remembered polls stand.
-        with self._writing(changes_requests=False):
+        with self._writing():
             pass
 
     def _audit(self, now: int, actor: str, address: str, action: str, username: str | None, details: object) -> None:

@@ -48,6 +48,7 @@ import broker as broker_module
 import ca as ca_module
 import clientcheck
 import est
+import fastpath
 import files
 import openapi
 import registry
@@ -131,6 +132,7 @@ class Config:
     log_level: str = "INFO"
     scrypt_n: int = 2**14
     fast_http: bool = True
+    fast_path: bool = True  # fastpath.FastRegistry; False: the reference registry.Registry
     backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
     test_clients: bool = False  # vary the answers to registrations and report what clients do wrong
     # SPEC section 11: the MQTT broker kept equal to the users (mqtt:// or mqtts://), its CA, its admin's file.
@@ -1074,7 +1076,8 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         crl_validity=timedelta(days=config.crl_days),
     )
     database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
-    core = registry.Registry(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
+    kind = fastpath.FastRegistry if config.fast_path else registry.Registry
+    core = kind(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
     check = clientcheck.ClientCheck() if config.test_clients else None
     reconciler = None
     if config.mosquitto:  # paho-mqtt is imported then, and only then
@@ -1270,6 +1273,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         action="store_false",
         help="read request heads with http.server's own parser instead of the faster one, which is the default"
         + NO_DEFAULT_SHOWN,
+    )
+    option(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="answer every request the reference way (registry.Registry), with no remembered polls, passwords or"
+        " CSRs; the fast path (fastpath.FastRegistry) is the default" + NO_DEFAULT_SHOWN,
     )
     option("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     option(

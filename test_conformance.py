@@ -25,6 +25,7 @@ import pytest
 from cryptography import x509
 
 import conformance
+import fastpath
 import registry
 from conftest import ADMIN_TOKEN, serve
 from registry import Decision, State
@@ -206,7 +207,7 @@ def lock_keeps_polls_out(monkeypatch: pytest.MonkeyPatch) -> None:
         return decision, row
 
     monkeypatch.setattr(registry.Registry, "_decide", locked_polls)
-    monkeypatch.setattr(registry.Registry, "_repeated_poll", lambda self, fingerprint, address: None)
+    monkeypatch.setattr(fastpath.FastRegistry, "_repeated_poll", lambda self, fingerprint, address: None)
 
 
 def common_name_not_compared(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,11 @@
 """The fast path is transparent: the same commands, with and without it, give the same answers and state.
 
-``registry.py`` keeps a fast path beside the reference one (bodies answered
-202 answered again without parsing, passwords and CSRs remembered once
-verified, poll counts kept in memory). ``FastPathMachine`` drives two
-registries with the same random sequence of client requests (as parsed JSON
-and as wire bytes, new ones and exact repeats), administrator calls and
-clock moves: one with ``Settings(fast_path=True)``, one with
-``fast_path=False``. After every command both must have answered alike, and
+``fastpath.FastRegistry`` extends the reference ``registry.Registry`` with a
+fast path (bodies answered 202 answered again without parsing, passwords and
+CSRs remembered once verified, poll counts kept in memory). ``FastPathMachine``
+drives the two with the same random sequence of client requests (as parsed
+JSON and as wire bytes, new ones and exact repeats), administrator calls and
+clock moves. After every command both must have answered alike, and
 both must show the same status, requests, users and audit trail.
 
 Two things differ between any two registries and are made comparable:
@@ -18,7 +17,6 @@ replaced by the order in which it first appeared.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -38,6 +36,7 @@ from hypothesis.stateful import (
 )
 
 import ca
+import fastpath
 import registry
 from conftest import FAST, START, FakeClock
 from test_properties import ACCEPTED_KEYS, CATALOG, HTTP_WRITE, MQTT_READ, csr_for
@@ -115,10 +114,8 @@ class FastPathMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock()
         self.registries = [
-            registry.Registry(
-                clock=self.clock, ca=DerivedCA(AUTHORITY), roles=CATALOG, settings=dataclasses.replace(FAST, **options)
-            )
-            for options in ({"fast_path": True}, {"fast_path": False, "rate_limit": 0})
+            kind(clock=self.clock, ca=DerivedCA(AUTHORITY), roles=CATALOG, settings=FAST)
+            for kind in (fastpath.FastRegistry, registry.Registry)
         ]
         self.pairing_ids = [PairingIds(), PairingIds()]
         self.sent: list[bytes] = []
@@ -248,11 +245,11 @@ TestFastPathMachine = FastPathMachine.TestCase
 def test_the_machine_catches_a_fast_path_that_answers_from_memory_alone(monkeypatch) -> None:
     """The comparison has teeth: a poll cache that never looks at the store, nor counts the poll, is caught."""
 
-    def from_memory(self: registry.Registry, fingerprint: bytes, address: str) -> registry.Outcome | None:
+    def from_memory(self: fastpath.FastRegistry, fingerprint: bytes, address: str) -> registry.Outcome | None:
         seen = self._repeated.get(fingerprint)
         return None if seen is None else seen.outcome
 
-    monkeypatch.setattr(registry.Registry, "_repeated_poll", from_memory)
+    monkeypatch.setattr(fastpath.FastRegistry, "_repeated_poll", from_memory)
 
     with pytest.raises(AssertionError):
         run_state_machine_as_test(FastPathMachine, settings=settings(max_examples=200, stateful_step_count=40))

@@ -4,8 +4,8 @@ It keeps a plain-dict model of the contract (the lock window, the stored
 requests, the users), drives a real ``registry.Registry`` with client
 requests, administrator calls and a fake clock, and checks every answer and
 the registry's whole visible state against the model after every step. It
-runs twice: on the fast path and on the reference path
-(``Settings(fast_path=False)``).
+runs twice: on the fast path (``fastpath.FastRegistry``) and on the
+reference (``registry.Registry``).
 
 Where SPEC is silent the model follows the registry's documented reading
 (docs/design.md): an approval body's field left out stays as requested, and
@@ -14,7 +14,6 @@ a denied request's retention starts at the denial.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import ca
+import fastpath
 import registry
 from conftest import FAST, START, FakeClock, assert_issued_from
 from test_properties import (
@@ -112,12 +112,13 @@ class RegistryMachine(RuleBasedStateMachine):
     """
 
     registry_settings = FAST
+    registry_kind: type[registry.Registry] = fastpath.FastRegistry
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
         self.authority = ca.CA.create(START)
-        self.registry = registry.Registry(
+        self.registry = self.registry_kind(
             clock=self.clock, ca=self.authority, roles=CATALOG, settings=self.registry_settings
         )
         self.model: dict[str, Any] = {"unlocked_until": None, "requests": {}, "users": {}}
@@ -459,7 +460,7 @@ class RegistryMachine(RuleBasedStateMachine):
 class ReferenceRegistryMachine(RegistryMachine):
     """The same model against the reference path: no caches, every poll parsed and written at once."""
 
-    registry_settings = dataclasses.replace(FAST, fast_path=False)
+    registry_kind = registry.Registry
 
 
 RegistryMachine.TestCase.settings = settings(stateful_step_count=30)
