@@ -161,7 +161,7 @@ ONE_CSR_BLOCK_HELP = (
     " '-----BEGIN CERTIFICATE REQUEST-----' to"
     " '-----END CERTIFICATE REQUEST-----', with nothing before or after it and no header lines"
 )
-# SPEC section 2.3: the keys a CSR may carry (the curve names are those of
+# REG-2.3-KEY: the keys a CSR may carry (the curve names are those of
 # cryptography's ``EllipticCurve.name``).
 ACCEPTED_CURVES = frozenset({"secp256r1", "secp384r1"})
 MIN_RSA_BITS = 2048
@@ -205,7 +205,7 @@ class RegistryError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
-        """The JSON error body of SPEC section 2."""
+        """The JSON error body (REG-2.5-ERRORS)."""
         body: dict[str, Any] = {"error": self.code, "message": self.message}
         if self.details:
             body["details"] = self.details
@@ -214,7 +214,7 @@ class RegistryError(Exception):
 
 
 class MalformedRequest(RegistryError):
-    """The request breaks the shape of SPEC section 1 (400)."""
+    """The request breaks the shape of SPEC section 1 (400; REG-2.2-MALFORMED)."""
 
     status, code = HTTPStatus.BAD_REQUEST, "malformed_request"
 
@@ -428,7 +428,7 @@ def renewal(presented: Standing, event: LifeEvent) -> Renewal:
 
 @dataclass(frozen=True, order=True)
 class Permission:
-    """One permission of SPEC section 1: a resource, an operation, a context."""
+    """One permission (REQ-1-PERMISSION): a resource, an operation, a context."""
 
     context: str
     resource: str
@@ -617,7 +617,7 @@ class Settings:
     max_throttle_entries: int = 100_000
     # Retry-After of a 503 when the database cannot store (a full disk).
     retry_after_unavailable: int = 30
-    # SPEC section 7: a CRL is valid this long, and signed anew when half of
+    # LIFE-7.4-CRL, LIFE-7.5-CRL-FRESH: a CRL is valid this long, and signed anew when half of
     # that is left.
     crl_validity: timedelta = timedelta(days=7)
     # scrypt's cost n (RFC 7914 section 2): 2**14 is the interactive-login
@@ -670,7 +670,7 @@ class Refusal:
     code: str | None = None  # the error's own code when None
 
 
-# SPEC section 2.4: every decision's answer, in one table: the status of
+# SPEC section 2.4 (REG-2.4-*): every decision's answer, in one table: the status of
 # those the registry carries out (``Registry._act``), the refusal of the rest.
 ANSWERS: dict[Decision, HTTPStatus | Refusal] = {
     Decision.REDELIVER: HTTPStatus.CREATED,  # REG-2.4-USER, REG-2.4-REDELIVER
@@ -701,7 +701,7 @@ ANSWERS: dict[Decision, HTTPStatus | Refusal] = {
 }
 
 
-# SPEC section 2.4: a stored request decides, by its state and whether the
+# REG-2.4-USER, REG-2.4-PENDING, REG-2.4-DENIED: a stored request decides, by its state and whether the
 # request matches it.
 STORED: dict[tuple[State, bool], Decision] = {
     (State.APPROVED, True): Decision.REDELIVER,
@@ -759,7 +759,7 @@ def refusal(
 
 
 def pending_outcome(username: str, pairing_id: str, retry_after: int) -> Outcome:
-    """SPEC section 2.4's 202: the request, named by its pairing id."""
+    """REG-2.5-PENDING-BODY, REG-2.5-RETRY-AFTER: the 202, the request named by its pairing id."""
     return Outcome(
         HTTPStatus.ACCEPTED,
         {"status": "pending", "username": username, "pairingId": pairing_id},
@@ -768,12 +768,12 @@ def pending_outcome(username: str, pairing_id: str, retry_after: int) -> Outcome
 
 
 def pairing_id(credential_sha256: str) -> str:
-    """Six hex digits the client and the administrator can compare (SPEC section 2.4)."""
+    """Six hex digits the client and the administrator can compare (REG-2.5-PENDING-BODY)."""
     return credential_sha256[:6]
 
 
 def renew_after(not_before: int, not_after: int) -> int:
-    """SPEC section 7: the moment from which a client should renew, two thirds of the way through the validity."""
+    """LIFE-7.1-TIMES: the moment from which a client should renew, two thirds of the way through the validity."""
     return not_before + (not_after - not_before) * 2 // 3
 
 
@@ -785,7 +785,7 @@ def certificate_status(not_before: int, not_after: int, now: int) -> str:
 
 
 def crl_due(next_update: int | None, validity: timedelta, now: int) -> bool:
-    """SPEC section 7: a new CRL once less than half of the current one's validity is left (or there is none)."""
+    """LIFE-7.5-CRL-FRESH: a new CRL once less than half of the current one's validity is left (or none is)."""
     return next_update is None or next_update - now < validity // MICROSECOND // 2
 
 
@@ -793,7 +793,7 @@ def crl_due(next_update: int | None, validity: timedelta, now: int) -> bool:
 
 
 def parse_json(body: bytes) -> object:
-    """A body as JSON; ``MalformedRequest`` when it is not JSON in UTF-8."""
+    """A body as JSON; ``MalformedRequest`` when it is not JSON in UTF-8 (REQ-1-UTF8)."""
     try:
         # RFC 8259 section 8.1: JSON between systems is UTF-8; decoding first
         # refuses the UTF-16 and UTF-32 that json.loads would guess.
@@ -803,7 +803,7 @@ def parse_json(body: bytes) -> object:
 
 
 def parse_registration(payload: object) -> Registration:
-    """Check the shape of a request (SPEC section 1); ``MalformedRequest``."""
+    """REQ-1-SHAPE: check the shape of a request; ``MalformedRequest`` (REG-2.2-MALFORMED)."""
     problems: list[str] = []
     if not isinstance(payload, dict):
         raise MalformedRequest("the body must be a JSON object")
@@ -900,7 +900,7 @@ def _malformed(problems: list[str]) -> MalformedRequest:
 
 
 def policy_problems(registration: Registration, catalog: Mapping[str, str], csr: CsrInfo | None) -> list[str]:
-    """The policy rules of SPEC section 2.3 that a request breaks."""
+    """The policy rules of SPEC section 2.3 that a request breaks (REG-2.3-USERNAME, -PASSWORD, -ROLE, -KEY)."""
     problems = []
     name = registration.username
     if len(name) not in USERNAME_LENGTH or not USERNAME.fullmatch(name):
@@ -948,7 +948,7 @@ def _policy(problems: list[str]) -> PolicyViolation:
 
 
 def parse_grant(body: object, catalog: Mapping[str, str]) -> dict[str, Any]:
-    """The rights an approval's body grants instead of the requested ones: a field left out stays as requested."""
+    """ADMIN-4.4-APPROVE-BODY: the rights an approval grants instead of the requested ones; one left out, as asked."""
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -975,14 +975,14 @@ def parse_reason(body: object) -> str:
 
 
 def parse_renewal(body: object) -> str:
-    """A renewal's body (SPEC section 7), ``{"csr": "<PEM>"}``: the CSR's text."""
+    """A renewal's body (LIFE-7.2-RENEW), ``{"csr": "<PEM>"}``: the CSR's text."""
     if not isinstance(body, dict) or set(body) != {"csr"} or not _is_text(body["csr"]):
         raise MalformedRequest("the body must be a JSON object with only 'csr': a CSR for the key to certify")
     return body["csr"]
 
 
 def parse_duration(body: object, default: timedelta, longest: timedelta) -> timedelta:
-    """An unlock's duration: the body's ``duration`` in milliseconds, or ``default``."""
+    """An unlock's duration: the body's ``duration`` in milliseconds, or ``default`` (LOCK-3.2)."""
     if body is None or body == {}:
         return default
     most = longest // MILLISECOND
@@ -1376,7 +1376,7 @@ class Store:
 
 
 def _user_json(user: Mapping[str, Any], now: int) -> dict[str, Any]:
-    """A user as the administrator sees it, with its current certificate's validity (SPEC section 7)."""
+    """A user as the administrator sees it (ADMIN-4.6-LISTS), with its certificate's validity (LIFE-7.1-TIMES)."""
     body = {
         "username": user["username"],
         "method": user["method"],
@@ -1795,6 +1795,7 @@ class Registry:
     def _store_new(
         self, registration: Registration, csr: CsrInfo | None, password_hash: str | None, address: str, now: int
     ) -> Outcome:
+        """REG-2.4-STORE: a new pending request (TRANSITIONS' request), audited; its 202."""
         name = registration.username
         credential = csr.public_key_sha256 if csr else hashlib.sha256((password_hash or "").encode()).hexdigest()
         pairing = pairing_id(credential)
@@ -1819,6 +1820,7 @@ class Registry:
         return pending_outcome(name, pairing, self.settings.retry_after_pending)
 
     def _approved_outcome(self, name: str) -> Outcome:
+        """REG-2.4-REDELIVER, REG-2.5-APPROVED-BODY: the 201, with what was granted and the current certificate."""
         user = self._store.user(name)
         body = {"status": "approved", "username": name, **Rights.loads(user["granted"]).to_json()}
         if user["serial"]:
@@ -1826,7 +1828,7 @@ class Registry:
         return Outcome(HTTPStatus.CREATED, body)
 
     def _certificate_json(self, certificate: Mapping[str, Any]) -> dict[str, Any]:
-        """SPEC section 7: a certificate in an answer comes with its CA, its notAfter and its renewAfter."""
+        """LIFE-7.1-TIMES: a certificate in an answer comes with its CA, its notAfter and its renewAfter."""
         body = {"certificate": certificate["certificate"]}
         if self.ca is not None:
             body["caCertificate"] = self.ca.certificate_pem
@@ -1884,7 +1886,7 @@ class Registry:
             }
 
     def unlock(self, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Open the registry from now for the body's ``duration`` (ms) or the default."""
+        """Open the registry from now for the body's ``duration`` (ms) or the default (LOCK-3.2)."""
         duration = parse_duration(body, self.settings.unlock_duration, self.settings.max_unlock_duration)
         now = self._now()
         with self._lock, self._writing():
@@ -1893,7 +1895,7 @@ class Registry:
         return self.status()
 
     def lock(self, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Close the registry at once."""
+        """Close the registry at once (LOCK-3.3)."""
         now = self._now()
         with self._lock, self._writing():
             self._store.set_lock_window(LockWindow(None))
@@ -1912,7 +1914,10 @@ class Registry:
         return [_request_json(row) for row in rows]
 
     def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
-        """Approve a pending request, granting the body's rights or the requested ones; sign its CSR's key."""
+        """Approve a pending request, granting the body's rights or the requested ones; sign its CSR's key.
+
+        ADMIN-4.5-APPROVE-ATOMIC: one transaction, its own answer; the signature is made outside the lock.
+        """
         granted = parse_grant(body, self.roles)
         moment = self.clock()
         now = _micros(moment)
@@ -2004,7 +2009,7 @@ class Registry:
         return [_user_json(row, now) for row in rows]
 
     def remove_user(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
-        """Remove a user and its request, and revoke its unexpired certificates: the username may register again."""
+        """Remove a user and its request, and revoke its unexpired certificates (LIFE-7.3-REVOKE): the name is free."""
         now = self._now()
         with self._lock:
             if self._store.user(username) is None:
@@ -2088,7 +2093,7 @@ class Registry:
         )
 
     def crl(self) -> bytes:
-        """The current CRL, DER (SPEC section 7); ``NotFound`` for a registry without a CA."""
+        """The current CRL, DER (LIFE-7.4-CRL); ``NotFound`` for a registry without a CA."""
         with self._lock:
             crl = self._store.crl()
         if crl is None:
@@ -2188,7 +2193,7 @@ class Registry:
         return Identity(username, Rights.loads(user["granted"]), "password")
 
     def authenticate_certificate(self, certificate_der: bytes) -> Identity:
-        """The user a certificate was issued to, while it is valid; ``Unauthorized`` otherwise."""
+        """The user a certificate was issued to, while it is valid; ``Unauthorized`` otherwise (AUTH-5.2-WHOAMI)."""
         now = self._now()
         with self._lock:
             certificate = self._valid_certificate(certificate_der, now)
@@ -2196,7 +2201,7 @@ class Registry:
         return Identity(user["username"], Rights.loads(user["granted"]), "certificate")
 
     def _valid_certificate(self, certificate_der: bytes | None, now: int) -> sqlite3.Row:
-        """The issued certificate ``certificate_der``, if it is of a user, unrevoked and unexpired; else 401."""
+        """The issued certificate ``certificate_der``, of a user, unrevoked and unexpired; else 401 (LIFE-7.3-REVOKE)."""
         challenge = dict(CHALLENGE)
         if not certificate_der:
             raise Unauthorized(
