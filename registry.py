@@ -2201,7 +2201,7 @@ class Registry:
         return Identity(user["username"], Rights.loads(user["granted"]), "certificate")
 
     def _valid_certificate(self, certificate_der: bytes | None, now: int) -> sqlite3.Row:
-        """The issued certificate ``certificate_der``, of a user, unrevoked and unexpired; else 401 (LIFE-7.3-REVOKE)."""
+        """The issued certificate ``certificate_der``: a user's, unrevoked, unexpired; else 401 (LIFE-7.3-REVOKE)."""
         challenge = dict(CHALLENGE)
         if not certificate_der:
             raise Unauthorized(
