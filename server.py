@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import admins as admins_module
 import ca as ca_module
 import clientcheck
 import files
@@ -275,7 +276,8 @@ class App:
     def _authorize(self, request: Request) -> None:
         scheme, token = _credentials(request)
         # Compare in constant time, so the token cannot be guessed byte by byte.
-        if scheme != "bearer" or not hmac.compare_digest(token.encode("latin-1"), self._token):
+        # ADMIN-4.1-TOKEN: an empty token never matches, whatever is kept.
+        if scheme != "bearer" or not token or not hmac.compare_digest(token.encode("latin-1"), self._token):
             raise registry.Unauthorized(
                 "send the administrator token as 'Authorization: Bearer <token>'",
                 headers={"WWW-Authenticate": 'Bearer realm="client-registry"'},
@@ -1007,6 +1009,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     before anything is made, with ``OSError`` or ``ValueError`` saying which.
     """
     roles = load_roles(config.roles)
+    check_token(config)
     check_port(config.host, config.port)
     data = config.data_dir
     database = data / "registry.db"
@@ -1038,7 +1041,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
 
 def admin_token(config: Config) -> str:
     """The token given, or the one kept in the data folder (made on first start)."""
-    if config.admin_token:
+    if config.admin_token is not None:
         return config.admin_token
     path = config.data_dir / "admin-token"
     if path.exists():
@@ -1047,6 +1050,19 @@ def admin_token(config: Config) -> str:
     token = secrets.token_urlsafe(32)
     files.write_private(path, token + "\n")
     return token
+
+
+def check_token(config: Config) -> None:
+    """ADMIN-4.1-TOKEN: refuse a token given or kept that is shorter than 32 characters, before anything is made."""
+    if config.admin_token is not None:
+        problem = admins_module.token_problem(config.admin_token, config.token_source or "the settings")
+    elif (config.data_dir / "admin-token").exists():
+        path = config.data_dir / "admin-token"
+        problem = admins_module.token_problem(path.read_text().strip(), str(path))
+    else:
+        problem = None
+    if problem:
+        raise ValueError(problem)
 
 
 def check_port(host: str, port: int) -> None:
@@ -1218,9 +1234,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
-    if args.admin_token:
+    # A token given empty is given, and refused at start (ADMIN-4.1-TOKEN).
+    if args.admin_token is not None:
         args.token_source = "--admin-token"
-    elif os.environ.get("REGISTRY_ADMIN_TOKEN"):
+    elif "REGISTRY_ADMIN_TOKEN" in os.environ:
         args.admin_token, args.token_source = os.environ["REGISTRY_ADMIN_TOKEN"], "$REGISTRY_ADMIN_TOKEN"
     return Config(**vars(args))
 
@@ -1237,7 +1254,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Backed up {config.data_dir} to {config.backup}; serve the copy with --data-dir {config.backup}")
         return
     kept = config.data_dir / "admin-token"
-    made_now = not config.admin_token and not kept.exists()
+    made_now = config.admin_token is None and not kept.exists()
     try:
         server = build(config)
     except (OSError, ValueError) as error:
@@ -1247,7 +1264,7 @@ def main(argv: list[str] | None = None) -> None:
     # service's journal should not collect a copy at every start.
     if made_now:
         print(f"Administrator token: {admin_token(config)} (kept in {kept})", flush=True)
-    elif not config.admin_token:
+    elif config.admin_token is None:
         print(f"The administrator token is kept in {kept}", flush=True)
     else:
         unused = f"; the one kept in {kept} is not used" if kept.exists() else ""

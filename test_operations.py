@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import ca
+import registry
 import server
 from conftest import ADMIN_TOKEN, START, call, make_csr, serve
 
@@ -130,9 +131,9 @@ def test_the_start_says_which_token_is_in_use(tmp_path: Path, monkeypatch: pytes
 def test_an_environment_token_is_announced_with_the_kept_one_it_overrides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    tmp_path.joinpath("admin-token").write_text("the-kept-token\n")
+    tmp_path.joinpath("admin-token").write_text("the-kept-token-0123456789abcdef-0123\n")
     os.chmod(tmp_path / "admin-token", 0o600)
-    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", "from-the-environment")
+    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", "from-the-environment-0123456789abcdef")
     monkeypatch.setattr(server.RegistryServer, "serve_forever", lambda self, *args: None)
 
     server.main(["--data-dir", str(tmp_path), "--port", "0", "--http", "--log-level", "WARNING"])
@@ -142,6 +143,50 @@ def test_an_environment_token_is_announced_with_the_kept_one_it_overrides(
         f"The administrator token is the one given in $REGISTRY_ADMIN_TOKEN; the one kept in {tmp_path / 'admin-token'}"
         " is not used"
     )
+
+
+@pytest.mark.parametrize("where", ["--admin-token", "$REGISTRY_ADMIN_TOKEN", "admin-token"])
+@pytest.mark.parametrize("token", ["", "x" * 31])
+def test_a_short_or_empty_token_stops_the_start_and_says_how_to_make_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, where: str, token: str
+) -> None:
+    """Proves ADMIN-4.1-TOKEN (issue 22 item 5): a token of fewer than 32 characters is never served."""
+    data, argv, kept = tmp_path / "data", [], where == "admin-token"
+    monkeypatch.delenv("REGISTRY_ADMIN_TOKEN", raising=False)
+    if where == "--admin-token":
+        argv = [f"--admin-token={token}"]
+    elif where == "$REGISTRY_ADMIN_TOKEN":
+        monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", token)
+    else:
+        data.mkdir(mode=0o700)
+        (data / "admin-token").write_text(token + "\n")
+        os.chmod(data / "admin-token", 0o600)
+        where = str(data / "admin-token")
+
+    line = start_fails(capsys, "--data-dir", str(data), *argv)
+
+    assert line == (
+        f"server.py: cannot start: the administrator token in {where} has {len(token)} characters, fewer than 32:"
+        " make one with python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )
+    if kept:
+        assert sorted(path.name for path in data.iterdir()) == ["admin-token"]  # nothing made, nothing replaced
+    else:
+        assert not data.exists()
+
+
+@pytest.mark.parametrize("authorization", ["Bearer ", "Bearer", "Bearer  "])
+def test_an_empty_token_never_matches(tmp_path: Path, authorization: str) -> None:
+    """Proves ADMIN-4.1-TOKEN (issue 22 item 5): even where the token held is empty, an empty one is refused."""
+    core = registry.Registry(clock=lambda: START, settings=registry.Settings(scrypt_n=16))
+    app = server.App(core, "")
+    request = server.Request("POST", "/api/client-registry/unlock", headers={"authorization": authorization})
+
+    response = app.handle(request)
+
+    assert response.status == 401
+    assert core.status()["locked"] is True
+    core.close()
 
 
 # --- An online backup ----------------------------------------------------------

@@ -1531,7 +1531,7 @@ def test_the_data_folder_and_its_secrets_are_the_owners_alone(start: Start, tmp_
 
 def test_a_given_token_is_not_written_down(start: Start, tmp_path: Path) -> None:
     data = tmp_path / "given"
-    live = start(data, admin_token="given-token-123")
+    live = start(data, admin_token="given-token-0123456789abcdef-0123")
 
     assert not (data / "admin-token").exists()
     assert live.client().admin("GET", STATUS).status == 200
