@@ -47,6 +47,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import admins as admins_module
 import ca as ca_module
 import clientcheck
+import datafolder
 import files
 import openapi
 import registry
@@ -887,6 +888,7 @@ class RegistryServer(ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
+    folder_lock: datafolder.FolderLock | None = None  # the data folder, held while it serves
 
     def __init__(self, config: Config, app: App, tls: ssl.SSLContext | None) -> None:
         self.config = config
@@ -906,6 +908,8 @@ class RegistryServer(ThreadingHTTPServer):
         self.watchdog.stop()
         self.access_log.close()
         self.crl_timer.stop()
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread a connection, no more threads than slots, and no more
@@ -1017,6 +1021,21 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         check_database(database)
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)
+    folder_lock = datafolder.FolderLock(data)  # STORE-6.6-ONE-SERVER
+    try:
+        return _build(config, clock, roles, folder_lock)
+    except BaseException:
+        folder_lock.release()
+        raise
+
+
+def _build(
+    config: Config, clock: registry.Clock, roles: dict[str, str], folder_lock: datafolder.FolderLock
+) -> RegistryServer:
+    """``build`` within the data folder, which this server holds."""
+    data = config.data_dir
+    database = data / "registry.db"
+    datafolder.check_ca_kept(data)
     authority = ca_module.CA.load_or_create(data, clock(), cert_days=config.cert_days)
     settings = registry.Settings(
         # --test-clients: short windows, so that clients meet the lock again.
@@ -1036,7 +1055,9 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     check = clientcheck.ClientCheck() if config.test_clients else None
     app = App(core, admin_token(config), max_body=config.max_body, check=check)
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
-    return RegistryServer(config, app, tls)
+    instance = RegistryServer(config, app, tls)
+    instance.folder_lock = folder_lock
+    return instance
 
 
 def admin_token(config: Config) -> str:

@@ -110,6 +110,84 @@ def test_a_ca_key_that_is_not_its_certificates_stops_the_server(tmp_path: Path, 
     )
 
 
+# --- One server per data folder, and its CA kept ------------------------------
+
+
+def test_a_second_server_on_the_same_folder_stops_naming_the_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Proves STORE-6.6-ONE-SERVER (issue 23 item 1): the folder is held for the server's life, and then let go."""
+    with serve(tmp_path) as running:
+        assert (tmp_path / "server.lock").read_text() == f"{os.getpid()}\n"
+        before = sorted(path.name for path in tmp_path.iterdir())
+
+        line = start_fails(capsys, "--data-dir", str(tmp_path), "--http")
+
+        assert line == (
+            f"server.py: cannot start: {tmp_path} is served by another server (PID {os.getpid()}):"
+            " stop it, or choose another --data-dir"
+        )
+        assert sorted(path.name for path in tmp_path.iterdir()) == before
+        assert admin(running, "GET", "/api/client-registry")[0] == 200  # the first goes on
+    with serve(tmp_path) as second:
+        assert admin(second, "GET", "/api/client-registry")[0] == 200
+
+
+def issue_one_certificate(folder: Path) -> None:
+    """A server on ``folder`` that has issued one certificate, stopped."""
+    with serve(folder) as running:
+        assert admin(running, "POST", "/api/client-registry/unlock")[0] == 200
+        body = {"username": "agent-0001", "csr": make_csr("agent-0001")}
+        assert admin(running, "POST", "/api/client-registry/register", body)[0] == 202
+        assert admin(running, "POST", "/api/client-registry/requests/agent-0001/approve")[0] == 200
+
+
+@pytest.mark.parametrize("lost", [("ca.key",), ("ca.key", "ca.pem")], ids=["the key", "the key and the certificate"])
+def test_a_folder_that_lost_its_ca_key_stops_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture, lost: tuple[str, ...]
+) -> None:
+    """Proves STORE-6.7-CA-KEPT (issue 23 item 2): a CA that signed certificates is never replaced in silence."""
+    issue_one_certificate(tmp_path)
+    kept = (tmp_path / "ca.pem").read_bytes()
+    for name in lost:
+        (tmp_path / name).unlink()
+
+    line = start_fails(capsys, "--data-dir", str(tmp_path), "--http")
+
+    why = f"{tmp_path / 'ca.pem'} is there" if len(lost) == 1 else "the database records 1 issued certificate"
+    assert line == (
+        f"server.py: cannot start: {tmp_path / 'ca.key'} is missing, but {why}: a new CA would disown what the old"
+        " one signed; restore ca.key and ca.pem from the backup this folder came from (docs/operations.md)"
+    )
+    assert not (tmp_path / "ca.key").exists()
+    if len(lost) == 1:
+        assert (tmp_path / "ca.pem").read_bytes() == kept
+
+
+def test_an_unreadable_ca_key_stops_the_start(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Proves STORE-6.7-CA-KEPT (issue 23 item 2): a key cut short is named, not replaced."""
+    issue_one_certificate(tmp_path)
+    (tmp_path / "ca.key").write_text("-----BEGIN PRIVATE KEY-----\nMIGH\n")
+
+    line = start_fails(capsys, "--data-dir", str(tmp_path), "--http")
+
+    assert line == f"server.py: cannot start: {tmp_path / 'ca.key'} is not a readable PEM key: restore it from a backup"
+
+
+def test_an_embedder_s_ca_without_its_key_is_not_replaced(tmp_path: Path) -> None:
+    """Proves STORE-6.7-CA-KEPT: ``ca.load_or_create`` refuses a certificate whose key is gone."""
+    ca.CA.load_or_create(tmp_path, START)
+    (tmp_path / "ca.key").unlink()
+    kept = (tmp_path / "ca.pem").read_bytes()
+
+    with pytest.raises(FileNotFoundError) as refused:
+        ca.CA.load_or_create(tmp_path, START)
+    assert str(refused.value) == (
+        f"{tmp_path / 'ca.key'} is missing beside {tmp_path / 'ca.pem'}: restore the pair from one backup"
+    )
+    assert (tmp_path / "ca.pem").read_bytes() == kept
+
+
 # --- The token: where it comes from, said at start -----------------------------
 
 
