@@ -11,8 +11,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+import files
 
 LOCK = "server.lock"
 # What a backup copies beside the database: the secrets and the CA's certificate.
@@ -81,3 +88,70 @@ def _issued_certificates(database: Path) -> int:
                 if found:
                     return found
     return 0
+
+
+def backup(data: Path, destination: Path) -> None:
+    """Copy a registry's data folder to the new folder ``destination``, whole and checked, while its server runs.
+
+    STORE-6.8-BACKUP: the copy is made in a temporary folder beside
+    ``destination`` and renamed to it only once complete and checked (the
+    database passes ``PRAGMA quick_check``, the CA's key is its
+    certificate's), so that ``destination`` never exists half-made: a
+    backup cut short leaves at most a ``.partial`` folder, which no server
+    takes for a data folder. The database is copied through SQLite's
+    online backup API (https://www.sqlite.org/backup.html); the secrets
+    beside it are each readable by the owner alone, as in the original.
+    """
+    database = data / "registry.db"
+    if not database.exists():
+        raise FileNotFoundError(f"{data} holds no registry: there is no {database}")
+    if destination.exists():
+        raise FileExistsError(f"{destination} exists: name a folder that does not, and it is made")
+    check_ca_kept(data)
+    partial = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    try:
+        _copy(data, partial)
+        _check_copy(partial)
+        _sync(partial)
+        partial.rename(destination)
+        _sync(destination.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _copy(data: Path, partial: Path) -> None:
+    partial.chmod(0o700)
+    copy_path = partial / "registry.db"
+    copy_path.touch(mode=0o600)
+    with (
+        contextlib.closing(sqlite3.connect(data / "registry.db")) as source,
+        contextlib.closing(sqlite3.connect(copy_path)) as copy,
+    ):
+        source.backup(copy)
+    _sync(copy_path)
+    for name in KEPT_FILES:
+        if (data / name).exists():
+            files.write_private(partial / name, (data / name).read_text())
+
+
+def _check_copy(partial: Path) -> None:
+    """Refuse a copy that is not a data folder a server would serve as the original."""
+    with contextlib.closing(sqlite3.connect(partial / "registry.db")) as copy:
+        verdict = copy.execute("PRAGMA quick_check").fetchone()[0]
+    if verdict != "ok":
+        raise OSError(f"the copy of the database is damaged ({verdict}): nothing was kept; try again")
+    key, certificate = partial / "ca.key", partial / "ca.pem"
+    if key.exists() or certificate.exists():
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        if x509.load_pem_x509_certificate(certificate.read_bytes()).public_key() != private.public_key():
+            raise OSError("the copy of ca.key is not the key of the copy of ca.pem: nothing was kept; try again")
+
+
+def _sync(path: Path) -> None:
+    """fsync(2) a file or a folder, so that a rename after it publishes what is on the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1111,34 +1111,6 @@ def check_database(path: Path) -> None:
         raise ValueError(f"{path} is damaged ({verdict}): restore it from a backup (--backup), or move it away")
 
 
-def backup(data: Path, destination: Path) -> None:
-    """Copy a registry's data folder to a new folder, consistently, while its server runs.
-
-    The database through SQLite's online backup API
-    (https://www.sqlite.org/backup.html); the CA's key and certificate, the
-    token and the server's certificate beside it, each readable by the owner
-    alone: the copy holds the CA's key, so it is as secret as the original.
-    """
-    database = data / "registry.db"
-    if not database.exists():
-        raise FileNotFoundError(f"{data} holds no registry: there is no {database}")
-    try:
-        destination.mkdir(mode=0o700)
-    except FileExistsError:
-        raise FileExistsError(f"{destination} exists: name a folder that does not, and it is made") from None
-    destination.chmod(0o700)
-    copy_path = destination / "registry.db"
-    copy_path.touch(mode=0o600)
-    with (
-        contextlib.closing(sqlite3.connect(database)) as source,
-        contextlib.closing(sqlite3.connect(copy_path)) as copy,
-    ):
-        source.backup(copy)
-    for name in ("ca.pem", "ca.key", "admin-token", "server.pem", "server.key"):
-        if (data / name).exists():
-            files.write_private(destination / name, (data / name).read_text())
-
-
 def load_roles(path: Path | None) -> dict[str, str]:
     """The role catalog: a JSON list of names, or an object of names to descriptions."""
     if path is None:
@@ -1269,8 +1241,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
     if config.backup:
         try:
-            backup(config.data_dir, config.backup)
-        except OSError as error:
+            datafolder.backup(config.data_dir, config.backup)
+        except (OSError, ValueError) as error:
             sys.exit(f"server.py: cannot back up: {error}")
         print(f"Backed up {config.data_dir} to {config.backup}; serve the copy with --data-dir {config.backup}")
         return

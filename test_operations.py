@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import ca
+import files
 import registry
 import server
 from conftest import ADMIN_TOKEN, START, call, make_csr, serve
@@ -319,6 +320,44 @@ def test_a_backup_refuses_a_folder_that_exists(tmp_path: Path) -> None:
         f"server.py: cannot back up: {existing} exists: name a folder that does not, and it is made"
     )
     assert list(existing.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut_at", ["ca.pem", "ca.key", "admin-token"])
+def test_a_backup_cut_short_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_at: str) -> None:
+    """Proves STORE-6.8-BACKUP (issue 23 item 3): a copy interrupted at any file is never a data folder."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    issue_one_certificate(data)
+    (data / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    write_private = files.write_private
+
+    def interrupted(path: Path, text: str) -> None:
+        if path.name == cut_at:
+            raise KeyboardInterrupt  # as a Ctrl-C, or a kill, between two files
+        write_private(path, text)
+
+    monkeypatch.setattr(files, "write_private", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.main(["--data-dir", str(data), "--backup", str(copy)])
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_backup_whose_key_is_not_its_certificate_s_is_refused(tmp_path: Path) -> None:
+    """Proves STORE-6.8-BACKUP: the copy is checked before it is kept; a mismatched pair is not a backup."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    issue_one_certificate(data)
+    (tmp_path / "other").mkdir()
+    ca.CA.load_or_create(tmp_path / "other", START)
+    (data / "ca.key").write_bytes((tmp_path / "other" / "ca.key").read_bytes())
+
+    with pytest.raises(SystemExit) as stopped:
+        server.main(["--data-dir", str(data), "--backup", str(copy)])
+
+    assert stopped.value.code == (
+        "server.py: cannot back up: the copy of ca.key is not the key of the copy of ca.pem:"
+        " nothing was kept; try again"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "other"]
 
 
 # --- The wrong scheme -----------------------------------------------------------
