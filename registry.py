@@ -455,6 +455,38 @@ class Settings:
     # counters (layer 3); False answers every request the reference way.
     fast_path: bool = True
 
+    def __post_init__(self) -> None:
+        """STORE-6.9-SETTINGS: refuse a setting outside its range, naming it and the range."""
+        for name, (least, most) in SETTING_RANGES.items():
+            value = getattr(self, name)
+            if not least <= value <= most:
+                raise ValueError(f"the setting {name} must be from {least} to {most}, not {value}")
+        if self.scrypt_n & (self.scrypt_n - 1):  # RFC 7914 section 2: N is a power of two
+            raise ValueError(f"the setting scrypt_n must be a power of two, not {self.scrypt_n}")
+        if self.unlock_duration > self.max_unlock_duration:
+            raise ValueError("the setting unlock_duration must not be longer than max_unlock_duration")
+
+
+# STORE-6.9-SETTINGS: the least and the most each setting may be. A window
+# of zero would make every answer wrong in its own way (an unlock that
+# stays locked, requests that vanish, a CRL already stale), and a huge one
+# overflows a date.
+SETTING_RANGES: dict[str, tuple[Any, Any]] = {
+    "unlock_duration": (timedelta(seconds=30), timedelta(days=1)),
+    "max_unlock_duration": (timedelta(minutes=1), timedelta(days=30)),
+    "retention": (timedelta(hours=1), timedelta(days=365)),
+    "retry_after_pending": (1, 3600),
+    "retry_after_locked": (1, 3600),
+    "max_pending": (1, 10_000_000),
+    "rate_limit": (0, 100_000),
+    "max_auth_failures": (1, 1000),
+    "max_auth_failures_per_username": (1, 1_000_000),
+    "auth_failure_window": (timedelta(seconds=1), timedelta(days=1)),
+    "retry_after_unavailable": (1, 3600),
+    "crl_validity": (timedelta(days=1), timedelta(days=365)),
+    "scrypt_n": (2, 2**20),
+}
+
 
 @dataclass(frozen=True)
 class LockWindow:

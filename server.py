@@ -106,9 +106,48 @@ TLS12_CIPHERS = ":".join(
 )
 
 
+SETTINGS = registry.Settings()  # the registry's defaults: the command line's, in its units
+MINUTE, HOUR, DAY = timedelta(minutes=1), timedelta(hours=1), timedelta(days=1)
+# STORE-6.9-SETTINGS: a flag that sets a registry setting, and the unit its
+# number counts in; the setting's default and range are registry.py's.
+SETTING_FLAGS: dict[str, tuple[str, timedelta | None]] = {
+    "unlock_minutes": ("unlock_duration", MINUTE),
+    "retention_hours": ("retention", HOUR),
+    "crl_days": ("crl_validity", DAY),
+    "retry_after": ("retry_after_pending", None),
+    "retry_after_locked": ("retry_after_locked", None),
+    "rate_limit": ("rate_limit", None),
+    "max_pending": ("max_pending", None),
+}
+# The server's own numbers: the least and the most each may be.
+SERVER_RANGES: dict[str, tuple[float, float]] = {
+    "port": (0, 65535),
+    "cert_days": (1, 3650),  # within the CA's ten years
+    "max_body": (1024, 16 << 20),  # a CSR of a 4096-bit RSA key is under 2 KiB
+    "timeout": (0.1, 3600),
+    "max_connections": (1, 65536),
+    "max_connections_per_address": (1, 65536),
+}
+
+
+def _setting(flag: str) -> Any:
+    """The registry's default of the setting behind ``flag``, in the flag's unit."""
+    field_name, unit = SETTING_FLAGS[flag]
+    value = getattr(SETTINGS, field_name)
+    return _whole(value / unit) if unit else value
+
+
+def _whole(number: float) -> float:
+    """5.0 as 5: how a person writes it."""
+    return int(number) if float(number).is_integer() else number
+
+
 @dataclass(frozen=True)
 class Config:
-    """The server's settings: each is a command-line flag but ``scrypt_n`` (tests lower it) and ``token_source``."""
+    """The server's settings: each is a command-line flag but ``scrypt_n`` (tests lower it) and ``token_source``.
+
+    A number that is a registry setting takes its default from ``registry.Settings``.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8443
@@ -117,21 +156,21 @@ class Config:
     server_names: tuple[str, ...] = ()
     admin_token: str | None = None
     token_source: str = ""  # where a given token came from: "--admin-token" or "$REGISTRY_ADMIN_TOKEN"
-    unlock_minutes: float = 5
-    retry_after: int = 5
-    retry_after_locked: int = 30
+    unlock_minutes: float = _setting("unlock_minutes")
+    retry_after: int = _setting("retry_after")
+    retry_after_locked: int = _setting("retry_after_locked")
     cert_days: int = 365
-    crl_days: float = 7
+    crl_days: float = _setting("crl_days")
     roles: Path | None = None
     max_body: int = 64 * 1024
-    retention_hours: float = 24
+    retention_hours: float = _setting("retention_hours")
     timeout: float = 10
     max_connections: int = 256
     max_connections_per_address: int = 32
-    rate_limit: int = 0
-    max_pending: int = 100_000
+    rate_limit: int = _setting("rate_limit")
+    max_pending: int = _setting("max_pending")
     log_level: str = "INFO"
-    scrypt_n: int = 2**14
+    scrypt_n: int = SETTINGS.scrypt_n
     fast_http: bool = True
     backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
     test_clients: bool = False  # vary the answers to registrations and report what clients do wrong
@@ -1012,6 +1051,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     A mistake in the settings, a port in use or a damaged database stops it
     before anything is made, with ``OSError`` or ``ValueError`` saying which.
     """
+    check_server_ranges(config)
     roles = load_roles(config.roles)
     check_token(config)
     check_port(config.host, config.port)
@@ -1225,6 +1265,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="test the clients (SPEC section 9): vary Retry-After, answer 429 and 503 now and then, lose answers,"
         " unlock for 30 s; report what each client does wrong at /api/client-registry/client-report",
     )
+    _check_ranges(parser)
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
     # A token given empty is given, and refused at start (ADMIN-4.1-TOKEN).
@@ -1233,6 +1274,45 @@ def parse_args(argv: list[str] | None = None) -> Config:
     elif "REGISTRY_ADMIN_TOKEN" in os.environ:
         args.admin_token, args.token_source = os.environ["REGISTRY_ADMIN_TOKEN"], "$REGISTRY_ADMIN_TOKEN"
     return Config(**vars(args))
+
+
+def flag_range(dest: str) -> tuple[float, float]:
+    """The least and the most the flag ``dest`` may be, in its unit (STORE-6.9-SETTINGS)."""
+    if dest not in SETTING_FLAGS:
+        return SERVER_RANGES[dest]
+    field_name, unit = SETTING_FLAGS[dest]
+    least, most = registry.SETTING_RANGES[field_name]
+    return (_whole(least / unit), _whole(most / unit)) if unit else (least, most)
+
+
+def _check_ranges(parser: argparse.ArgumentParser) -> None:
+    """Each numeric flag refuses a value outside its range (argparse's exit 2, naming the flag), and says the range."""
+    for action in parser._actions:
+        if action.dest in SETTING_FLAGS or action.dest in SERVER_RANGES:
+            least, most = flag_range(action.dest)
+            action.type = _ranged(action.type or float, least, most)
+            action.help = f"{action.help} ({_whole(least)} to {_whole(most)})"
+
+
+def _ranged(kind: Callable[[str], float], least: float, most: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (kind is int)}number") from None
+        if not least <= value <= most:  # NaN is in no range
+            raise argparse.ArgumentTypeError(f"{text} is outside its range, {_whole(least)} to {_whole(most)}")
+        return value
+
+    return parse
+
+
+def check_server_ranges(config: Config) -> None:
+    """A ``Config`` made in code meets the command line's ranges too (``registry.Settings`` checks its own)."""
+    for dest, (least, most) in SERVER_RANGES.items():
+        value = getattr(config, dest)
+        if not least <= value <= most:
+            raise ValueError(f"{dest} must be from {_whole(least)} to {_whole(most)}, not {value}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import stat
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,77 @@ def test_an_embedder_s_ca_without_its_key_is_not_replaced(tmp_path: Path) -> Non
         f"{tmp_path / 'ca.key'} is missing beside {tmp_path / 'ca.pem'}: restore the pair from one backup"
     )
     assert (tmp_path / "ca.pem").read_bytes() == kept
+
+
+# --- Settings, checked at start ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "limits"),
+    [
+        ("--cert-days", "0", "1 to 3650"),
+        ("--cert-days", "-1", "1 to 3650"),
+        ("--crl-days", "0", "1 to 365"),
+        ("--crl-days", "1e9", "1 to 365"),
+        ("--crl-days", "nan", "1 to 365"),
+        ("--max-body", "-1", "1024 to 16777216"),
+        ("--retention-hours", "-1", "1 to 8760"),
+        ("--unlock-minutes", "-5", "0.5 to 1440"),
+        ("--max-connections-per-address", "0", "1 to 65536"),
+        ("--retry-after", "0", "1 to 3600"),
+        ("--max-pending", "0", "1 to 10000000"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_argparse_s_exit_2_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str, limits: str
+) -> None:
+    """Proves STORE-6.9-SETTINGS (issue 23 item 4): every number has a range, checked before anything is made."""
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stopped:
+        patch.setattr(server.RegistryServer, "serve_forever", lambda *args: pytest.fail("the server started"))
+        server.main(["--data-dir", str(tmp_path / "data"), "--port", "0", f"{flag}={value}"])
+
+    assert stopped.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(f": error: argument {flag}: {value} is outside its range, {limits}")
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_command_line_s_defaults_are_the_registry_s_settings() -> None:
+    """Proves STORE-6.9-SETTINGS: no default is written twice; the flags count in their own units."""
+    defaults = server.parse_args([])
+    settings = registry.Settings()
+
+    assert timedelta(minutes=defaults.unlock_minutes) == settings.unlock_duration
+    assert timedelta(hours=defaults.retention_hours) == settings.retention
+    assert timedelta(days=defaults.crl_days) == settings.crl_validity
+    assert (defaults.retry_after, defaults.retry_after_locked) == (
+        settings.retry_after_pending,
+        settings.retry_after_locked,
+    )
+    assert (defaults.rate_limit, defaults.max_pending) == (settings.rate_limit, settings.max_pending)
+    for flag, (name, unit) in server.SETTING_FLAGS.items():
+        least, most = registry.SETTING_RANGES[name]
+        assert server.flag_range(flag) == ((least / unit, most / unit) if unit else (least, most))
+
+
+@pytest.mark.parametrize(
+    ("wrong", "named"),
+    [
+        ({"retention": timedelta(0)}, "retention"),
+        ({"unlock_duration": timedelta(minutes=-5)}, "unlock_duration"),
+        ({"crl_validity": timedelta(days=10**6)}, "crl_validity"),
+        ({"max_pending": 0}, "max_pending"),
+        ({"scrypt_n": 1000}, "scrypt_n"),
+        ({"unlock_duration": timedelta(hours=2), "max_unlock_duration": timedelta(hours=1)}, "unlock_duration"),
+    ],
+)
+def test_an_embedder_s_setting_out_of_its_range_is_refused(wrong: dict[str, object], named: str) -> None:
+    """Proves STORE-6.9-SETTINGS: ``registry.Settings`` checks its own ranges, naming the setting."""
+    with pytest.raises(ValueError, match=f"^the setting {named} must "):
+        registry.Settings(**wrong)
 
 
 # --- The token: where it comes from, said at start -----------------------------
