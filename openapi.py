@@ -280,9 +280,16 @@ SCHEMAS: dict[str, Schema] = {
                                     "message": TEXT,
                                 }
                             ),
+                            "description": "The first findings, 20 at most",
                         },
+                        "moreFindings": {"type": "integer", "minimum": 0, "description": "Findings beyond those"},
                     }
                 ),
+            },
+            "unfollowed": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Registrations of clients beyond the 10,000 the report follows",
             },
         },
         description="SPEC section 9: what each client did wrong, under --test-clients",

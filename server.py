@@ -508,7 +508,8 @@ def _validated(request: Request, data: object) -> Response:
     """
     response = Response.json(HTTPStatus.OK, data)
     tag = f'"{hashlib.sha256(response.body).hexdigest()[:32]}"'
-    held = {candidate.strip() for candidate in request.headers.get("if-none-match", "").split(",")}
+    # Section 13.1.2: If-None-Match uses the weak comparison, W/"x" matches "x".
+    held = {candidate.strip().removeprefix("W/") for candidate in request.headers.get("if-none-match", "").split(",")}
     if tag in held or "*" in held:
         return Response(HTTPStatus.NOT_MODIFIED, b"", JSON, {"ETag": tag})
     return Response(response.status, response.body, JSON, {"ETag": tag})
@@ -518,7 +519,7 @@ def _username_of(body: bytes) -> str | None:
     """The username a registration names, if its body is a JSON object with one."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested body: 400 from the registry, as without the mode
         return None
     name = payload.get("username") if isinstance(payload, dict) else None
     return name if isinstance(name, str) else None

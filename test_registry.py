@@ -1408,6 +1408,23 @@ def test_a_full_disk_answers_503_to_new_requests_loses_nothing_and_recovers(open
     assert open_reg.approve("sensor-0001")["username"] == "sensor-0001"
 
 
+def test_the_listing_is_read_on_a_full_disk_its_purge_waits(open_reg, clock, monkeypatch):
+    """Proves STORE-6.2-FULL-DISK (issue 23 item 6): reading the requests writes nothing that must succeed."""
+    assert open_reg.register(password_request("sensor-0001")).status == 202
+    clock.advance(hours=23)
+    open_reg.unlock()
+    assert open_reg.register(password_request("sensor-0002")).status == 202
+    clock.advance(hours=2)  # sensor-0001 is past its retention, and due to be purged
+
+    def full(*args: object) -> None:
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise error
+
+    monkeypatch.setattr(registry.Store, "purge", full)
+    assert [request["username"] for request in open_reg.requests()] == ["sensor-0002"]
+
+
 def test_the_listing_shows_what_was_granted_and_whether_the_client_has_collected_it(open_reg, clock):
     """Issue 18: an approved row shows the granted rights, and "collected" once the client has fetched its 201."""
     request = password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY])

@@ -1771,6 +1771,19 @@ def test_a_listing_that_has_not_changed_is_304_without_a_body(client: Client, pa
     assert [entry["username"] for entry in json.loads(body)] == ["sensor-0003"]
 
 
+@pytest.mark.parametrize("held", ["W/{tag}", '"other", W/{tag}', '{tag}, W/"other"'])
+def test_a_weak_validator_matches_too(client: Client, held: str) -> None:
+    """RFC 9110 section 13.1.2: If-None-Match uses the weak comparison (issue 23 item 6)."""
+    tag = client.admin("GET", REQUESTS).headers["ETag"]
+
+    client.connection.request(
+        "GET", REQUESTS, headers={"Authorization": f"Bearer {client.token}", "If-None-Match": held.format(tag=tag)}
+    )
+    response = client.connection.getresponse()
+
+    assert (response.status, response.read()) == (304, b"")
+
+
 # --- The server agrees with its OpenAPI document (issue 19 item 9) ----------------
 
 
