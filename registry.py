@@ -850,7 +850,32 @@ def _datetime(micros: int) -> datetime:
 # 2. The store: the SQLite schema, and each read and write of the registry
 # =============================================================================
 
-SCHEMA = """
+USERS_TABLE = """
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY REFERENCES requests (username),
+    method TEXT NOT NULL,
+    password_hash TEXT,
+    granted TEXT NOT NULL,
+    serial TEXT,
+    not_after INTEGER,
+    created_at INTEGER NOT NULL
+);
+"""
+CERTIFICATES_TABLE = """
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    key_sha256 TEXT NOT NULL,
+    certificate TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    renewed_from TEXT,
+    revoked_at INTEGER,
+    reason TEXT
+);
+"""
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT
@@ -871,32 +896,12 @@ CREATE TABLE IF NOT EXISTS requests (
     poll_count INTEGER NOT NULL DEFAULT 0,
     decided_at INTEGER,
     reason TEXT,
-    collected_at INTEGER
+    collected_at INTEGER,
+    decided_by TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_age ON requests (state, created_at);
-CREATE TABLE IF NOT EXISTS users (
-    username TEXT PRIMARY KEY REFERENCES requests (username),
-    method TEXT NOT NULL,
-    password_hash TEXT,
-    granted TEXT NOT NULL,
-    certificate TEXT,
-    certificate_sha256 TEXT UNIQUE,
-    serial TEXT,
-    not_after INTEGER,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS certificates (
-    serial TEXT PRIMARY KEY,
-    username TEXT NOT NULL,
-    sha256 TEXT NOT NULL UNIQUE,
-    key_sha256 TEXT NOT NULL,
-    certificate TEXT NOT NULL,
-    not_before INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    renewed_from TEXT,
-    revoked_at INTEGER,
-    reason TEXT
-);
+{USERS_TABLE}
+{CERTIFICATES_TABLE}
 CREATE INDEX IF NOT EXISTS certificates_by_user ON certificates (username);
 CREATE TABLE IF NOT EXISTS crl (
     number INTEGER PRIMARY KEY,
@@ -941,11 +946,7 @@ class Store:
         # 40 MB) makes that cost a tenth as often.
         self._db.execute("PRAGMA wal_autocheckpoint=10000")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        # Columns added since the first version of the schema.
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
-        if "collected_at" not in columns:
-            self._db.execute("ALTER TABLE requests ADD COLUMN collected_at INTEGER")
+        self._upgrade()
 
     def close(self) -> None:
         self._db.close()
@@ -1042,9 +1043,6 @@ class Store:
     def user(self, username: str) -> sqlite3.Row | None:
         return self._db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
 
-    def user_by_certificate(self, certificate_sha256: str) -> sqlite3.Row | None:
-        return self._db.execute("SELECT * FROM users WHERE certificate_sha256 = ?", (certificate_sha256,)).fetchone()
-
     def users(self) -> list[sqlite3.Row]:
         """Every user, by name, with its current certificate's validity."""
         return self._db.execute(
@@ -1055,14 +1053,8 @@ class Store:
     def set_current_certificate(self, username: str, certificate: Mapping[str, Any]) -> None:
         """Make ``certificate`` (a row of ``certificates``) the user's current one, and its key the user's."""
         self._db.execute(
-            "UPDATE users SET certificate = ?, certificate_sha256 = ?, serial = ?, not_after = ? WHERE username = ?",
-            (
-                certificate["certificate"],
-                certificate["sha256"],
-                certificate["serial"],
-                certificate["not_after"],
-                username,
-            ),
+            "UPDATE users SET serial = ?, not_after = ? WHERE username = ?",
+            (certificate["serial"], certificate["not_after"], username),
         )
         self._db.execute("UPDATE requests SET key_sha256 = ? WHERE username = ?", (certificate["key_sha256"], username))
 
@@ -1164,27 +1156,146 @@ class Store:
                         "UPDATE requests SET public_key = ? WHERE username = ?", (info.public_key, row["username"])
                     )
 
-    def record_issued_certificates(self, skew: int) -> None:
-        """Upgrade a database whose users' certificates were kept only beside the users: record each.
+    def _upgrade(self) -> None:
+        """Bring the database to ``SCHEMA_VERSION`` by the steps of ``UPGRADES``, in order; refuse one it cannot.
 
-        Their notBefore was not kept: it was the approval's moment less the
-        CA's clock skew (``skew`` microseconds).
+        STORE-6.10-SCHEMA: ``PRAGMA user_version`` numbers the schema. A new
+        database is made at the current version; a database of the versions
+        before the numbering (0) takes every step, each of which looks at
+        what is there.
         """
-        with self.transaction():
-            self._db.execute(
-                "INSERT INTO certificates (serial, username, sha256, key_sha256, certificate, not_before, not_after)"
-                " SELECT users.serial, users.username, users.certificate_sha256, requests.key_sha256,"
-                " users.certificate, users.created_at - ?, users.not_after"
-                " FROM users JOIN requests ON requests.username = users.username"
-                " WHERE users.serial IS NOT NULL"
-                " AND users.serial NOT IN (SELECT serial FROM certificates)",
-                (skew,),
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database is of schema version {version}, made by a newer registry; this one knows"
+                f" {SCHEMA_VERSION} at most: run the newer registry, or restore a backup of this version"
             )
+        if tables and "requests" not in tables:
+            raise SchemaError(f"the database holds tables of no registry ({', '.join(sorted(tables))})")
+        if not tables:
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        # A table is rebuilt by dropping the old one, which a foreign key
+        # may name: the keys are checked once the step is done
+        # (https://www.sqlite.org/lang_altertable.html#otheralter, step 1).
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        for number, step in enumerate(UPGRADES[version:], start=version + 1):
+            with self.transaction():
+                step(self._db)
+                if self._db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                    raise SchemaError(f"upgrading the database to version {number} broke a reference: restore a backup")
+                self._db.execute(f"PRAGMA user_version = {number}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)  # the indexes a rebuilt table lost
 
     def _insert(self, table: str, columns: Mapping[str, object]) -> None:
         names = ", ".join(columns)
         marks = ", ".join("?" * len(columns))
         self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(columns.values()))
+
+
+class SchemaError(ValueError):
+    """A database this registry cannot read or upgrade (STORE-6.10-SCHEMA)."""
+
+
+def _columns(db: sqlite3.Connection, table: str) -> dict[str, str]:
+    """A table's columns and their declared types; empty when there is no such table."""
+    return {row[1]: row[2] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _rebuild(db: sqlite3.Connection, table: str, definition: str, values: Mapping[str, str]) -> None:
+    """Make ``table`` anew as ``definition`` (its columns: the SQL expressions of ``values`` over the old rows).
+
+    SQLite cannot change a column's type or drop a UNIQUE column in place
+    (https://www.sqlite.org/lang_altertable.html#otheralter): a new table is
+    filled from the old, which is dropped, and the new one takes its name.
+    """
+    db.execute(
+        re.sub(rf"^CREATE TABLE (IF NOT EXISTS )?{table} ", f"CREATE TABLE {table}_upgraded ", definition.strip())
+    )
+    names = ", ".join(values)
+    db.execute(f"INSERT INTO {table}_upgraded ({names}) SELECT {', '.join(values.values())} FROM {table}")
+    db.execute(f"DROP TABLE {table}")
+    db.execute(f"ALTER TABLE {table}_upgraded RENAME TO {table}")
+
+
+def _micros_of(column: str) -> str:
+    return f"CAST(round({column} * 1000000) AS INTEGER)"
+
+
+def _times_in_microseconds(db: sqlite3.Connection) -> None:
+    """Version 1: the first schema kept times as REAL seconds; every time is whole microseconds since."""
+    times = {
+        "requests": ("created_at", "last_poll_at", "decided_at"),
+        "users": ("not_after", "created_at"),
+        "audit": ("at",),
+    }
+    for table, columns in times.items():
+        declared = _columns(db, table)
+        if not any(declared.get(column) == "REAL" for column in columns):
+            continue
+        definition = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+        definition = re.sub(r"\bREAL\b", "INTEGER", re.sub(r"\s+", " ", definition))
+        values = {name: _micros_of(name) if name in columns else name for name in declared}
+        _rebuild(db, table, definition, values)
+    row = db.execute("SELECT value FROM meta WHERE key = 'unlocked_until'").fetchone() if _columns(db, "meta") else None
+    if row is not None and row[0] is not None and "." in row[0]:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'unlocked_until'", (str(round(float(row[0]) * SECOND)),))
+
+
+def _add_column(table: str, column: str, declaration: str) -> Callable[[sqlite3.Connection], None]:
+    """A step that adds a column the schema gained, unless it is there."""
+
+    def add(db: sqlite3.Connection) -> None:
+        if column not in _columns(db, table):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    add.__doc__ = f"Add {table}.{column}."
+    return add
+
+
+def _record_issued_certificates(db: sqlite3.Connection) -> None:
+    """Version 4: users' certificates were kept beside the users only; each is recorded as issued.
+
+    Their notBefore was not kept: it was the approval's moment less the
+    CA's clock skew then, five minutes.
+    """
+    db.execute(CERTIFICATES_TABLE)
+    if "certificate_sha256" not in _columns(db, "users"):
+        return
+    db.execute(
+        "INSERT INTO certificates (serial, username, sha256, key_sha256, certificate, not_before, not_after)"
+        " SELECT users.serial, users.username, users.certificate_sha256, requests.key_sha256,"
+        " users.certificate, users.created_at - ?, users.not_after"
+        " FROM users JOIN requests ON requests.username = users.username"
+        " WHERE users.serial IS NOT NULL"
+        " AND users.serial NOT IN (SELECT serial FROM certificates)",
+        (SKEW_OF_OLD_CERTIFICATES,),
+    )
+
+
+def _drop_unread_user_columns(db: sqlite3.Connection) -> None:
+    """Version 5: a user's certificate is the row of ``certificates`` its serial names; the copies go."""
+    declared = _columns(db, "users")
+    if "certificate" not in declared and "certificate_sha256" not in declared:
+        return
+    kept = {name: name for name in declared if name not in ("certificate", "certificate_sha256")}
+    _rebuild(db, "users", USERS_TABLE, kept)
+
+
+# STORE-6.10-SCHEMA: the steps from each version to the next, in order; the
+# schema's version is the number of steps taken. A step may only be added.
+UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _times_in_microseconds,
+    _add_column("requests", "collected_at", "INTEGER"),
+    _add_column("requests", "public_key", "BLOB"),
+    _record_issued_certificates,
+    _drop_unread_user_columns,
+    _add_column("requests", "decided_by", "TEXT"),
+)
+SCHEMA_VERSION = len(UPGRADES)
 
 
 def _since(row: sqlite3.Row) -> int:
@@ -1402,7 +1513,6 @@ class Registry:
         self._auth_failures: dict[object, collections.deque[int]] = {}
         self._storage_logged_at = -MINUTE
         self._store.keep_verified_keys(ca.inspect_csr if ca else None)
-        self._store.record_issued_certificates(SKEW_OF_OLD_CERTIFICATES)
         self.refresh_crl()
 
     def close(self) -> None:
@@ -1683,8 +1793,6 @@ class Registry:
                 "method": row["method"],
                 "password_hash": row["password_hash"],
                 "granted": rights,
-                "certificate": certificate and certificate["certificate"],
-                "certificate_sha256": certificate and certificate["sha256"],
                 "serial": certificate and certificate["serial"],
                 "not_after": certificate and certificate["not_after"],
                 "created_at": now,

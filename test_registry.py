@@ -1716,24 +1716,6 @@ def test_a_registry_without_a_ca_has_no_crl(clock):
     bare.close()
 
 
-def test_a_database_that_kept_certificates_beside_users_records_them_as_issued(tmp_path, clock, authority):
-    database = str(tmp_path / "registry.db")
-    first = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
-    first.unlock()
-    key = make_key()
-    admitted = approved(first, csr_request("sensor-0001", key))
-    first.close()
-    with sqlite3.connect(database) as old:  # as the version before SPEC section 7 left it
-        old.execute("DELETE FROM certificates")
-    old.close()
-
-    reopened = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
-
-    assert reopened.authenticate_certificate(certificate_der(admitted.body["certificate"])).username == "sensor-0001"
-    assert reopened.register(csr_request("sensor-0001", key)).body["renewAfter"] == admitted.body["renewAfter"]
-    reopened.close()
-
-
 def load_key(certificate_pem: str) -> bytes:
     return public_der(x509.load_pem_x509_certificate(certificate_pem.encode()))
 
