@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,8 @@ import threading
 from pathlib import Path
 
 from files import check_private, write_private
+
+log = logging.getLogger("registry.admins")
 
 FILE = "admins.json"
 QUICK_START = "admin"  # the administrator of the token given or kept in admin-token
@@ -125,6 +128,9 @@ class Administrators:
             seen = None
         with self._lock:
             if seen != self._seen:
-                self._named = _read(self._folder) if seen else {}
+                try:
+                    self._named = _read(self._folder) if seen else {}
+                except (OSError, ValueError) as error:  # a damaged file: those read before stay
+                    log.error("the named administrators were not read again: %s", error)
                 self._seen = seen
             return self._named

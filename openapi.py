@@ -211,6 +211,7 @@ SCHEMAS: dict[str, Schema] = {
             "pollCount": {"type": "integer", "minimum": 0},
             "clientAddress": MAYBE_TEXT,
             "decidedAt": MAYBE_TIME,
+            "decidedBy": {**MAYBE_TEXT, "description": "The administrator who approved or denied it"},
             "reason": MAYBE_TEXT,
             "granted": {
                 "oneOf": [_closed({"roles": ROLES, "permissions": PERMISSIONS}), {"type": "null"}],
@@ -243,7 +244,10 @@ SCHEMAS: dict[str, Schema] = {
         {
             "id": {"type": "integer"},
             "at": TIME,
-            "actor": {"type": "string", "description": "'administrator', or the client's username"},
+            "actor": {
+                "type": "string",
+                "description": "The administrator by name ('admin': the quick start's token), or the client's username",
+            },
             "address": MAYBE_TEXT,
             "action": {"type": "string", "description": "request, unlock, lock, approve, deny, forget, remove user"},
             "username": MAYBE_TEXT,

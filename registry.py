@@ -922,7 +922,7 @@ CREATE TABLE IF NOT EXISTS audit (
 # What the administrator's listings show: no hash, no key, no certificate.
 REQUEST_COLUMNS = (
     "requests.username, state, pairing_id, requests.method, requested, context, requests.created_at, last_poll_at,"
-    " poll_count, client_address, decided_at, reason, collected_at, users.granted"
+    " poll_count, client_address, decided_at, decided_by, reason, collected_at, users.granted"
 )
 USER_COLUMNS = "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before"
 
@@ -1001,10 +1001,12 @@ class Store:
         self._db.execute("DELETE FROM requests WHERE username = ?", (columns["username"],))
         self._insert("requests", columns)
 
-    def set_state(self, username: str, state: State, decided_at: int, reason: str | None = None) -> None:
+    def set_state(
+        self, username: str, state: State, decided_at: int, reason: str | None = None, decided_by: str | None = None
+    ) -> None:
         self._db.execute(
-            "UPDATE requests SET state = ?, decided_at = ?, reason = ? WHERE username = ?",
-            (state.value, decided_at, reason, username),
+            "UPDATE requests SET state = ?, decided_at = ?, reason = ?, decided_by = ? WHERE username = ?",
+            (state.value, decided_at, reason, decided_by, username),
         )
 
     def delete_request(self, username: str) -> None:
@@ -1338,6 +1340,7 @@ def _request_json(row: sqlite3.Row) -> dict[str, Any]:
         "pollCount": row["poll_count"],
         "clientAddress": row["client_address"],
         "decidedAt": _iso(row["decided_at"]) if row["decided_at"] else None,
+        "decidedBy": row["decided_by"],  # the administrator who approved or denied it
         "reason": row["reason"],
         # What was granted, and when the client first fetched it (approved requests).
         "granted": json.loads(row["granted"]) if row["granted"] else None,
@@ -1801,7 +1804,7 @@ class Registry:
             if certificate:
                 details["serial"] = certificate["serial"]
             with self._writing():
-                self._store.set_state(username, state, now)
+                self._store.set_state(username, state, now, decided_by=actor)  # ADMIN-4.9-ATTRIBUTED
                 self._store.add_user(**user)
                 if certificate:
                     self._store.add_certificate(**certificate)
@@ -1832,7 +1835,7 @@ class Registry:
         with self._lock:
             _, state = self._decidable(username, Event.DENY, now)
             with self._writing():
-                self._store.set_state(username, state, now, reason)
+                self._store.set_state(username, state, now, reason, decided_by=actor)
                 self._audit(now, actor, address, "deny", username, {"reason": reason})
             return _request_json(self._store.requests(username)[0])
 

@@ -19,7 +19,6 @@ import dataclasses
 import email.utils
 import functools
 import hashlib
-import hmac
 import json
 import logging
 import math
@@ -173,6 +172,9 @@ class Config:
     scrypt_n: int = SETTINGS.scrypt_n
     fast_http: bool = True
     backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
+    add_admin: str | None = None  # --add-admin NAME: a new administrator, its token printed once
+    remove_admin: str | None = None
+    list_admins: bool = False
     test_clients: bool = False  # vary the answers to registrations and report what clients do wrong
 
 
@@ -187,6 +189,7 @@ class Request:
     body: bytes = b""
     client_address: str = ""
     peer_certificate: bytes | None = None
+    administrator: str = ""  # who the token is, once checked (ADMIN-4.9-ATTRIBUTED)
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,7 @@ class Response:
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
     lost: bool = False  # --test-clients: close the connection instead of answering
+    administrator: str = ""  # the administrator who called, for the access log
 
     @classmethod
     def json(cls, status: HTTPStatus, data: object, headers: dict[str, str] | None = None) -> Response:
@@ -275,24 +279,30 @@ class App:
         *,
         max_body: int = 64 * 1024,
         check: clientcheck.ClientCheck | None = None,
+        administrators: admins_module.Administrators | None = None,
     ) -> None:
         self.core = core
         self.max_body = max_body
         self.check = check  # --test-clients: registrations varied, their clients watched
-        self._token = admin_token.encode()
+        # ``admin_token`` is the administrator ``admin``; the named ones come with ``administrators``.
+        self.administrators = administrators or admins_module.Administrators(None, admin_token)
         self._routes = [(route, route.regex) for route in ROUTES]
 
     def handle(self, request: Request) -> Response:
         """Answer one request; what goes wrong is answered by ``error_response``."""
+        administrator = ""
         try:
             route, arguments = self._route(request)
             if route.access == "admin":
-                self._authorize(request)
+                administrator = self._authorize(request)
+                request = dataclasses.replace(request, administrator=administrator)
             if self.check is not None and route.handler == "register":
                 return self._checked_register(request)
-            return getattr(self, route.handler)(request, **arguments)
+            response = getattr(self, route.handler)(request, **arguments)
         except Exception as error:
-            return error_response(error, f"in {request.method} {request.path}")
+            response = error_response(error, f"in {request.method} {request.path}")
+        # ADMIN-4.9-ATTRIBUTED: the access log names the administrator, refused calls too.
+        return dataclasses.replace(response, administrator=administrator) if administrator else response
 
     def _route(self, request: Request) -> tuple[Route, dict[str, str]]:
         if request.method not in KNOWN_METHODS:
@@ -313,15 +323,18 @@ class App:
             )
         raise registry.NotFound(f"there is nothing at {request.path}")
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request) -> str:
+        """The administrator whose token the request carries (ADMIN-4.1-TOKEN); 401 for anyone else."""
         scheme, token = _credentials(request)
-        # Compare in constant time, so the token cannot be guessed byte by byte.
-        # ADMIN-4.1-TOKEN: an empty token never matches, whatever is kept.
-        if scheme != "bearer" or not token or not hmac.compare_digest(token.encode("latin-1"), self._token):
+        # Compared in constant time with every administrator's, so the token
+        # cannot be guessed byte by byte; an empty token never matches.
+        name = self.administrators.who(token) if scheme == "bearer" else None
+        if name is None:
             raise registry.Unauthorized(
                 "send the administrator token as 'Authorization: Bearer <token>'",
                 headers={"WWW-Authenticate": 'Bearer realm="client-registry"'},
             )
+        return name
 
     # --- Handlers: parse, call the core, serialize ------------------------
 
@@ -531,7 +544,8 @@ def _is_number(text: str) -> bool:
 
 
 def _actor(request: Request) -> dict[str, str]:
-    return {"actor": registry.ADMIN, "address": request.client_address}
+    """ADMIN-4.9-ATTRIBUTED: an administrator's call is the named administrator's, in the audit and the listing."""
+    return {"actor": request.administrator or registry.ADMIN, "address": request.client_address}
 
 
 def _query_int(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -616,8 +630,9 @@ class Handler(BaseHTTPRequestHandler):
             elapsed = (time.perf_counter() - started) * 1000
             path = (self.path or "-").partition("?")[0]
             status = f"{response.status} lost" if response.lost else response.status
+            who = f" {response.administrator}" if response.administrator else ""  # ADMIN-4.9-ATTRIBUTED
             self.server.access_log.write(
-                f"{self.command or '-'} {path} {status} {elapsed:.1f}ms {self.client_address[0]}"
+                f"{self.command or '-'} {path} {status} {elapsed:.1f}ms {self.client_address[0]}{who}"
             )
 
     def _read_request(self) -> Request:
@@ -1094,7 +1109,8 @@ def _build(
     database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
     core = registry.Registry(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
     check = clientcheck.ClientCheck() if config.test_clients else None
-    app = App(core, admin_token(config), max_body=config.max_body, check=check)
+    administrators = admins_module.Administrators(data, admin_token(config))
+    app = App(core, admin_token(config), max_body=config.max_body, check=check, administrators=administrators)
     tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
     instance = RegistryServer(config, app, tls)
     instance.folder_lock = folder_lock
@@ -1226,6 +1242,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         metavar="DEST",
         help="copy the data folder to the new folder DEST while a server may run on it, then exit",
     )
+    option("--add-admin", metavar="NAME", help="add the administrator NAME, print its new token once, and exit")
+    option("--remove-admin", metavar="NAME", help="withdraw the token of the administrator NAME, and exit")
+    option("--list-admins", action="store_true", help="list the administrators by name, and exit")
     option("--unlock-minutes", type=float, default=d.unlock_minutes, help="the unlock window")
     option("--retry-after", type=int, default=d.retry_after, help="Retry-After seconds of a 202")
     option("--retry-after-locked", type=int, default=d.retry_after_locked, help="Retry-After seconds of a 423")
@@ -1277,6 +1296,28 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**vars(args))
 
 
+def manage_admins(config: Config) -> str:
+    """--add-admin, --remove-admin, --list-admins (ADMIN-4.9-ATTRIBUTED): what to print.
+
+    They change ``admins.json`` in the data folder, which a running server
+    reads again at its next administrator call.
+    """
+    data = config.data_dir
+    if config.add_admin:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        token = admins_module.add(data, config.add_admin)
+        return (
+            f"Administrator {config.add_admin}: {token}\n"
+            f"(shown once: {data / admins_module.FILE} keeps only its hash; --remove-admin {config.add_admin}"
+            " withdraws it)"
+        )
+    if config.remove_admin:
+        admins_module.remove(data, config.remove_admin)
+        return f"Administrator {config.remove_admin} removed: its token opens nothing from the next call on"
+    kept = "given at start" if config.admin_token is not None else f"kept in {data / 'admin-token'}"
+    return "\n".join([f"{admins_module.QUICK_START} (the token {kept})", *admins_module.names(data)])
+
+
 def flag_range(dest: str) -> tuple[float, float]:
     """The least and the most the flag ``dest`` may be, in its unit (STORE-6.9-SETTINGS)."""
     if dest not in SETTING_FLAGS:
@@ -1326,6 +1367,12 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as error:
             sys.exit(f"server.py: cannot back up: {error}")
         print(f"Backed up {config.data_dir} to {config.backup}; serve the copy with --data-dir {config.backup}")
+        return
+    if config.add_admin or config.remove_admin or config.list_admins:
+        try:
+            print(manage_admins(config))
+        except (OSError, ValueError) as error:
+            sys.exit(f"server.py: {error}")
         return
     kept = config.data_dir / "admin-token"
     made_now = config.admin_token is None and not kept.exists()
