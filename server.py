@@ -60,6 +60,7 @@ PEM = "application/x-pem-file"
 PKIX_CRL = "application/pkix-crl"  # RFC 2585 section 4.2
 TEST_UNLOCK = timedelta(seconds=30)  # the longest unlock window under --test-clients
 CRL_CHECK_SECONDS = 60.0  # how often the server asks whether the CRL is due to be signed again
+SERVER_CERTIFICATE_CHECK_SECONDS = 3600.0  # how often it asks whether its own certificate is due
 STATIC = Path(__file__).with_name("static")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
 # The page runs only its own script and style, and no one may frame it.
@@ -944,6 +945,8 @@ class RegistryServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
     folder_lock: datafolder.FolderLock | None = None  # the data folder, held while it serves
+    server_certificate: ServerCertificate | None = None  # HTTPS: its own certificate, renewed by a timer
+    certificate_timer: Every | None = None
 
     def __init__(self, config: Config, app: App, tls: ssl.SSLContext | None) -> None:
         self.config = config
@@ -963,6 +966,8 @@ class RegistryServer(ThreadingHTTPServer):
         self.watchdog.stop()
         self.access_log.close()
         self.crl_timer.stop()
+        if self.certificate_timer is not None:
+            self.certificate_timer.stop()
         if self.folder_lock is not None:
             self.folder_lock.release()
 
@@ -1111,9 +1116,13 @@ def _build(
     check = clientcheck.ClientCheck() if config.test_clients else None
     administrators = admins_module.Administrators(data, admin_token(config))
     app = App(core, admin_token(config), max_body=config.max_body, check=check, administrators=administrators)
-    tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
+    names = server_names([config.host, *config.server_names])
+    tls = None if config.http else tls_context(authority, data, names, clock())
     instance = RegistryServer(config, app, tls)
     instance.folder_lock = folder_lock
+    if tls is not None:
+        instance.server_certificate = ServerCertificate(authority, data, names, clock, tls)
+        instance.certificate_timer = Every(SERVER_CERTIFICATE_CHECK_SECONDS, instance.server_certificate.refresh, "tls")
     return instance
 
 
@@ -1186,11 +1195,9 @@ def load_roles(path: Path | None) -> dict[str, str]:
 def tls_context(authority: ca_module.CA, data: Path, names: list[str], now: datetime) -> ssl.SSLContext:
     """A server context with a certificate from the CA, asking for optional client certificates."""
     cert_path, key_path = data / "server.pem", data / "server.key"
-    names = [name for name in names if name not in ("0.0.0.0", "::", "")]
+    names = server_names(names)
     if not key_path.exists() or not _server_certificate_fits(cert_path, names, now):
-        credentials = authority.issue_server_certificate(now, names)
-        cert_path.write_text(credentials.certificate_pem)
-        files.write_private(key_path, credentials.key_pem)
+        _issue_server_certificate(authority, data, names, now)
     files.check_private(key_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -1210,7 +1217,49 @@ def _server_certificate_fits(path: Path, names: list[str], now: datetime) -> boo
     certificate = x509.load_pem_x509_certificate(path.read_bytes())
     sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     present = {str(name.value) for name in sans}
-    return set(names) <= present and certificate.not_valid_after_utc - now > timedelta(days=30)
+    # TLS-6.6-RENEW: due from two thirds of its life, as a client's (LIFE-7.1).
+    not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    return set(names) <= present and now < not_before + (not_after - not_before) * 2 / 3
+
+
+def server_names(names: list[str]) -> list[str]:
+    """The names the server's certificate must carry: its addresses but the wildcard ones."""
+    return [name for name in names if name not in ("0.0.0.0", "::", "")]
+
+
+def _issue_server_certificate(authority: ca_module.CA, data: Path, names: list[str], now: datetime) -> None:
+    credentials = authority.issue_server_certificate(now, names)
+    # The key first, then the certificate: a certificate on disk always has its key beside it.
+    files.write_private(data / "server.key.next", credentials.key_pem)
+    (data / "server.pem.next").write_text(credentials.certificate_pem)
+    os.replace(data / "server.key.next", data / "server.key")
+    os.replace(data / "server.pem.next", data / "server.pem")
+
+
+class ServerCertificate:
+    """The HTTPS server's own certificate, renewed from the CA at two thirds of its life (TLS-6.6-RENEW).
+
+    A timer calls ``refresh``; the new certificate is loaded into the live
+    ``SSLContext`` (``load_cert_chain``), so the next connections get it
+    with no restart, and the open ones keep theirs.
+    """
+
+    def __init__(
+        self, authority: ca_module.CA, data: Path, names: list[str], clock: registry.Clock, context: ssl.SSLContext
+    ) -> None:
+        self.authority, self.data, self.names, self.clock, self.context = authority, data, names, clock, context
+        self._lock = threading.Lock()
+
+    def refresh(self) -> bool:
+        """Renew the certificate when it is due; whether it was."""
+        now = self.clock()
+        with self._lock:
+            if _server_certificate_fits(self.data / "server.pem", self.names, now):
+                return False
+            _issue_server_certificate(self.authority, self.data, self.names, now)
+            self.context.load_cert_chain(self.data / "server.pem", self.data / "server.key")
+        log.info("renewed the server's certificate (%s)", self.data / "server.pem")
+        return True
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -17,12 +17,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 import ca
 import files
 import registry
 import server
-from conftest import ADMIN_TOKEN, START, call, make_csr, serve
+from conftest import ADMIN_TOKEN, START, FakeClock, call, make_csr, serve
 
 
 def start_fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -430,6 +431,42 @@ def test_a_backup_whose_key_is_not_its_certificate_s_is_refused(tmp_path: Path) 
         " nothing was kept; try again"
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "other"]
+
+
+# --- The server's own certificate renews itself ------------------------------------
+
+
+def served_certificate(instance: server.RegistryServer, folder: Path) -> x509.Certificate:
+    """The certificate a new TLS connection to ``instance`` is shown, verified against the folder's CA."""
+    context = ssl.create_default_context(cafile=str(folder / "ca.pem"))
+    with (
+        socket.create_connection(instance.server_address[:2], timeout=10) as plain,
+        context.wrap_socket(plain, server_hostname="localhost") as secure,
+    ):
+        return x509.load_der_x509_certificate(secure.getpeercert(binary_form=True))
+
+
+def test_the_server_s_certificate_renews_itself_at_two_thirds_of_its_life(tmp_path: Path) -> None:
+    """Proves TLS-6.6-RENEW (issue 23 item 5): no restart; new connections get the new certificate."""
+    clock = FakeClock()
+    with serve(tmp_path, http=False, clock=clock) as instance:
+        first = served_certificate(instance, tmp_path)
+        life = first.not_valid_after_utc - first.not_valid_before_utc
+        assert isinstance(instance.certificate_timer, server.Every)  # what calls refresh, hourly
+
+        clock.advance(seconds=(life * 2 / 3 - timedelta(minutes=10)).total_seconds())
+        assert instance.server_certificate.refresh() is False
+        assert served_certificate(instance, tmp_path).serial_number == first.serial_number
+        clock.advance(minutes=20)
+        assert instance.server_certificate.refresh() is True
+        renewed = served_certificate(instance, tmp_path)
+
+    assert renewed.serial_number != first.serial_number
+    assert renewed.subject == first.subject
+    names = x509.SubjectAlternativeName
+    assert renewed.extensions.get_extension_for_class(names) == first.extensions.get_extension_for_class(names)
+    assert renewed.not_valid_after_utc > first.not_valid_after_utc
+    assert x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes()) == renewed
 
 
 # --- The wrong scheme -----------------------------------------------------------
