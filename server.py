@@ -19,6 +19,7 @@ import dataclasses
 import email.utils
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -173,6 +174,8 @@ class Config:
     scrypt_n: int = SETTINGS.scrypt_n
     fast_http: bool = True
     backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
+    # --forwarded-allow: the proxies whose X-Forwarded-For names the client (HTTP-8.6-FORWARDED)
+    forwarded_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     add_admin: str | None = None  # --add-admin NAME: a new administrator, its token printed once
     remove_admin: str | None = None
     list_admins: bool = False
@@ -614,6 +617,7 @@ class Handler(BaseHTTPRequestHandler):
         if not self.raw_requestline:
             self.close_connection = True
             return
+        address = self.client_address[0]
         try:
             request = self._read_request()
         except registry.RegistryError as refusal:
@@ -623,6 +627,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.server.watchdog.arm(self.connection, None)  # the answer is ours to make
             response = self.server.app.handle(request)
+            address = request.client_address  # HTTP-8.6-FORWARDED: the client behind an allowed proxy
         if response.lost:
             self.close_connection = True
         else:
@@ -632,9 +637,7 @@ class Handler(BaseHTTPRequestHandler):
             path = (self.path or "-").partition("?")[0]
             status = f"{response.status} lost" if response.lost else response.status
             who = f" {response.administrator}" if response.administrator else ""  # ADMIN-4.9-ATTRIBUTED
-            self.server.access_log.write(
-                f"{self.command or '-'} {path} {status} {elapsed:.1f}ms {self.client_address[0]}{who}"
-            )
+            self.server.access_log.write(f"{self.command or '-'} {path} {status} {elapsed:.1f}ms {address}{who}")
 
     def _read_request(self) -> Request:
         """The request, read whole: its head by ``parse_request``, its body by its Content-Length."""
@@ -662,7 +665,7 @@ class Handler(BaseHTTPRequestHandler):
             query=parse_qs(url.query, keep_blank_values=True) if url.query else {},
             headers=self.headers,
             body=body,
-            client_address=self.client_address[0],
+            client_address=forwarded_client(self.client_address[0], self.headers, self.server.config.forwarded_allow),
             peer_certificate=self.peer_certificate,
         )
 
@@ -1291,6 +1294,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         metavar="DEST",
         help="copy the data folder to the new folder DEST while a server may run on it, then exit",
     )
+    option(
+        "--forwarded-allow",
+        type=proxies,
+        default=(),
+        metavar="ADDR[,ADDR...]",
+        help="the reverse proxies (addresses or networks) whose X-Forwarded-For names the client: its last entry"
+        " is the client's address for the throttles and the access log",
+    )
     option("--add-admin", metavar="NAME", help="add the administrator NAME, print its new token once, and exit")
     option("--remove-admin", metavar="NAME", help="withdraw the token of the administrator NAME, and exit")
     option("--list-admins", action="store_true", help="list the administrators by name, and exit")
@@ -1343,6 +1354,35 @@ def parse_args(argv: list[str] | None = None) -> Config:
     elif "REGISTRY_ADMIN_TOKEN" in os.environ:
         args.admin_token, args.token_source = os.environ["REGISTRY_ADMIN_TOKEN"], "$REGISTRY_ADMIN_TOKEN"
     return Config(**vars(args))
+
+
+def proxies(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """--forwarded-allow: addresses or networks, comma-separated (as nginx's set_real_ip_from)."""
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def forwarded_client(
+    peer: str, headers: Mapping[str, str], proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> str:
+    """The client's address: the last entry of X-Forwarded-For when the peer is an allowed proxy, else the peer.
+
+    HTTP-8.6-FORWARDED: only the last entry, the one the proxy itself
+    appended (nginx's $proxy_add_x_forwarded_for), is trusted; the entries
+    before it are whatever the client sent. A peer that is no allowed proxy
+    is the client, whatever its header says.
+    """
+    forwarded = headers.get("x-forwarded-for")
+    if not proxies or not forwarded:
+        return peer
+    try:
+        if not any(ipaddress.ip_address(peer) in network for network in proxies):
+            return peer
+        return str(ipaddress.ip_address(forwarded.rsplit(",", 1)[-1].strip()))
+    except ValueError:  # an entry that is no address: the proxy is the one known
+        return peer
 
 
 def manage_admins(config: Config) -> str:
@@ -1429,6 +1469,8 @@ def main(argv: list[str] | None = None) -> None:
         server = build(config)
     except (OSError, ValueError) as error:
         sys.exit(f"server.py: cannot start: {error}")
+    # Before the first line: whoever reads it may stop the server at once.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"Client registry at {server.url}/api/client-registry (data in {config.data_dir})", flush=True)
     # The token is shown once, when it is made; a terminal's scrollback or a
     # service's journal should not collect a copy at every start.
@@ -1439,7 +1481,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         unused = f"; the one kept in {kept} is not used" if kept.exists() else ""
         print(f"The administrator token is the one given in {config.token_source}{unused}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
