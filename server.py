@@ -1148,6 +1148,7 @@ def check_token(config: Config) -> None:
         problem = admins_module.token_problem(config.admin_token, config.token_source or "the settings")
     elif (config.data_dir / "admin-token").exists():
         path = config.data_dir / "admin-token"
+        files.check_private(path)
         problem = admins_module.token_problem(path.read_text().strip(), str(path))
     else:
         problem = None

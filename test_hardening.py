@@ -195,7 +195,12 @@ def test_killed_server_loses_nothing_it_answered(tmp_path: Path, server_process:
     with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM users GROUP BY username HAVING count(*) > 1").fetchall() == []
-        stored = dict(db.execute("SELECT username, certificate FROM users"))
+        stored = dict(
+            db.execute(
+                "SELECT users.username, certificates.certificate FROM users"
+                " JOIN certificates ON certificates.serial = users.serial"
+            )
+        )
     assert all(stored[name] == certificate for name, certificate in issued.items())
 
 
@@ -591,7 +596,8 @@ def test_the_server_refuses_a_key_others_can_read(tmp_path: Path) -> None:
         pass
     assert os.stat(tmp_path).st_mode & 0o777 == 0o700
     assert (tmp_path / "registry.db").stat().st_mode & 0o777 == 0o600
-    (tmp_path / "admin-token").write_text("a-token-kept-in-the-folder\n")
+    (tmp_path / "admin-token").write_text("a-token-kept-in-the-folder-0123456789\n")
+    (tmp_path / "admin-token").chmod(0o600)  # as the server keeps it
     for name in ("ca.key", "admin-token"):
         (tmp_path / name).chmod(0o644)
         result = subprocess.run(
