@@ -1564,6 +1564,7 @@ def check_token(kit: Kit) -> None:
             ({}, "no Authorization"),
             ({"Authorization": f"Bearer {wrong}"}, "a wrong token"),
             ({"Authorization": f"Basic {kit.admin_token}"}, "the token under another scheme"),
+            ({"Authorization": "Bearer "}, "an empty token"),
         ]:
             exchange = kit.call(method, path, headers=headers)
             kit.expect(exchange, 401, "ADMIN-4.1-TOKEN", f"{method} {path} with {why}: 401")
