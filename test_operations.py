@@ -7,12 +7,19 @@ made; a damaged data folder is never served nor silently replaced.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import random
+import signal
 import socket
+import sqlite3
 import ssl
 import stat
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +31,8 @@ import files
 import registry
 import server
 from conftest import ADMIN_TOKEN, START, FakeClock, call, make_csr, serve
+
+HERE = Path(__file__).parent
 
 
 def start_fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -431,6 +440,66 @@ def test_a_backup_whose_key_is_not_its_certificate_s_is_refused(tmp_path: Path) 
         " nothing was kept; try again"
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "other"]
+
+
+def backup_process(data: Path, copy: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "server.py", "--data-dir", str(data), "--backup", str(copy)],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_a_backup_killed_at_any_moment_is_never_half_a_folder(tmp_path: Path) -> None:
+    """Proves STORE-6.8-BACKUP (issue 23 item 3) with real kills: the copy is there whole, or not at all."""
+    data = tmp_path / "data"
+    issue_one_certificate(data)
+    started = time.monotonic()
+    assert backup_process(data, tmp_path / "timed").wait(60) == 0
+    whole_run = time.monotonic() - started
+    chaos = random.Random(23)
+    outcomes = []
+    for attempt in range(8):
+        copy = tmp_path / f"copy-{attempt}"
+        process = backup_process(data, copy)
+        time.sleep(chaos.uniform(0, whole_run))
+        process.send_signal(signal.SIGKILL)  # by its PID: the process this test started
+        process.wait(10)
+        outcomes.append(copy.exists())
+        if copy.exists():
+            assert sorted(path.name for path in copy.iterdir()) == ["ca.key", "ca.pem", "registry.db"]
+            with contextlib.closing(sqlite3.connect(copy / "registry.db")) as database:
+                assert database.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+                assert database.execute("SELECT count(*) FROM certificates").fetchone()[0] == 1
+            assert ca.CA.load_or_create(copy, START).certificate_pem == (data / "ca.pem").read_text()
+    # Whatever the kills left, only hidden .partial folders are beside the copies.
+    assert all(path.name.endswith(".partial") for path in tmp_path.iterdir() if path.name.startswith("."))
+
+
+def test_a_second_server_process_names_the_first_s_pid(tmp_path: Path) -> None:
+    """Proves STORE-6.6-ONE-SERVER across processes; the kernel lets the folder go when its holder is killed."""
+    command = [sys.executable, "server.py", "--http", "--data-dir", str(tmp_path), "--admin-token", ADMIN_TOKEN]
+    first = subprocess.Popen([*command, "--port", "0"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().startswith("Client registry at http://127.0.0.1:")
+
+        second = subprocess.run([*command, "--port", "0"], cwd=HERE, capture_output=True, text=True, timeout=60)
+
+        assert (second.returncode, second.stdout) == (1, "")
+        assert second.stderr == (
+            f"server.py: cannot start: {tmp_path} is served by another server (PID {first.pid}):"
+            " stop it, or choose another --data-dir\n"
+        )
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        with serve(tmp_path) as third:
+            assert admin(third, "GET", "/api/client-registry")[0] == 200
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+        first.stdout.close()
 
 
 # --- The server's own certificate renews itself ------------------------------------
