@@ -1076,6 +1076,9 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     before anything is made, with ``OSError`` or ``ValueError`` saying which.
     """
     check_server_ranges(config)
+    # A Config made in code may name its proxies as text: each is a network from here on.
+    proxies_allowed = tuple(ipaddress.ip_network(str(proxy), strict=False) for proxy in config.forwarded_allow)
+    config = dataclasses.replace(config, forwarded_allow=proxies_allowed)
     roles = load_roles(config.roles)
     check_token(config)
     check_port(config.host, config.port)
