@@ -135,7 +135,7 @@ class CA:
             if certificate.public_key() != key.public_key():
                 raise ValueError(f"{key_path} is not the key of {cert_path}: restore the pair from one backup")
             return cls(key, certificate, cert_days=cert_days)
-        if cert_path.exists():  # STORE-6.7-CA-KEPT: a CA that lost its key is never replaced in silence
+        if cert_path.exists():  # STORE-6.8-CA-KEPT: a CA that lost its key is never replaced in silence
             raise FileNotFoundError(f"{key_path} is missing beside {cert_path}: restore the pair from one backup")
         # The key is written last: a CA is there only when its key is.
         ca = cls.create(now, cert_days=cert_days)

@@ -27,7 +27,7 @@ KEPT_FILES = ("ca.pem", "ca.key", "admin-token", "admins.json", "server.pem", "s
 
 
 class FolderLock:
-    """An exclusive ``flock`` on ``<folder>/server.lock`` for a server's whole life (STORE-6.6-ONE-SERVER).
+    """An exclusive ``flock`` on ``<folder>/server.lock`` for a server's whole life (STORE-6.7-ONE-SERVER).
 
     Two servers on one folder would each keep their own fast-path memory
     and answer from it; the second start stops instead, naming the holder.
@@ -55,7 +55,7 @@ class FolderLock:
 
 
 def check_ca_kept(folder: Path) -> None:
-    """Refuse a folder that had a CA and lost its key (STORE-6.7-CA-KEPT): a new CA would disown every certificate.
+    """Refuse a folder that had a CA and lost its key (STORE-6.8-CA-KEPT): a new CA would disown every certificate.
 
     A new CA is made only in a folder that never issued a certificate: no
     ``ca.pem``, and no issued certificate in the database. A key that is
@@ -93,7 +93,7 @@ def _issued_certificates(database: Path) -> int:
 def backup(data: Path, destination: Path) -> None:
     """Copy a registry's data folder to the new folder ``destination``, whole and checked, while its server runs.
 
-    STORE-6.8-BACKUP: the copy is made in a temporary folder beside
+    STORE-6.9-BACKUP: the copy is made in a temporary folder beside
     ``destination`` and renamed to it only once complete and checked (the
     database passes ``PRAGMA quick_check``, the CA's key is its
     certificate's), so that ``destination`` never exists half-made: a

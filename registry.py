@@ -456,7 +456,7 @@ class Settings:
     fast_path: bool = True
 
     def __post_init__(self) -> None:
-        """STORE-6.9-SETTINGS: refuse a setting outside its range, naming it and the range."""
+        """STORE-6.10-SETTINGS: refuse a setting outside its range, naming it and the range."""
         for name, (least, most) in SETTING_RANGES.items():
             value = getattr(self, name)
             if not least <= value <= most:
@@ -467,7 +467,7 @@ class Settings:
             raise ValueError("the setting unlock_duration must not be longer than max_unlock_duration")
 
 
-# STORE-6.9-SETTINGS: the least and the most each setting may be. A window
+# STORE-6.10-SETTINGS: the least and the most each setting may be. A window
 # of zero would make every answer wrong in its own way (an unlock that
 # stays locked, requests that vanish, a CRL already stale), and a huge one
 # overflows a date.
@@ -1161,7 +1161,7 @@ class Store:
     def _upgrade(self) -> None:
         """Bring the database to ``SCHEMA_VERSION`` by the steps of ``UPGRADES``, in order; refuse one it cannot.
 
-        STORE-6.10-SCHEMA: ``PRAGMA user_version`` numbers the schema. A new
+        STORE-6.11-SCHEMA: ``PRAGMA user_version`` numbers the schema. A new
         database is made at the current version; a database of the versions
         before the numbering (0) takes every step, each of which looks at
         what is there.
@@ -1199,7 +1199,7 @@ class Store:
 
 
 class SchemaError(ValueError):
-    """A database this registry cannot read or upgrade (STORE-6.10-SCHEMA)."""
+    """A database this registry cannot read or upgrade (STORE-6.11-SCHEMA)."""
 
 
 def _columns(db: sqlite3.Connection, table: str) -> dict[str, str]:
@@ -1287,7 +1287,7 @@ def _drop_unread_user_columns(db: sqlite3.Connection) -> None:
     _rebuild(db, "users", USERS_TABLE, kept)
 
 
-# STORE-6.10-SCHEMA: the steps from each version to the next, in order; the
+# STORE-6.11-SCHEMA: the steps from each version to the next, in order; the
 # schema's version is the number of steps taken. A step may only be added.
 UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _times_in_microseconds,

@@ -109,7 +109,7 @@ TLS12_CIPHERS = ":".join(
 
 SETTINGS = registry.Settings()  # the registry's defaults: the command line's, in its units
 MINUTE, HOUR, DAY = timedelta(minutes=1), timedelta(hours=1), timedelta(days=1)
-# STORE-6.9-SETTINGS: a flag that sets a registry setting, and the unit its
+# STORE-6.10-SETTINGS: a flag that sets a registry setting, and the unit its
 # number counts in; the setting's default and range are registry.py's.
 SETTING_FLAGS: dict[str, tuple[str, timedelta | None]] = {
     "unlock_minutes": ("unlock_duration", MINUTE),
@@ -1088,7 +1088,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         check_database(database)
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)
-    folder_lock = datafolder.FolderLock(data)  # STORE-6.6-ONE-SERVER
+    folder_lock = datafolder.FolderLock(data)  # STORE-6.7-ONE-SERVER
     try:
         return _build(config, clock, roles, folder_lock)
     except BaseException:
@@ -1224,7 +1224,7 @@ def _server_certificate_fits(path: Path, names: list[str], now: datetime) -> boo
     certificate = x509.load_pem_x509_certificate(path.read_bytes())
     sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     present = {str(name.value) for name in sans}
-    # TLS-6.6-RENEW: due from two thirds of its life, as a client's (LIFE-7.1).
+    # TLS-6.12-RENEW: due from two thirds of its life, as a client's (LIFE-7.1).
     not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
     return set(names) <= present and now < not_before + (not_after - not_before) * 2 / 3
 
@@ -1244,7 +1244,7 @@ def _issue_server_certificate(authority: ca_module.CA, data: Path, names: list[s
 
 
 class ServerCertificate:
-    """The HTTPS server's own certificate, renewed from the CA at two thirds of its life (TLS-6.6-RENEW).
+    """The HTTPS server's own certificate, renewed from the CA at two thirds of its life (TLS-6.12-RENEW).
 
     A timer calls ``refresh``; the new certificate is loaded into the live
     ``SSLContext`` (``load_cert_chain``), so the next connections get it
@@ -1412,7 +1412,7 @@ def manage_admins(config: Config) -> str:
 
 
 def flag_range(dest: str) -> tuple[float, float]:
-    """The least and the most the flag ``dest`` may be, in its unit (STORE-6.9-SETTINGS)."""
+    """The least and the most the flag ``dest`` may be, in its unit (STORE-6.10-SETTINGS)."""
     if dest not in SETTING_FLAGS:
         return SERVER_RANGES[dest]
     field_name, unit = SETTING_FLAGS[dest]

@@ -128,7 +128,7 @@ def test_a_ca_key_that_is_not_its_certificates_stops_the_server(tmp_path: Path, 
 def test_a_second_server_on_the_same_folder_stops_naming_the_holder(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Proves STORE-6.6-ONE-SERVER (issue 23 item 1): the folder is held for the server's life, and then let go."""
+    """Proves STORE-6.7-ONE-SERVER (issue 23 item 1): the folder is held for the server's life, and then let go."""
     with serve(tmp_path) as running:
         assert (tmp_path / "server.lock").read_text() == f"{os.getpid()}\n"
         before = sorted(path.name for path in tmp_path.iterdir())
@@ -158,7 +158,7 @@ def issue_one_certificate(folder: Path) -> None:
 def test_a_folder_that_lost_its_ca_key_stops_the_start(
     tmp_path: Path, capsys: pytest.CaptureFixture, lost: tuple[str, ...]
 ) -> None:
-    """Proves STORE-6.7-CA-KEPT (issue 23 item 2): a CA that signed certificates is never replaced in silence."""
+    """Proves STORE-6.8-CA-KEPT (issue 23 item 2): a CA that signed certificates is never replaced in silence."""
     issue_one_certificate(tmp_path)
     kept = (tmp_path / "ca.pem").read_bytes()
     for name in lost:
@@ -177,7 +177,7 @@ def test_a_folder_that_lost_its_ca_key_stops_the_start(
 
 
 def test_an_unreadable_ca_key_stops_the_start(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Proves STORE-6.7-CA-KEPT (issue 23 item 2): a key cut short is named, not replaced."""
+    """Proves STORE-6.8-CA-KEPT (issue 23 item 2): a key cut short is named, not replaced."""
     issue_one_certificate(tmp_path)
     (tmp_path / "ca.key").write_text("-----BEGIN PRIVATE KEY-----\nMIGH\n")
 
@@ -187,7 +187,7 @@ def test_an_unreadable_ca_key_stops_the_start(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_an_embedder_s_ca_without_its_key_is_not_replaced(tmp_path: Path) -> None:
-    """Proves STORE-6.7-CA-KEPT: ``ca.load_or_create`` refuses a certificate whose key is gone."""
+    """Proves STORE-6.8-CA-KEPT: ``ca.load_or_create`` refuses a certificate whose key is gone."""
     ca.CA.load_or_create(tmp_path, START)
     (tmp_path / "ca.key").unlink()
     kept = (tmp_path / "ca.pem").read_bytes()
@@ -222,7 +222,7 @@ def test_an_embedder_s_ca_without_its_key_is_not_replaced(tmp_path: Path) -> Non
 def test_a_setting_out_of_its_range_is_argparse_s_exit_2_naming_the_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str, limits: str
 ) -> None:
-    """Proves STORE-6.9-SETTINGS (issue 23 item 4): every number has a range, checked before anything is made."""
+    """Proves STORE-6.10-SETTINGS (issue 23 item 4): every number has a range, checked before anything is made."""
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stopped:
         patch.setattr(server.RegistryServer, "serve_forever", lambda *args: pytest.fail("the server started"))
         server.main(["--data-dir", str(tmp_path / "data"), "--port", "0", f"{flag}={value}"])
@@ -237,7 +237,7 @@ def test_a_setting_out_of_its_range_is_argparse_s_exit_2_naming_the_flag(
 
 
 def test_the_command_line_s_defaults_are_the_registry_s_settings() -> None:
-    """Proves STORE-6.9-SETTINGS: no default is written twice; the flags count in their own units."""
+    """Proves STORE-6.10-SETTINGS: no default is written twice; the flags count in their own units."""
     defaults = server.parse_args([])
     settings = registry.Settings()
 
@@ -266,7 +266,7 @@ def test_the_command_line_s_defaults_are_the_registry_s_settings() -> None:
     ],
 )
 def test_an_embedder_s_setting_out_of_its_range_is_refused(wrong: dict[str, object], named: str) -> None:
-    """Proves STORE-6.9-SETTINGS: ``registry.Settings`` checks its own ranges, naming the setting."""
+    """Proves STORE-6.10-SETTINGS: ``registry.Settings`` checks its own ranges, naming the setting."""
     with pytest.raises(ValueError, match=f"^the setting {named} must "):
         registry.Settings(**wrong)
 
@@ -406,7 +406,7 @@ def test_a_backup_refuses_a_folder_that_exists(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cut_at", ["ca.pem", "ca.key", "admin-token"])
 def test_a_backup_cut_short_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_at: str) -> None:
-    """Proves STORE-6.8-BACKUP (issue 23 item 3): a copy interrupted at any file is never a data folder."""
+    """Proves STORE-6.9-BACKUP (issue 23 item 3): a copy interrupted at any file is never a data folder."""
     data, copy = tmp_path / "data", tmp_path / "copy"
     issue_one_certificate(data)
     (data / "admin-token").write_text(ADMIN_TOKEN + "\n")
@@ -425,7 +425,7 @@ def test_a_backup_cut_short_leaves_no_folder(tmp_path: Path, monkeypatch: pytest
 
 
 def test_a_backup_whose_key_is_not_its_certificate_s_is_refused(tmp_path: Path) -> None:
-    """Proves STORE-6.8-BACKUP: the copy is checked before it is kept; a mismatched pair is not a backup."""
+    """Proves STORE-6.9-BACKUP: the copy is checked before it is kept; a mismatched pair is not a backup."""
     data, copy = tmp_path / "data", tmp_path / "copy"
     issue_one_certificate(data)
     (tmp_path / "other").mkdir()
@@ -452,7 +452,7 @@ def backup_process(data: Path, copy: Path) -> subprocess.Popen:
 
 
 def test_a_backup_killed_at_any_moment_is_never_half_a_folder(tmp_path: Path) -> None:
-    """Proves STORE-6.8-BACKUP (issue 23 item 3) with real kills: the copy is there whole, or not at all."""
+    """Proves STORE-6.9-BACKUP (issue 23 item 3) with real kills: the copy is there whole, or not at all."""
     data = tmp_path / "data"
     issue_one_certificate(data)
     started = time.monotonic()
@@ -478,7 +478,7 @@ def test_a_backup_killed_at_any_moment_is_never_half_a_folder(tmp_path: Path) ->
 
 
 def test_a_second_server_process_names_the_first_s_pid(tmp_path: Path) -> None:
-    """Proves STORE-6.6-ONE-SERVER across processes; the kernel lets the folder go when its holder is killed."""
+    """Proves STORE-6.7-ONE-SERVER across processes; the kernel lets the folder go when its holder is killed."""
     command = [sys.executable, "server.py", "--http", "--data-dir", str(tmp_path), "--admin-token", ADMIN_TOKEN]
     first = subprocess.Popen([*command, "--port", "0"], cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -516,7 +516,7 @@ def served_certificate(instance: server.RegistryServer, folder: Path) -> x509.Ce
 
 
 def test_the_server_s_certificate_renews_itself_at_two_thirds_of_its_life(tmp_path: Path) -> None:
-    """Proves TLS-6.6-RENEW (issue 23 item 5): no restart; new connections get the new certificate."""
+    """Proves TLS-6.12-RENEW (issue 23 item 5): no restart; new connections get the new certificate."""
     clock = FakeClock()
     with serve(tmp_path, http=False, clock=clock) as instance:
         first = served_certificate(instance, tmp_path)

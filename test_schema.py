@@ -1,6 +1,6 @@
 """The database's schema is numbered, and every older version is upgraded in order (issue 23 item 6).
 
-STORE-6.10-SCHEMA: ``PRAGMA user_version`` says the version; a database of
+STORE-6.11-SCHEMA: ``PRAGMA user_version`` says the version; a database of
 the first schema (times as REAL seconds, a user's certificate kept beside
 it) is upgraded step by step, and one that no step can read is refused.
 """
@@ -93,7 +93,7 @@ def first_version_database(path: Path, authority: object) -> bytes:
 
 
 def test_a_database_of_the_first_schema_is_upgraded_and_serves_as_it_did(tmp_path: Path, authority: object) -> None:
-    """Proves STORE-6.10-SCHEMA: REAL seconds become microseconds, a user's certificate is recorded as issued."""
+    """Proves STORE-6.11-SCHEMA: REAL seconds become microseconds, a user's certificate is recorded as issued."""
     database = tmp_path / "registry.db"
     certificate_der = first_version_database(database, authority)
 
@@ -119,7 +119,7 @@ def test_a_database_of_the_first_schema_is_upgraded_and_serves_as_it_did(tmp_pat
 
 
 def test_a_new_database_is_made_at_the_current_version(tmp_path: Path) -> None:
-    """Proves STORE-6.10-SCHEMA."""
+    """Proves STORE-6.11-SCHEMA."""
     registry.Registry(str(tmp_path / "new.db"), clock=FakeClock(), settings=FAST).close()
 
     with contextlib.closing(sqlite3.connect(tmp_path / "new.db")) as made:
@@ -127,7 +127,7 @@ def test_a_new_database_is_made_at_the_current_version(tmp_path: Path) -> None:
 
 
 def test_a_database_of_a_newer_registry_stops_the_start(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Proves STORE-6.10-SCHEMA: a version this registry does not know is refused, with a message, and kept."""
+    """Proves STORE-6.11-SCHEMA: a version this registry does not know is refused, with a message, and kept."""
     registry.Registry(str(tmp_path / "registry.db"), clock=FakeClock(), settings=FAST).close()
     with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as newer:
         newer.execute(f"PRAGMA user_version = {registry.SCHEMA_VERSION + 1}")
