@@ -141,7 +141,10 @@ class CA:
         key_path, cert_path = folder / "ca.key", folder / "ca.pem"
         if key_path.exists():
             check_private(key_path)
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            try:
+                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                raise ValueError(f"{key_path} is not a readable PEM key: restore it from a backup") from None
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise ValueError(f"{key_path} is not an EC key")
             if not cert_path.exists():
@@ -150,6 +153,8 @@ class CA:
             if certificate.public_key() != key.public_key():
                 raise ValueError(f"{key_path} is not the key of {cert_path}: restore the pair from one backup")
             return cls(key, certificate, cert_days=cert_days)
+        if cert_path.exists():  # STORE-6.8-CA-KEPT: a CA that lost its key is never replaced in silence
+            raise FileNotFoundError(f"{key_path} is missing beside {cert_path}: restore the pair from one backup")
         # The key is written last: a CA is there only when its key is.
         ca = cls.create(now, cert_days=cert_days)
         cert_path.write_text(ca.certificate_pem)

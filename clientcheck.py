@@ -40,6 +40,12 @@ log = logging.getLogger("registry.clientcheck")
 
 # A client may be this early: clocks, schedulers and networks jitter.
 TOLERANCE = 0.25
+# The report is bounded, whatever clients send: the clients followed, the
+# findings kept for each (the rest are counted), and the length of a name
+# (a longer one is no username the registry takes, REG-2.3-USERNAME).
+MAX_CLIENTS = 10_000
+MAX_FINDINGS = 20
+MAX_NAME = 64
 # The statuses whose Retry-After a client must honour, and the range of seconds the check gives for each.
 RETRY_RANGES = {
     HTTPStatus.ACCEPTED: (1, 8),
@@ -80,6 +86,7 @@ class Watched:
     wait_until: float = 0.0  # when it may send again: the moment of the answer plus its Retry-After
     retry_after: int = 0
     findings: list[Finding] = field(default_factory=list)
+    more_findings: int = 0  # found beyond MAX_FINDINGS: counted, not kept
 
 
 class ClientCheck:
@@ -98,6 +105,7 @@ class ClientCheck:
         self._began = clock()
         self._clients: dict[str, Watched] = {}
         self._varied = {"busy": 0, "lost": 0}  # how often each variation was made
+        self._unfollowed = 0  # registrations of clients beyond MAX_CLIENTS
         self._lock = threading.Lock()
 
     def arrive(self, username: str | None, address: str) -> tuple[HTTPStatus, int] | None:
@@ -150,16 +158,23 @@ class ClientCheck:
                     "address": client.address,
                     "requests": client.requests,
                     "findings": [finding.to_json() for finding in client.findings],
+                    "moreFindings": client.more_findings,
                 }
                 for client in sorted(self._clients.values(), key=lambda client: client.username)
             ]
-            varied = dict(self._varied)
-        return {"clean": not any(client["findings"] for client in clients), "clients": clients, "varied": varied}
+            varied, unfollowed = dict(self._varied), self._unfollowed
+        clean = not any(client["findings"] for client in clients)
+        return {"clean": clean, "clients": clients, "varied": varied, "unfollowed": unfollowed}
 
     def _client(self, username: str | None, address: str) -> Watched | None:
-        if username is None:  # a body with no username: nothing to follow
+        if username is None or len(username) > MAX_NAME:  # a body with no username: nothing to follow
             return None
-        client = self._clients.setdefault(username, Watched(username))
+        client = self._clients.get(username)
+        if client is None:
+            if len(self._clients) >= MAX_CLIENTS:
+                self._unfollowed += 1
+                return None
+            client = self._clients[username] = Watched(username)
         client.address = address
         return client
 
@@ -167,6 +182,9 @@ class ClientCheck:
         client.told, client.retry_after, client.wait_until = status, retry_after, now + retry_after
 
     def _find(self, client: Watched, rule: str, message: str) -> None:
+        if len(client.findings) >= MAX_FINDINGS:
+            client.more_findings += 1
+            return
         finding = Finding(self._clock() - self._began, rule, message)
         client.findings.append(finding)
         log.warning("client %s at %s %s (%s)", client.username, client.address, message, rule)

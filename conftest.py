@@ -36,7 +36,7 @@ START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 # scrypt at its real cost takes tens of milliseconds; the rules under test
 # are the same at n = 16.
 FAST = registry.Settings(scrypt_n=16)
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # ADMIN-4.1-TOKEN: 32 characters or more
 
 
 class FakeClock:

@@ -222,6 +222,7 @@ SCHEMAS: dict[str, Schema] = {
             "pollCount": {"type": "integer", "minimum": 0},
             "clientAddress": MAYBE_TEXT,
             "decidedAt": MAYBE_TIME,
+            "decidedBy": {**MAYBE_TEXT, "description": "The administrator who approved or denied it"},
             "reason": MAYBE_TEXT,
             "granted": {
                 "oneOf": [_closed({"roles": ROLES, "permissions": PERMISSIONS}), {"type": "null"}],
@@ -255,7 +256,10 @@ SCHEMAS: dict[str, Schema] = {
         {
             "id": {"type": "integer"},
             "at": TIME,
-            "actor": {"type": "string", "description": "'administrator', or the client's username"},
+            "actor": {
+                "type": "string",
+                "description": "The administrator by name ('admin': the quick start's token), or the client's username",
+            },
             "address": MAYBE_TEXT,
             "action": {"type": "string", "description": "request, unlock, lock, approve, deny, forget, remove user"},
             "username": MAYBE_TEXT,
@@ -292,9 +296,16 @@ SCHEMAS: dict[str, Schema] = {
                                     "message": TEXT,
                                 }
                             ),
+                            "description": "The first findings, 20 at most",
                         },
+                        "moreFindings": {"type": "integer", "minimum": 0, "description": "Findings beyond those"},
                     }
                 ),
+            },
+            "unfollowed": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Registrations of clients beyond the 10,000 the report follows",
             },
         },
         description="SPEC section 9: what each client did wrong, under --test-clients",

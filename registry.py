@@ -624,6 +624,40 @@ class Settings:
     # choice of the RFC's authors; tests lower it to stay fast.
     scrypt_n: int = 2**14
 
+    def __post_init__(self) -> None:
+        """STORE-6.10-SETTINGS: refuse a setting outside its range, naming it and the range."""
+        for name, (least, most) in SETTING_RANGES.items():
+            value = getattr(self, name)
+            if not least <= value <= most:
+                raise ValueError(f"the setting {name} must be from {least} to {most}, not {value}")
+        if self.scrypt_n & (self.scrypt_n - 1):  # RFC 7914 section 2: N is a power of two
+            raise ValueError(f"the setting scrypt_n must be a power of two, not {self.scrypt_n}")
+        if self.unlock_duration > self.max_unlock_duration:
+            raise ValueError("the setting unlock_duration must not be longer than max_unlock_duration")
+
+
+# STORE-6.10-SETTINGS: the least and the most each setting may be. A window
+# of zero would make every answer wrong in its own way (an unlock that
+# stays locked, requests that vanish, a CRL already stale), and a huge one
+# overflows a date.
+SETTING_RANGES: dict[str, tuple[Any, Any]] = {
+    "unlock_duration": (timedelta(seconds=30), timedelta(days=1)),
+    "max_unlock_duration": (timedelta(minutes=1), timedelta(days=30)),
+    "retention": (timedelta(hours=1), timedelta(days=365)),
+    "retry_after_pending": (1, 3600),
+    "retry_after_locked": (1, 3600),
+    "max_pending": (1, 10_000_000),
+    "rate_limit": (0, 100_000),
+    "max_auth_failures": (1, 1000),
+    "max_auth_failures_per_username": (1, 1_000_000),
+    "auth_failure_window": (timedelta(seconds=1), timedelta(days=1)),
+    "known_address_period": (timedelta(0), timedelta(days=365)),
+    "max_throttle_entries": (100, 10_000_000),
+    "retry_after_unavailable": (1, 3600),
+    "crl_validity": (timedelta(days=1), timedelta(days=365)),
+    "scrypt_n": (2, 2**20),
+}
+
 
 @dataclass(frozen=True)
 class LockWindow:
@@ -1018,7 +1052,32 @@ def _datetime(micros: int) -> datetime:
 # 2. The store: the SQLite schema, and each read and write of the registry
 # =============================================================================
 
-SCHEMA = """
+USERS_TABLE = """
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY REFERENCES requests (username),
+    method TEXT NOT NULL,
+    password_hash TEXT,
+    granted TEXT NOT NULL,
+    serial TEXT,
+    not_after INTEGER,
+    created_at INTEGER NOT NULL
+);
+"""
+CERTIFICATES_TABLE = """
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    key_sha256 TEXT NOT NULL,
+    certificate TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    renewed_from TEXT,
+    revoked_at INTEGER,
+    reason TEXT
+);
+"""
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT
@@ -1039,32 +1098,13 @@ CREATE TABLE IF NOT EXISTS requests (
     poll_count INTEGER NOT NULL DEFAULT 0,
     decided_at INTEGER,
     reason TEXT,
-    collected_at INTEGER
+    collected_at INTEGER,
+    decided_by TEXT,
+    via TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_age ON requests (state, created_at);
-CREATE TABLE IF NOT EXISTS users (
-    username TEXT PRIMARY KEY REFERENCES requests (username),
-    method TEXT NOT NULL,
-    password_hash TEXT,
-    granted TEXT NOT NULL,
-    certificate TEXT,
-    certificate_sha256 TEXT UNIQUE,
-    serial TEXT,
-    not_after INTEGER,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS certificates (
-    serial TEXT PRIMARY KEY,
-    username TEXT NOT NULL,
-    sha256 TEXT NOT NULL UNIQUE,
-    key_sha256 TEXT NOT NULL,
-    certificate TEXT NOT NULL,
-    not_before INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    renewed_from TEXT,
-    revoked_at INTEGER,
-    reason TEXT
-);
+{USERS_TABLE}
+{CERTIFICATES_TABLE}
 CREATE INDEX IF NOT EXISTS certificates_by_user ON certificates (username);
 CREATE TABLE IF NOT EXISTS crl (
     number INTEGER PRIMARY KEY,
@@ -1085,7 +1125,7 @@ CREATE TABLE IF NOT EXISTS audit (
 # What the administrator's listings show: no hash, no key, no certificate.
 REQUEST_COLUMNS = (
     "requests.username, state, pairing_id, requests.method, requested, context, requests.created_at, last_poll_at,"
-    " poll_count, client_address, decided_at, reason, collected_at, users.granted, via"
+    " poll_count, client_address, decided_at, decided_by, reason, collected_at, users.granted, via"
 )
 USER_COLUMNS = "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before"
 
@@ -1113,14 +1153,7 @@ class Store:
         # 40 MB) makes that cost a tenth as often.
         self._db.execute("PRAGMA wal_autocheckpoint=10000")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        # Columns added since the first version of the schema.
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
-        if "collected_at" not in columns:
-            self._db.execute("ALTER TABLE requests ADD COLUMN collected_at INTEGER")
-        # SPEC section 10: how a request came, "api" or "est" (NULL in rows stored before EST: "api").
-        if "via" not in columns:
-            self._db.execute("ALTER TABLE requests ADD COLUMN via TEXT")
+        self._upgrade()
 
     def close(self) -> None:
         self._db.close()
@@ -1176,10 +1209,12 @@ class Store:
         self._db.execute("DELETE FROM requests WHERE username = ?", (columns["username"],))
         self._insert("requests", columns)
 
-    def set_state(self, username: str, state: State, decided_at: int, reason: str | None = None) -> None:
+    def set_state(
+        self, username: str, state: State, decided_at: int, reason: str | None = None, decided_by: str | None = None
+    ) -> None:
         self._db.execute(
-            "UPDATE requests SET state = ?, decided_at = ?, reason = ? WHERE username = ?",
-            (state.value, decided_at, reason, username),
+            "UPDATE requests SET state = ?, decided_at = ?, reason = ?, decided_by = ? WHERE username = ?",
+            (state.value, decided_at, reason, decided_by, username),
         )
 
     def delete_request(self, username: str) -> None:
@@ -1223,9 +1258,6 @@ class Store:
         query = "SELECT username, method, granted, password_hash FROM users ORDER BY username"
         return self._db.execute(query).fetchall()
 
-    def user_by_certificate(self, certificate_sha256: str) -> sqlite3.Row | None:
-        return self._db.execute("SELECT * FROM users WHERE certificate_sha256 = ?", (certificate_sha256,)).fetchone()
-
     def users(self) -> list[sqlite3.Row]:
         """Every user, by name, with its current certificate's validity."""
         return self._db.execute(
@@ -1236,14 +1268,8 @@ class Store:
     def set_current_certificate(self, username: str, certificate: Mapping[str, Any]) -> None:
         """Make ``certificate`` (a row of ``certificates``) the user's current one, and its key the user's."""
         self._db.execute(
-            "UPDATE users SET certificate = ?, certificate_sha256 = ?, serial = ?, not_after = ? WHERE username = ?",
-            (
-                certificate["certificate"],
-                certificate["sha256"],
-                certificate["serial"],
-                certificate["not_after"],
-                username,
-            ),
+            "UPDATE users SET serial = ?, not_after = ? WHERE username = ?",
+            (certificate["serial"], certificate["not_after"], username),
         )
         self._db.execute("UPDATE requests SET key_sha256 = ? WHERE username = ?", (certificate["key_sha256"], username))
 
@@ -1352,27 +1378,147 @@ class Store:
                         "UPDATE requests SET public_key = ? WHERE username = ?", (info.public_key, row["username"])
                     )
 
-    def record_issued_certificates(self, skew: int) -> None:
-        """Upgrade a database whose users' certificates were kept only beside the users: record each.
+    def _upgrade(self) -> None:
+        """Bring the database to ``SCHEMA_VERSION`` by the steps of ``UPGRADES``, in order; refuse one it cannot.
 
-        Their notBefore was not kept: it was the approval's moment less the
-        CA's clock skew (``skew`` microseconds).
+        STORE-6.11-SCHEMA: ``PRAGMA user_version`` numbers the schema. A new
+        database is made at the current version; a database of the versions
+        before the numbering (0) takes every step, each of which looks at
+        what is there.
         """
-        with self.transaction():
-            self._db.execute(
-                "INSERT INTO certificates (serial, username, sha256, key_sha256, certificate, not_before, not_after)"
-                " SELECT users.serial, users.username, users.certificate_sha256, requests.key_sha256,"
-                " users.certificate, users.created_at - ?, users.not_after"
-                " FROM users JOIN requests ON requests.username = users.username"
-                " WHERE users.serial IS NOT NULL"
-                " AND users.serial NOT IN (SELECT serial FROM certificates)",
-                (skew,),
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database is of schema version {version}, made by a newer registry; this one knows"
+                f" {SCHEMA_VERSION} at most: run the newer registry, or restore a backup of this version"
             )
+        if tables and "requests" not in tables:
+            raise SchemaError(f"the database holds tables of no registry ({', '.join(sorted(tables))})")
+        if not tables:
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        # A table is rebuilt by dropping the old one, which a foreign key
+        # may name: the keys are checked once the step is done
+        # (https://www.sqlite.org/lang_altertable.html#otheralter, step 1).
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        for number, step in enumerate(UPGRADES[version:], start=version + 1):
+            with self.transaction():
+                step(self._db)
+                if self._db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                    raise SchemaError(f"upgrading the database to version {number} broke a reference: restore a backup")
+                self._db.execute(f"PRAGMA user_version = {number}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)  # the indexes a rebuilt table lost
 
     def _insert(self, table: str, columns: Mapping[str, object]) -> None:
         names = ", ".join(columns)
         marks = ", ".join("?" * len(columns))
         self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(columns.values()))
+
+
+class SchemaError(ValueError):
+    """A database this registry cannot read or upgrade (STORE-6.11-SCHEMA)."""
+
+
+def _columns(db: sqlite3.Connection, table: str) -> dict[str, str]:
+    """A table's columns and their declared types; empty when there is no such table."""
+    return {row[1]: row[2] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _rebuild(db: sqlite3.Connection, table: str, definition: str, values: Mapping[str, str]) -> None:
+    """Make ``table`` anew as ``definition`` (its columns: the SQL expressions of ``values`` over the old rows).
+
+    SQLite cannot change a column's type or drop a UNIQUE column in place
+    (https://www.sqlite.org/lang_altertable.html#otheralter): a new table is
+    filled from the old, which is dropped, and the new one takes its name.
+    """
+    db.execute(
+        re.sub(rf"^CREATE TABLE (IF NOT EXISTS )?{table} ", f"CREATE TABLE {table}_upgraded ", definition.strip())
+    )
+    names = ", ".join(values)
+    db.execute(f"INSERT INTO {table}_upgraded ({names}) SELECT {', '.join(values.values())} FROM {table}")
+    db.execute(f"DROP TABLE {table}")
+    db.execute(f"ALTER TABLE {table}_upgraded RENAME TO {table}")
+
+
+def _micros_of(column: str) -> str:
+    return f"CAST(round({column} * 1000000) AS INTEGER)"
+
+
+def _times_in_microseconds(db: sqlite3.Connection) -> None:
+    """Version 1: the first schema kept times as REAL seconds; every time is whole microseconds since."""
+    times = {
+        "requests": ("created_at", "last_poll_at", "decided_at"),
+        "users": ("not_after", "created_at"),
+        "audit": ("at",),
+    }
+    for table, columns in times.items():
+        declared = _columns(db, table)
+        if not any(declared.get(column) == "REAL" for column in columns):
+            continue
+        definition = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+        definition = re.sub(r"\bREAL\b", "INTEGER", re.sub(r"\s+", " ", definition))
+        values = {name: _micros_of(name) if name in columns else name for name in declared}
+        _rebuild(db, table, definition, values)
+    row = db.execute("SELECT value FROM meta WHERE key = 'unlocked_until'").fetchone() if _columns(db, "meta") else None
+    if row is not None and row[0] is not None and "." in row[0]:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'unlocked_until'", (str(round(float(row[0]) * SECOND)),))
+
+
+def _add_column(table: str, column: str, declaration: str) -> Callable[[sqlite3.Connection], None]:
+    """A step that adds a column the schema gained, unless it is there."""
+
+    def add(db: sqlite3.Connection) -> None:
+        if column not in _columns(db, table):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    add.__doc__ = f"Add {table}.{column}."
+    return add
+
+
+def _record_issued_certificates(db: sqlite3.Connection) -> None:
+    """Version 4: users' certificates were kept beside the users only; each is recorded as issued.
+
+    Their notBefore was not kept: it was the approval's moment less the
+    CA's clock skew then, five minutes.
+    """
+    db.execute(CERTIFICATES_TABLE)
+    if "certificate_sha256" not in _columns(db, "users"):
+        return
+    db.execute(
+        "INSERT INTO certificates (serial, username, sha256, key_sha256, certificate, not_before, not_after)"
+        " SELECT users.serial, users.username, users.certificate_sha256, requests.key_sha256,"
+        " users.certificate, users.created_at - ?, users.not_after"
+        " FROM users JOIN requests ON requests.username = users.username"
+        " WHERE users.serial IS NOT NULL"
+        " AND users.serial NOT IN (SELECT serial FROM certificates)",
+        (SKEW_OF_OLD_CERTIFICATES,),
+    )
+
+
+def _drop_unread_user_columns(db: sqlite3.Connection) -> None:
+    """Version 5: a user's certificate is the row of ``certificates`` its serial names; the copies go."""
+    declared = _columns(db, "users")
+    if "certificate" not in declared and "certificate_sha256" not in declared:
+        return
+    kept = {name: name for name in declared if name not in ("certificate", "certificate_sha256")}
+    _rebuild(db, "users", USERS_TABLE, kept)
+
+
+# STORE-6.11-SCHEMA: the steps from each version to the next, in order; the
+# schema's version is the number of steps taken. A step may only be added.
+UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _times_in_microseconds,
+    _add_column("requests", "collected_at", "INTEGER"),
+    _add_column("requests", "public_key", "BLOB"),
+    _record_issued_certificates,
+    _drop_unread_user_columns,
+    _add_column("requests", "decided_by", "TEXT"),
+    _add_column("requests", "via", "TEXT"),  # EST-10.4-VIA: how a request came; NULL in older rows reads "api"
+)
+SCHEMA_VERSION = len(UPGRADES)
 
 
 def _user_json(user: Mapping[str, Any], now: int) -> dict[str, Any]:
@@ -1410,6 +1556,7 @@ def _request_json(row: sqlite3.Row) -> dict[str, Any]:
         "pollCount": row["poll_count"],
         "clientAddress": row["client_address"],
         "decidedAt": _iso(row["decided_at"]) if row["decided_at"] else None,
+        "decidedBy": row["decided_by"],  # the administrator who approved or denied it
         "reason": row["reason"],
         # What was granted, and when the client first fetched it (approved requests).
         "granted": json.loads(row["granted"]) if row["granted"] else None,
@@ -1605,7 +1752,6 @@ class Registry:
         self._crl_lock = threading.Lock()
         self._storage_logged_at = -MINUTE
         self._store.keep_verified_keys(self._inspect_text if ca else None)
-        self._store.record_issued_certificates(SKEW_OF_OLD_CERTIFICATES)
         self.refresh_crl()
 
     def close(self) -> None:
@@ -1908,10 +2054,13 @@ class Registry:
         """Every stored request, oldest first."""
         now = self._now()
         with self._lock:
-            with self._writing():
+            # STORE-6.2-FULL-DISK: the purge is housekeeping; on a full disk
+            # it waits, and the administrator can still read.
+            with contextlib.suppress(StorageUnavailable), self._writing():
                 self._store.purge(self._cutoff(now))
             rows = self._store.requests()
-        return [_request_json(row) for row in rows]
+        cutoff = self._cutoff(now)  # what a skipped purge left is not shown
+        return [_request_json(row) for row in rows if not expired(State(row["state"]), row, cutoff)]
 
     def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
         """Approve a pending request, granting the body's rights or the requested ones; sign its CSR's key.
@@ -1942,8 +2091,6 @@ class Registry:
                 "method": row["method"],
                 "password_hash": row["password_hash"],
                 "granted": rights,
-                "certificate": certificate and certificate["certificate"],
-                "certificate_sha256": certificate and certificate["sha256"],
                 "serial": certificate and certificate["serial"],
                 "not_after": certificate and certificate["not_after"],
                 "created_at": now,
@@ -1952,7 +2099,7 @@ class Registry:
             if certificate:
                 details["serial"] = certificate["serial"]
             with self._writing():
-                self._store.set_state(username, state, now)
+                self._store.set_state(username, state, now, decided_by=actor)  # ADMIN-4.9-ATTRIBUTED
                 self._store.add_user(**user)
                 if certificate:
                     self._store.add_certificate(**certificate)
@@ -1988,7 +2135,7 @@ class Registry:
         with self._lock:
             _, state = self._decidable(username, Event.DENY, now)
             with self._writing():
-                self._store.set_state(username, state, now, reason)
+                self._store.set_state(username, state, now, reason, decided_by=actor)
                 self._audit(now, actor, address, "deny", username, {"reason": reason})
             return _request_json(self._store.requests(username)[0])
 

@@ -19,7 +19,7 @@ import dataclasses
 import email.utils
 import functools
 import hashlib
-import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -44,9 +44,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import admins as admins_module
 import broker as broker_module
 import ca as ca_module
 import clientcheck
+import datafolder
 import est
 import fastpath
 import files
@@ -60,6 +62,7 @@ access_logger = logging.getLogger("registry.access")
 JSON, PEM, PKIX_CRL = openapi.JSON, openapi.PEM, openapi.PKIX_CRL  # the media types, as the document names them
 TEST_UNLOCK = timedelta(seconds=30)  # the longest unlock window under --test-clients
 CRL_CHECK_SECONDS = 60.0  # how often the server asks whether the CRL is due to be signed again
+SERVER_CERTIFICATE_CHECK_SECONDS = 3600.0  # how often it asks whether its own certificate is due
 STATIC = Path(__file__).with_name("static")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
 # The page runs only its own script and style, and no one may frame it.
@@ -105,9 +108,48 @@ TLS12_CIPHERS = ":".join(
 )
 
 
+SETTINGS = registry.Settings()  # the registry's defaults: the command line's, in its units
+MINUTE, HOUR, DAY = timedelta(minutes=1), timedelta(hours=1), timedelta(days=1)
+# STORE-6.10-SETTINGS: a flag that sets a registry setting, and the unit its
+# number counts in; the setting's default and range are registry.py's.
+SETTING_FLAGS: dict[str, tuple[str, timedelta | None]] = {
+    "unlock_minutes": ("unlock_duration", MINUTE),
+    "retention_hours": ("retention", HOUR),
+    "crl_days": ("crl_validity", DAY),
+    "retry_after": ("retry_after_pending", None),
+    "retry_after_locked": ("retry_after_locked", None),
+    "rate_limit": ("rate_limit", None),
+    "max_pending": ("max_pending", None),
+}
+# The server's own numbers: the least and the most each may be.
+SERVER_RANGES: dict[str, tuple[float, float]] = {
+    "port": (0, 65535),
+    "cert_days": (1, 3650),  # within the CA's ten years
+    "max_body": (1024, 16 << 20),  # a CSR of a 4096-bit RSA key is under 2 KiB
+    "timeout": (0.1, 3600),
+    "max_connections": (1, 65536),
+    "max_connections_per_address": (1, 65536),
+}
+
+
+def _setting(flag: str) -> Any:
+    """The registry's default of the setting behind ``flag``, in the flag's unit."""
+    field_name, unit = SETTING_FLAGS[flag]
+    value = getattr(SETTINGS, field_name)
+    return _whole(value / unit) if unit else value
+
+
+def _whole(number: float) -> float:
+    """5.0 as 5: how a person writes it."""
+    return int(number) if float(number).is_integer() else number
+
+
 @dataclass(frozen=True)
 class Config:
-    """The server's settings: each is a command-line flag but ``scrypt_n`` (tests lower it) and ``token_source``."""
+    """The server's settings: each is a command-line flag but ``scrypt_n`` (tests lower it) and ``token_source``.
+
+    A number that is a registry setting takes its default from ``registry.Settings``.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8443
@@ -116,24 +158,29 @@ class Config:
     server_names: tuple[str, ...] = ()
     admin_token: str | None = None
     token_source: str = ""  # where a given token came from: "--admin-token" or "$REGISTRY_ADMIN_TOKEN"
-    unlock_minutes: float = 5
-    retry_after: int = 5
-    retry_after_locked: int = 30
+    unlock_minutes: float = _setting("unlock_minutes")
+    retry_after: int = _setting("retry_after")
+    retry_after_locked: int = _setting("retry_after_locked")
     cert_days: int = 365
-    crl_days: float = 7
+    crl_days: float = _setting("crl_days")
     roles: Path | None = None
     max_body: int = 64 * 1024
-    retention_hours: float = 24
+    retention_hours: float = _setting("retention_hours")
     timeout: float = 10
     max_connections: int = 256
     max_connections_per_address: int = 32
-    rate_limit: int = 0
-    max_pending: int = 100_000
+    rate_limit: int = _setting("rate_limit")
+    max_pending: int = _setting("max_pending")
     log_level: str = "INFO"
-    scrypt_n: int = 2**14
+    scrypt_n: int = SETTINGS.scrypt_n
     fast_http: bool = True
     fast_path: bool = True  # fastpath.FastRegistry; False: the reference registry.Registry
     backup: Path | None = None  # --backup DEST: copy the data folder there instead of serving
+    # --forwarded-allow: the proxies whose X-Forwarded-For names the client (HTTP-8.6-FORWARDED)
+    forwarded_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    add_admin: str | None = None  # --add-admin NAME: a new administrator, its token printed once
+    remove_admin: str | None = None
+    list_admins: bool = False
     test_clients: bool = False  # vary the answers to registrations and report what clients do wrong
     # SPEC section 11: the MQTT broker kept equal to the users (mqtt:// or mqtts://), its CA, its admin's file.
     mosquitto: str | None = None
@@ -152,6 +199,7 @@ class Request:
     body: bytes = b""
     client_address: str = ""
     peer_certificate: bytes | None = None
+    administrator: str = ""  # who the token is, once checked (ADMIN-4.9-ATTRIBUTED)
 
 
 @dataclass(frozen=True)
@@ -163,6 +211,7 @@ class Response:
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
     lost: bool = False  # --test-clients: close the connection instead of answering
+    administrator: str = ""  # the administrator who called, for the access log
 
     @classmethod
     def json(cls, status: HTTPStatus, data: object, headers: dict[str, str] | None = None) -> Response:
@@ -242,28 +291,34 @@ class App:
         check: clientcheck.ClientCheck | None = None,
         broker: broker_module.Reconciler | None = None,
         over_tls: bool = False,
+        administrators: admins_module.Administrators | None = None,
     ) -> None:
         self.core = core
         self.broker = broker  # --mosquitto: a broker.Reconciler, kicked after every change of a user
         self.est = est.Est(core, over_tls=over_tls)  # SPEC section 10, on the HTTPS listener only
         self.max_body = max_body
         self.check = check  # --test-clients: registrations varied, their clients watched
-        self._token = admin_token.encode()
+        # ``admin_token`` is the administrator ``admin``; the named ones come with ``administrators``.
+        self.administrators = administrators or admins_module.Administrators(None, admin_token)
         self._routes = [(route, route.regex) for route in ROUTES]
 
     def handle(self, request: Request) -> Response:
         """Answer one request; what goes wrong is answered by ``error_response``."""
+        administrator = ""
         try:
             if est.is_est(request.path):
                 return self._est(request)
             route, arguments = self._route(request)
             if route.access == "admin":
-                self._authorize(request)
+                administrator = self._authorize(request)
+                request = dataclasses.replace(request, administrator=administrator)
             if self.check is not None and route.handler == "register":
                 return self._checked_register(request)
-            return getattr(self, route.handler)(request, **arguments)
+            response = getattr(self, route.handler)(request, **arguments)
         except Exception as error:
-            return error_response(error, f"in {request.method} {request.path}")
+            response = error_response(error, f"in {request.method} {request.path}")
+        # ADMIN-4.9-ATTRIBUTED: the access log names the administrator, refused calls too.
+        return dataclasses.replace(response, administrator=administrator) if administrator else response
 
     def _route(self, request: Request) -> tuple[Route, dict[str, str]]:
         if request.method not in KNOWN_METHODS:
@@ -301,14 +356,18 @@ class App:
             return _est_response(est.refusal(error))
         return error_response(error)
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request) -> str:
+        """The administrator whose token the request carries (ADMIN-4.1-TOKEN); 401 for anyone else."""
         scheme, token = _credentials(request)
-        # Compare in constant time, so the token cannot be guessed byte by byte.
-        if scheme != "bearer" or not hmac.compare_digest(token.encode("latin-1"), self._token):
+        # Compared in constant time with every administrator's, so the token
+        # cannot be guessed byte by byte; an empty token never matches.
+        name = self.administrators.who(token) if scheme == "bearer" else None
+        if name is None:
             raise registry.Unauthorized(
                 "send the administrator token as 'Authorization: Bearer <token>'",
                 headers={"WWW-Authenticate": 'Bearer realm="client-registry"'},
             )
+        return name
 
     # --- Handlers: parse, call the core, serialize ------------------------
 
@@ -504,7 +563,8 @@ def _validated(request: Request, data: object) -> Response:
     """
     response = Response.json(HTTPStatus.OK, data)
     tag = f'"{hashlib.sha256(response.body).hexdigest()[:32]}"'
-    held = {candidate.strip() for candidate in request.headers.get("if-none-match", "").split(",")}
+    # Section 13.1.2: If-None-Match uses the weak comparison, W/"x" matches "x".
+    held = {candidate.strip().removeprefix("W/") for candidate in request.headers.get("if-none-match", "").split(",")}
     if tag in held or "*" in held:
         return Response(HTTPStatus.NOT_MODIFIED, b"", JSON, {"ETag": tag})
     return Response(response.status, response.body, JSON, {"ETag": tag})
@@ -530,7 +590,8 @@ def _is_number(text: str) -> bool:
 
 
 def _actor(request: Request) -> dict[str, str]:
-    return {"actor": registry.ADMIN, "address": request.client_address}
+    """ADMIN-4.9-ATTRIBUTED: an administrator's call is the named administrator's, in the audit and the listing."""
+    return {"actor": request.administrator or registry.ADMIN, "address": request.client_address}
 
 
 def _query_int(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -598,6 +659,7 @@ class Handler(BaseHTTPRequestHandler):
         if not self.raw_requestline:
             self.close_connection = True
             return
+        address = self.client_address[0]
         try:
             request = self._read_request()
         except registry.RegistryError as refusal:
@@ -607,6 +669,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.server.watchdog.arm(self.connection, None)  # the answer is ours to make
             response = self.server.app.handle(request)
+            address = request.client_address  # HTTP-8.6-FORWARDED: the client behind an allowed proxy
         if response.lost:
             self.close_connection = True
         else:
@@ -615,9 +678,8 @@ class Handler(BaseHTTPRequestHandler):
             elapsed = (time.perf_counter() - started) * 1000
             path = (self.path or "-").partition("?")[0]
             status = f"{response.status} lost" if response.lost else response.status
-            self.server.access_log.write(
-                f"{self.command or '-'} {path} {status} {elapsed:.1f}ms {self.client_address[0]}"
-            )
+            who = f" {response.administrator}" if response.administrator else ""  # ADMIN-4.9-ATTRIBUTED
+            self.server.access_log.write(f"{self.command or '-'} {path} {status} {elapsed:.1f}ms {address}{who}")
 
     def _read_request(self) -> Request:
         """The request, read whole: its head by ``parse_request``, its body by its Content-Length."""
@@ -645,7 +707,7 @@ class Handler(BaseHTTPRequestHandler):
             query=parse_qs(url.query, keep_blank_values=True) if url.query else {},
             headers=self.headers,
             body=body,
-            client_address=self.client_address[0],
+            client_address=forwarded_client(self.client_address[0], self.headers, self.server.config.forwarded_allow),
             peer_certificate=self.peer_certificate,
         )
 
@@ -928,6 +990,9 @@ class RegistryServer(ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
+    folder_lock: datafolder.FolderLock | None = None  # the data folder, held while it serves
+    server_certificate: ServerCertificate | None = None  # HTTPS: its own certificate, renewed by a timer
+    certificate_timer: Every | None = None
 
     def __init__(self, config: Config, app: App, tls: ssl.SSLContext | None) -> None:
         self.config = config
@@ -949,6 +1014,10 @@ class RegistryServer(ThreadingHTTPServer):
         self.crl_timer.stop()
         if self.app.broker is not None:
             self.app.broker.stop()
+        if self.certificate_timer is not None:
+            self.certificate_timer.stop()
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread a connection, no more threads than slots, and no more
@@ -1051,7 +1120,12 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     A mistake in the settings, a port in use or a damaged database stops it
     before anything is made, with ``OSError`` or ``ValueError`` saying which.
     """
+    check_server_ranges(config)
+    # A Config made in code may name its proxies as text: each is a network from here on.
+    proxies_allowed = tuple(ipaddress.ip_network(str(proxy), strict=False) for proxy in config.forwarded_allow)
+    config = dataclasses.replace(config, forwarded_allow=proxies_allowed)
     roles = load_roles(config.roles)
+    check_token(config)
     check_port(config.host, config.port)
     data = config.data_dir
     database = data / "registry.db"
@@ -1059,6 +1133,21 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
         check_database(database)
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)
+    folder_lock = datafolder.FolderLock(data)  # STORE-6.7-ONE-SERVER
+    try:
+        return _build(config, clock, roles, folder_lock)
+    except BaseException:
+        folder_lock.release()
+        raise
+
+
+def _build(
+    config: Config, clock: registry.Clock, roles: dict[str, str], folder_lock: datafolder.FolderLock
+) -> RegistryServer:
+    """``build`` within the data folder, which this server holds."""
+    data = config.data_dir
+    database = data / "registry.db"
+    datafolder.check_ca_kept(data)
     authority = ca_module.CA.load_or_create(data, clock(), cert_days=config.cert_days)
     if warning := authority.validity_warning(clock()):
         log.warning("%s", warning)  # LIFE-7.6-CA-EXPIRY
@@ -1082,19 +1171,31 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     reconciler = None
     if config.mosquitto:  # paho-mqtt is imported then, and only then
         reconciler = broker_module.serve(core, config.mosquitto, config.mosquitto_admin, config.mosquitto_cafile, clock)
+    administrators = admins_module.Administrators(data, admin_token(config))
     app = App(
-        core, admin_token(config), max_body=config.max_body, check=check, broker=reconciler, over_tls=not config.http
+        core,
+        admin_token(config),
+        max_body=config.max_body,
+        check=check,
+        broker=reconciler,
+        over_tls=not config.http,
+        administrators=administrators,
     )
-    tls = None if config.http else tls_context(authority, data, [config.host, *config.server_names], clock())
-    server = RegistryServer(config, app, tls)
+    names = server_names([config.host, *config.server_names])
+    tls = None if config.http else tls_context(authority, data, names, clock())
+    instance = RegistryServer(config, app, tls)
+    instance.folder_lock = folder_lock
+    if tls is not None:
+        instance.server_certificate = ServerCertificate(authority, data, names, clock, tls)
+        instance.certificate_timer = Every(SERVER_CERTIFICATE_CHECK_SECONDS, instance.server_certificate.refresh, "tls")
     if reconciler is not None:
         reconciler.start()
-    return server
+    return instance
 
 
 def admin_token(config: Config) -> str:
     """The token given, or the one kept in the data folder (made on first start)."""
-    if config.admin_token:
+    if config.admin_token is not None:
         return config.admin_token
     path = config.data_dir / "admin-token"
     if path.exists():
@@ -1103,6 +1204,20 @@ def admin_token(config: Config) -> str:
     token = secrets.token_urlsafe(32)
     files.write_private(path, token + "\n")
     return token
+
+
+def check_token(config: Config) -> None:
+    """ADMIN-4.1-TOKEN: refuse a token given or kept that is shorter than 32 characters, before anything is made."""
+    if config.admin_token is not None:
+        problem = admins_module.token_problem(config.admin_token, config.token_source or "the settings")
+    elif (config.data_dir / "admin-token").exists():
+        path = config.data_dir / "admin-token"
+        files.check_private(path)
+        problem = admins_module.token_problem(path.read_text().strip(), str(path))
+    else:
+        problem = None
+    if problem:
+        raise ValueError(problem)
 
 
 def check_port(host: str, port: int) -> None:
@@ -1130,34 +1245,6 @@ def check_database(path: Path) -> None:
         raise ValueError(f"{path} is damaged ({verdict}): restore it from a backup (--backup), or move it away")
 
 
-def backup(data: Path, destination: Path) -> None:
-    """Copy a registry's data folder to a new folder, consistently, while its server runs.
-
-    The database through SQLite's online backup API
-    (https://www.sqlite.org/backup.html); the CA's key and certificate, the
-    token and the server's certificate beside it, each readable by the owner
-    alone: the copy holds the CA's key, so it is as secret as the original.
-    """
-    database = data / "registry.db"
-    if not database.exists():
-        raise FileNotFoundError(f"{data} holds no registry: there is no {database}")
-    try:
-        destination.mkdir(mode=0o700)
-    except FileExistsError:
-        raise FileExistsError(f"{destination} exists: name a folder that does not, and it is made") from None
-    destination.chmod(0o700)
-    copy_path = destination / "registry.db"
-    copy_path.touch(mode=0o600)
-    with (
-        contextlib.closing(sqlite3.connect(database)) as source,
-        contextlib.closing(sqlite3.connect(copy_path)) as copy,
-    ):
-        source.backup(copy)
-    for name in ("ca.pem", "ca.key", "admin-token", "server.pem", "server.key"):
-        if (data / name).exists():
-            files.write_private(destination / name, (data / name).read_text())
-
-
 def load_roles(path: Path | None) -> dict[str, str]:
     """The role catalog: a JSON list of names, or an object of names to descriptions."""
     if path is None:
@@ -1176,11 +1263,9 @@ def load_roles(path: Path | None) -> dict[str, str]:
 def tls_context(authority: ca_module.CA, data: Path, names: list[str], now: datetime) -> ssl.SSLContext:
     """A server context with a certificate from the CA, asking for optional client certificates."""
     cert_path, key_path = data / "server.pem", data / "server.key"
-    names = [name for name in names if name not in ("0.0.0.0", "::", "")]
+    names = server_names(names)
     if not key_path.exists() or not _server_certificate_fits(cert_path, names, now):
-        credentials = authority.issue_server_certificate(now, names)
-        cert_path.write_text(credentials.certificate_pem)
-        files.write_private(key_path, credentials.key_pem)
+        _issue_server_certificate(authority, data, names, now)
     files.check_private(key_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -1200,7 +1285,49 @@ def _server_certificate_fits(path: Path, names: list[str], now: datetime) -> boo
     certificate = x509.load_pem_x509_certificate(path.read_bytes())
     sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     present = {str(name.value) for name in sans}
-    return set(names) <= present and certificate.not_valid_after_utc - now > timedelta(days=30)
+    # TLS-6.12-RENEW: due from two thirds of its life, as a client's (LIFE-7.1).
+    not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    return set(names) <= present and now < not_before + (not_after - not_before) * 2 / 3
+
+
+def server_names(names: list[str]) -> list[str]:
+    """The names the server's certificate must carry: its addresses but the wildcard ones."""
+    return [name for name in names if name not in ("0.0.0.0", "::", "")]
+
+
+def _issue_server_certificate(authority: ca_module.CA, data: Path, names: list[str], now: datetime) -> None:
+    credentials = authority.issue_server_certificate(now, names)
+    # The key first, then the certificate: a certificate on disk always has its key beside it.
+    files.write_private(data / "server.key.next", credentials.key_pem)
+    (data / "server.pem.next").write_text(credentials.certificate_pem)
+    os.replace(data / "server.key.next", data / "server.key")
+    os.replace(data / "server.pem.next", data / "server.pem")
+
+
+class ServerCertificate:
+    """The HTTPS server's own certificate, renewed from the CA at two thirds of its life (TLS-6.12-RENEW).
+
+    A timer calls ``refresh``; the new certificate is loaded into the live
+    ``SSLContext`` (``load_cert_chain``), so the next connections get it
+    with no restart, and the open ones keep theirs.
+    """
+
+    def __init__(
+        self, authority: ca_module.CA, data: Path, names: list[str], clock: registry.Clock, context: ssl.SSLContext
+    ) -> None:
+        self.authority, self.data, self.names, self.clock, self.context = authority, data, names, clock, context
+        self._lock = threading.Lock()
+
+    def refresh(self) -> bool:
+        """Renew the certificate when it is due; whether it was."""
+        now = self.clock()
+        with self._lock:
+            if _server_certificate_fits(self.data / "server.pem", self.names, now):
+                return False
+            _issue_server_certificate(self.authority, self.data, self.names, now)
+            self.context.load_cert_chain(self.data / "server.pem", self.data / "server.key")
+        log.info("renewed the server's certificate (%s)", self.data / "server.pem")
+        return True
 
 
 # A help that names %(default) gets no "(default: ...)" from ArgumentDefaultsHelpFormatter; this names it and
@@ -1238,6 +1365,25 @@ def parse_args(argv: list[str] | None = None) -> Config:
         metavar="DEST",
         help="copy the data folder to the new folder DEST while a server may run on it, then exit" + NO_DEFAULT_SHOWN,
     )
+    option(
+        "--forwarded-allow",
+        type=proxies,
+        default=(),
+        metavar="ADDR[,ADDR...]",
+        help="the reverse proxies (addresses or networks) whose X-Forwarded-For names the client: its last entry"
+        " is the client's address for the throttles and the access log" + NO_DEFAULT_SHOWN,
+    )
+    option(
+        "--add-admin",
+        metavar="NAME",
+        help="add the administrator NAME, print its new token once, and exit" + NO_DEFAULT_SHOWN,
+    )
+    option(
+        "--remove-admin",
+        metavar="NAME",
+        help="withdraw the token of the administrator NAME, and exit" + NO_DEFAULT_SHOWN,
+    )
+    option("--list-admins", action="store_true", help="list the administrators by name, and exit" + NO_DEFAULT_SHOWN)
     option("--unlock-minutes", type=float, default=d.unlock_minutes, help="the unlock window")
     option("--retry-after", type=int, default=d.retry_after, help="Retry-After seconds of a 202")
     option("--retry-after-locked", type=int, default=d.retry_after_locked, help="Retry-After seconds of a 423 or 503")
@@ -1308,13 +1454,105 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help='a 0600 JSON file {"username": ..., "password": ...}: the broker\'s dynamic-security administrator'
         + NO_DEFAULT_SHOWN,
     )
+    _check_ranges(parser)
     args = parser.parse_args(argv)
     args.server_names = tuple(args.server_names)
-    if args.admin_token:
+    # A token given empty is given, and refused at start (ADMIN-4.1-TOKEN).
+    if args.admin_token is not None:
         args.token_source = "--admin-token"
-    elif os.environ.get("REGISTRY_ADMIN_TOKEN"):
+    elif "REGISTRY_ADMIN_TOKEN" in os.environ:
         args.admin_token, args.token_source = os.environ["REGISTRY_ADMIN_TOKEN"], "$REGISTRY_ADMIN_TOKEN"
     return Config(**vars(args))
+
+
+def proxies(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """--forwarded-allow: addresses or networks, comma-separated (as nginx's set_real_ip_from)."""
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def forwarded_client(
+    peer: str, headers: Mapping[str, str], proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> str:
+    """The client's address: the last entry of X-Forwarded-For when the peer is an allowed proxy, else the peer.
+
+    HTTP-8.6-FORWARDED: only the last entry, the one the proxy itself
+    appended (nginx's $proxy_add_x_forwarded_for), is trusted; the entries
+    before it are whatever the client sent. A peer that is no allowed proxy
+    is the client, whatever its header says.
+    """
+    forwarded = headers.get("x-forwarded-for")
+    if not proxies or not forwarded:
+        return peer
+    try:
+        if not any(ipaddress.ip_address(peer) in network for network in proxies):
+            return peer
+        return str(ipaddress.ip_address(forwarded.rsplit(",", 1)[-1].strip()))
+    except ValueError:  # an entry that is no address: the proxy is the one known
+        return peer
+
+
+def manage_admins(config: Config) -> str:
+    """--add-admin, --remove-admin, --list-admins (ADMIN-4.9-ATTRIBUTED): what to print.
+
+    They change ``admins.json`` in the data folder, which a running server
+    reads again at its next administrator call.
+    """
+    data = config.data_dir
+    if config.add_admin:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        token = admins_module.add(data, config.add_admin)
+        return (
+            f"Administrator {config.add_admin}: {token}\n"
+            f"(shown once: {data / admins_module.FILE} keeps only its hash; --remove-admin {config.add_admin}"
+            " withdraws it)"
+        )
+    if config.remove_admin:
+        admins_module.remove(data, config.remove_admin)
+        return f"Administrator {config.remove_admin} removed: its token opens nothing from the next call on"
+    kept = "given at start" if config.admin_token is not None else f"kept in {data / 'admin-token'}"
+    return "\n".join([f"{admins_module.QUICK_START} (the token {kept})", *admins_module.names(data)])
+
+
+def flag_range(dest: str) -> tuple[float, float]:
+    """The least and the most the flag ``dest`` may be, in its unit (STORE-6.10-SETTINGS)."""
+    if dest not in SETTING_FLAGS:
+        return SERVER_RANGES[dest]
+    field_name, unit = SETTING_FLAGS[dest]
+    least, most = registry.SETTING_RANGES[field_name]
+    return (_whole(least / unit), _whole(most / unit)) if unit else (least, most)
+
+
+def _check_ranges(parser: argparse.ArgumentParser) -> None:
+    """Each numeric flag refuses a value outside its range (argparse's exit 2, naming the flag), and says the range."""
+    for action in parser._actions:
+        if action.dest in SETTING_FLAGS or action.dest in SERVER_RANGES:
+            least, most = flag_range(action.dest)
+            action.type = _ranged(action.type or float, least, most)
+            action.help = f"{action.help} ({_whole(least)} to {_whole(most)})"
+
+
+def _ranged(kind: Callable[[str], float], least: float, most: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' * (kind is int)}number") from None
+        if not least <= value <= most:  # NaN is in no range
+            raise argparse.ArgumentTypeError(f"{text} is outside its range, {_whole(least)} to {_whole(most)}")
+        return value
+
+    return parse
+
+
+def check_server_ranges(config: Config) -> None:
+    """A ``Config`` made in code meets the command line's ranges too (``registry.Settings`` checks its own)."""
+    for dest, (least, most) in SERVER_RANGES.items():
+        value = getattr(config, dest)
+        if not least <= value <= most:
+            raise ValueError(f"{dest} must be from {_whole(least)} to {_whole(most)}, not {value}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1323,25 +1561,31 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
     if config.backup:
         try:
-            backup(config.data_dir, config.backup)
-        except OSError as error:
+            datafolder.backup(config.data_dir, config.backup)
+        except (OSError, ValueError) as error:
             sys.exit(f"server.py: cannot back up: {error}")
         print(f"Backed up {config.data_dir} to {config.backup}; serve the copy with --data-dir {config.backup}")
         return
+    if config.add_admin or config.remove_admin or config.list_admins:
+        try:
+            print(manage_admins(config))
+        except (OSError, ValueError) as error:
+            sys.exit(f"server.py: {error}")
+        return
     kept = config.data_dir / "admin-token"
-    made_now = not config.admin_token and not kept.exists()
+    made_now = config.admin_token is None and not kept.exists()
     try:
         server = build(config)
     except (OSError, ValueError) as error:
         sys.exit(f"server.py: cannot start: {error}")
-    # Before anything is printed: a supervisor that read the first line may stop it at once.
+    # Before the first line: whoever reads it may stop the server at once.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"Client registry at {server.url}/api/client-registry (data in {config.data_dir})", flush=True)
     # The token is shown once, when it is made; a terminal's scrollback or a
     # service's journal should not collect a copy at every start.
     if made_now:
         print(f"Administrator token: {admin_token(config)} (kept in {kept})", flush=True)
-    elif not config.admin_token:
+    elif config.admin_token is None:
         print(f"The administrator token is kept in {kept}", flush=True)
     else:
         unused = f"; the one kept in {kept} is not used" if kept.exists() else ""

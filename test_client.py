@@ -38,7 +38,7 @@ import client
 from conftest import FakeClock, serve
 
 ROOT = Path(__file__).parent
-TOKEN = "test-admin-token"
+TOKEN = "test-admin-token-0123456789abcdef"
 WAIT = 15  # seconds any one expected event may take before the test fails
 
 

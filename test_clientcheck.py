@@ -56,8 +56,11 @@ def test_a_client_that_waits_its_retry_after_is_clean(ticks: Ticks) -> None:
 
     assert check.report() == {
         "clean": True,
-        "clients": [{"username": "sensor-0003", "address": "10.0.0.1", "requests": 5, "findings": []}],
+        "clients": [
+            {"username": "sensor-0003", "address": "10.0.0.1", "requests": 5, "findings": [], "moreFindings": 0}
+        ],
         "varied": {"busy": 0, "lost": 0},
+        "unfollowed": 0,
     }
 
 
@@ -115,6 +118,26 @@ def test_the_check_varies_retry_after_and_answers_busy_in_their_ranges(ticks: Ti
     assert all(1 <= seconds <= 5 for _, seconds in busy)
     assert 60 < len(busy) < 140
     assert waits == set(range(1, 9))  # Retry-After changes from answer to answer
+
+
+def test_the_report_is_bounded_whatever_clients_send(ticks: Ticks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23 item 6: names no registry takes are not followed, findings and clients are capped."""
+    monkeypatch.setattr(clientcheck, "MAX_CLIENTS", 3)
+    check = ClientCheck(CALM, seed=1, clock=ticks)
+    for number in range(300):
+        check.arrive(f"{number}-" + "x" * 60_000, "10.0.0.1")  # 60 KB usernames: 422 from the registry
+    for number in range(5):
+        check.answered(f"agent-{number}", "10.0.0.1", 409, "duplicate_request")
+    for _ in range(50):
+        check.answered("agent-0", "10.0.0.1", 409, "duplicate_request")
+
+    report = check.report()
+
+    assert [client["username"] for client in report["clients"]] == ["agent-0", "agent-1", "agent-2"]
+    assert report["unfollowed"] == 2
+    first = report["clients"][0]
+    assert (len(first["findings"]), first["moreFindings"]) == (clientcheck.MAX_FINDINGS, 51 - clientcheck.MAX_FINDINGS)
+    assert len(json.dumps(report)) < 10_000
 
 
 # --- A real server in the mode ----------------------------------------------------
@@ -219,3 +242,16 @@ def test_a_server_that_tests_no_clients_has_no_report(tmp_path: Path) -> None:
 def test_the_mode_unlocks_for_30_seconds_at_most(tmp_path: Path) -> None:
     with serve(tmp_path, test_clients=True) as instance:
         assert instance.app.core.settings.unlock_duration.total_seconds() == 30
+
+
+def test_a_deeply_nested_body_is_400_as_without_the_mode(tmp_path: Path) -> None:
+    """Issue 23 item 6: under --test-clients too, a body JSON cannot read (RecursionError) is the client's 400."""
+    with serve(tmp_path, test_clients=True) as instance:
+        instance.app.check = ClientCheck(CALM, seed=1)
+        connection = http.client.HTTPConnection(*instance.server_address[:2], timeout=10)
+        connection.request("POST", "/api/client-registry/register", b"[" * 50_000, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        connection.close()
+
+    assert (response.status, body["error"]) == (400, "malformed_request")

@@ -540,10 +540,10 @@ def test_over_https_cacerts_equals_the_ca_and_an_enrollment_is_a_registration(tm
 def test_over_https_a_body_over_the_limit_is_413_as_text_and_csrattrs_204_has_no_length(tmp_path: Path) -> None:
     """Proves EST-10.3-ERRORS (the HTTP reader's 413 too) and EST-10.7-CSRATTRS (RFC 9110 section 8.6)."""
     data = tmp_path / "data"
-    with https_server(tmp_path, max_body=1000) as instance:
-        status, headers, body = exchange(https(instance, data), "POST", "/.well-known/est/simpleenroll", b"A" * 1001)
-        assert (status, headers["Content-Type"]) == (413, est.TEXT) and b"1001 bytes" in body
-        status, headers, _ = exchange(https(instance, data), "POST", "/api/client-registry/register", b"A" * 1001)
+    with https_server(tmp_path, max_body=1024) as instance:
+        status, headers, body = exchange(https(instance, data), "POST", "/.well-known/est/simpleenroll", b"A" * 1025)
+        assert (status, headers["Content-Type"]) == (413, est.TEXT) and b"1025 bytes" in body
+        status, headers, _ = exchange(https(instance, data), "POST", "/api/client-registry/register", b"A" * 1025)
         assert (status, headers["Content-Type"]) == (413, "application/json")  # elsewhere, JSON as before
         status, headers, body = exchange(https(instance, data), "GET", "/.well-known/est/csrattrs")
         assert (status, body) == (204, b"")

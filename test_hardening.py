@@ -28,6 +28,7 @@ from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import admins
 import server
 from conftest import ADMIN_TOKEN, make_csr, make_key, serve
 
@@ -194,7 +195,12 @@ def test_killed_server_loses_nothing_it_answered(tmp_path: Path, server_process:
     with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM users GROUP BY username HAVING count(*) > 1").fetchall() == []
-        stored = dict(db.execute("SELECT username, certificate FROM users"))
+        stored = dict(
+            db.execute(
+                "SELECT users.username, certificates.certificate FROM users"
+                " JOIN certificates ON certificates.serial = users.serial"
+            )
+        )
     assert all(stored[name] == certificate for name, certificate in issued.items())
 
 
@@ -602,7 +608,8 @@ def test_the_server_refuses_a_key_others_can_read(tmp_path: Path) -> None:
         pass
     assert os.stat(tmp_path).st_mode & 0o777 == 0o700
     assert (tmp_path / "registry.db").stat().st_mode & 0o777 == 0o600
-    (tmp_path / "admin-token").write_text("a-token-kept-in-the-folder\n")
+    (tmp_path / "admin-token").write_text("a-token-kept-in-the-folder-0123456789\n")
+    (tmp_path / "admin-token").chmod(0o600)  # as the server keeps it
     for name in ("ca.key", "admin-token"):
         (tmp_path / name).chmod(0o644)
         result = subprocess.run(
@@ -649,16 +656,20 @@ def test_the_audit_trail_of_a_lifecycle(tmp_path: Path) -> None:
     assert approval["details"]["serial"] == approved["certificateSerial"]
     assert trail[3]["details"] == {"reason": "not ours"}
     assert {entry["address"] for entry in trail} == {"127.0.0.1"}
-    assert {entry["actor"] for entry in trail if entry["action"] != "request"} == {"administrator"}
+    assert {entry["actor"] for entry in trail if entry["action"] != "request"} == {"admin"}  # the quick start's token
     assert first_page["entries"] + second_page["entries"] == trail[:6]
 
 
 def test_the_administrator_token_is_compared_in_constant_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     compared = []
-    real = server.hmac.compare_digest
-    monkeypatch.setattr(server.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    real = admins.hmac.compare_digest
+    monkeypatch.setattr(admins.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
     guess = {"Authorization": "Bearer guess"}
     with serve(tmp_path) as srv:
         assert call(srv.server_address, "GET", "/api/client-registry", None, guess)[0] == 401
         assert call(srv.server_address, "GET", "/api/client-registry", None, ADMIN)[0] == 200
-    assert compared == [(b"guess", ADMIN_TOKEN.encode()), (ADMIN_TOKEN.encode(), ADMIN_TOKEN.encode())]
+
+    def digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).hexdigest().encode()
+
+    assert compared == [(digest("guess"), digest(ADMIN_TOKEN)), (digest(ADMIN_TOKEN), digest(ADMIN_TOKEN))]

@@ -19,7 +19,7 @@ import pytest
 
 import openapi
 import server
-from conftest import make_csr
+from conftest import ADMIN_TOKEN, make_csr
 
 DOCUMENT = openapi.document(server.ROUTES)
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -193,7 +193,7 @@ def test_the_checker_rejects_missing_and_undeclared_keys() -> None:
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[server.RegistryServer]:
     """The real server over plain HTTP on a free port, in a thread."""
-    srv = server.build(server.Config(port=0, http=True, data_dir=tmp_path, admin_token="t", scrypt_n=16))
+    srv = server.build(server.Config(port=0, http=True, data_dir=tmp_path, admin_token=ADMIN_TOKEN, scrypt_n=16))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -222,7 +222,7 @@ def test_the_server_serves_the_document(live: server.RegistryServer) -> None:
     assert json.loads(body) == openapi.document(server.ROUTES)
 
 
-ADMIN = {"Authorization": "Bearer t"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 REGISTER = "/api/client-registry/register"
 SENSOR = {"username": "sensor-0003", "password": "s3cret-pass", "roles": ["minimum"]}
 INTRUDER = {"username": "sensor-0004", "password": "another-pass"}

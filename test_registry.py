@@ -1409,6 +1409,23 @@ def test_a_full_disk_answers_503_to_new_requests_loses_nothing_and_recovers(open
     assert open_reg.approve("sensor-0001")["username"] == "sensor-0001"
 
 
+def test_the_listing_is_read_on_a_full_disk_its_purge_waits(open_reg, clock, monkeypatch):
+    """Proves STORE-6.2-FULL-DISK (issue 23 item 6): reading the requests writes nothing that must succeed."""
+    assert open_reg.register(password_request("sensor-0001")).status == 202
+    clock.advance(hours=23)
+    open_reg.unlock()
+    assert open_reg.register(password_request("sensor-0002")).status == 202
+    clock.advance(hours=2)  # sensor-0001 is past its retention, and due to be purged
+
+    def full(*args: object) -> None:
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise error
+
+    monkeypatch.setattr(registry.Store, "purge", full)
+    assert [request["username"] for request in open_reg.requests()] == ["sensor-0002"]
+
+
 def test_the_listing_shows_what_was_granted_and_whether_the_client_has_collected_it(open_reg, clock):
     """Issue 18: an approved row shows the granted rights, and "collected" once the client has fetched its 201."""
     request = password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY])
@@ -1698,24 +1715,6 @@ def test_a_registry_without_a_ca_has_no_crl(clock):
         bare.crl()
     assert bare.status()["crl"] is None
     bare.close()
-
-
-def test_a_database_that_kept_certificates_beside_users_records_them_as_issued(tmp_path, clock, authority):
-    database = str(tmp_path / "registry.db")
-    first = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
-    first.unlock()
-    key = make_key()
-    admitted = approved(first, csr_request("sensor-0001", key))
-    first.close()
-    with sqlite3.connect(database) as old:  # as the version before SPEC section 7 left it
-        old.execute("DELETE FROM certificates")
-    old.close()
-
-    reopened = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
-
-    assert reopened.authenticate_certificate(certificate_der(admitted.body["certificate"])).username == "sensor-0001"
-    assert reopened.register(csr_request("sensor-0001", key)).body["renewAfter"] == admitted.body["renewAfter"]
-    reopened.close()
 
 
 def load_key(certificate_pem: str) -> bytes:

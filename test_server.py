@@ -1531,7 +1531,7 @@ def test_the_data_folder_and_its_secrets_are_the_owners_alone(start: Start, tmp_
 
 def test_a_given_token_is_not_written_down(start: Start, tmp_path: Path) -> None:
     data = tmp_path / "given"
-    live = start(data, admin_token="given-token-123")
+    live = start(data, admin_token="given-token-0123456789abcdef-0123")
 
     assert not (data / "admin-token").exists()
     assert live.client().admin("GET", STATUS).status == 200
@@ -1794,6 +1794,19 @@ def test_a_listing_that_has_not_changed_is_304_without_a_body(client: Client, pa
     assert [entry["username"] for entry in json.loads(body)] == ["sensor-0003"]
 
 
+@pytest.mark.parametrize("held", ["W/{tag}", '"other", W/{tag}', '{tag}, W/"other"'])
+def test_a_weak_validator_matches_too(client: Client, held: str) -> None:
+    """RFC 9110 section 13.1.2: If-None-Match uses the weak comparison (issue 23 item 6)."""
+    tag = client.admin("GET", REQUESTS).headers["ETag"]
+
+    client.connection.request(
+        "GET", REQUESTS, headers={"Authorization": f"Bearer {client.token}", "If-None-Match": held.format(tag=tag)}
+    )
+    response = client.connection.getresponse()
+
+    assert (response.status, response.read()) == (304, b"")
+
+
 # --- The server agrees with its OpenAPI document (issue 19 item 9) ----------------
 
 
@@ -1839,9 +1852,9 @@ def test_a_given_token_equal_to_the_kept_one_is_said_to_be_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """Issue 26 item 8: after `export REGISTRY_ADMIN_TOKEN=$(cat registry-data/admin-token)`, the two agree."""
-    tmp_path.joinpath("admin-token").write_text("the-kept-token\n")
+    tmp_path.joinpath("admin-token").write_text("the-kept-token-of-thirty-two-characters-at-least\n")
     os.chmod(tmp_path / "admin-token", 0o600)
-    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", "the-kept-token")
+    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", "the-kept-token-of-thirty-two-characters-at-least")
     monkeypatch.setattr(server.RegistryServer, "serve_forever", lambda self, *args: None)
 
     server.main(["--data-dir", str(tmp_path), "--port", "0", "--http", "--log-level", "WARNING"])
@@ -1864,6 +1877,6 @@ def test_the_help_shows_only_defaults_that_read_right() -> None:
     }
     assert not [name for name, text in options.items() if re.search(r"\(default: (None|\[\]|True)\)", text)]
     assert options["--no-fast-http"].endswith("instead of the faster one, which is the default")
-    assert options["--retry-after-locked"] == "Retry-After seconds of a 423 or 503 (default: 30)"
+    assert options["--retry-after-locked"] == "Retry-After seconds of a 423 or 503 (1 to 3600) (default: 30)"
     assert "it starts locked" in options["--test-clients"] and "unlock for 30 s" not in options["--test-clients"]
-    assert options["--port"] == "port; 0 picks a free one (default: 8443)"  # a default that means something stays
+    assert options["--port"] == "port; 0 picks a free one (0 to 65535) (default: 8443)"  # a default that means something stays

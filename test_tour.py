@@ -96,7 +96,9 @@ def test_every_rule_the_tour_cites_is_in_the_spec(run: Run) -> None:
 
 
 def test_the_terminal_shows_the_real_server_and_no_masks(run: Run) -> None:
-    setup = re.search(r"TOUR=(\S+) URL=https://127\.0\.0\.1:(\d+)/api TOKEN=tour-admin-token", run.stdout)
+    setup = re.search(
+        r"TOUR=(\S+) URL=https://127\.0\.0\.1:(\d+)/api[\s\\]+TOKEN=tour-admin-token-0123456789abcdef", run.stdout
+    )
     assert setup, "the transcript does not say where the server runs"
     assert "<time>" not in run.stdout and "<serial" not in run.stdout and "<pairing id" not in run.stdout
     assert "The server has stopped, and its temporary folder is gone." in run.stdout

@@ -43,7 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TOKEN = "t"
+TOKEN = "test-admin-token-0123456789abcdef"
 ROLES = {
     "minimum": "The least a client needs",
     "operator": "Reads the plant's telemetry and sends commands",

@@ -50,7 +50,7 @@ import server
 # The tour gives the server a fixed administrator token, so that its curl
 # lines and its document read the same every time. A real server makes a
 # random one on first start and keeps it in <data-dir>/admin-token.
-ADMIN_TOKEN = "tour-admin-token"
+ADMIN_TOKEN = "tour-admin-token-0123456789abcdef"
 WIDTH = 100  # the widest line the tour prints, as far as JSON strings allow
 UNLOCK_MS = 3_600_000  # an hour, time enough to read with --pause (without a body: five minutes)
 TIMEOUT = 10  # seconds for any one call or command, so that nothing hangs
