@@ -1879,4 +1879,5 @@ def test_the_help_shows_only_defaults_that_read_right() -> None:
     assert options["--no-fast-http"].endswith("instead of the faster one, which is the default")
     assert options["--retry-after-locked"] == "Retry-After seconds of a 423 or 503 (1 to 3600) (default: 30)"
     assert "it starts locked" in options["--test-clients"] and "unlock for 30 s" not in options["--test-clients"]
-    assert options["--port"] == "port; 0 picks a free one (0 to 65535) (default: 8443)"  # a default that means something stays
+    # A default that means something stays.
+    assert options["--port"] == "port; 0 picks a free one (0 to 65535) (default: 8443)"
