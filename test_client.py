@@ -1091,7 +1091,9 @@ def test_approve_grants_as_requested_what_no_option_names(registry: RegistryProc
 
 
 def test_keep_notices_a_revocation_at_start_and_at_each_wake_up(tmp_path: Path) -> None:
-    """Issue 26 item 2, SPEC LIFE-7.3: keep asks whoami over mutual TLS at start and after each nap; 401 ends it."""
+    """Proves LIFE-7.3-REVOKE (issue 26 item 2): keep asks whoami over mutual TLS at start and after each nap.
+
+    A 401 (revoked) ends it."""
     clock = FakeClock(datetime.now(UTC))
     naps: list[float] = []
     with serve(tmp_path / "data", http=False, retry_after=1, clock=clock) as instance:
