@@ -95,6 +95,7 @@ def test_a_damaged_database_stops_the_server_and_is_kept(tmp_path: Path, capsys:
 
 
 def test_a_ca_key_that_is_not_its_certificates_stops_the_server(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Proves CERT-5.4-CA."""
     ca.CA.load_or_create(tmp_path, START)
     other = tmp_path / "other"
     other.mkdir()
@@ -202,6 +203,7 @@ def test_a_backup_refuses_a_folder_that_exists(tmp_path: Path) -> None:
 
 
 def test_plain_http_to_the_tls_port_is_told_to_use_https(tmp_path: Path) -> None:
+    """Proves TLS-6.5-HTTPS."""
     with serve(tmp_path, http=False) as instance:
         host, port = instance.server_address[:2]
         connection = http.client.HTTPConnection(host, port, timeout=10)
