@@ -73,7 +73,7 @@ def proved_by(tests: list[str]) -> str:
 def table(kit_table: str, cited: dict[str, list[str]]) -> str:
     """The kit's table with a last column: per id, the tests that cite it, or why a MUST has none."""
     head, rule, *rows = kit_table.splitlines()
-    lines = [f"{head} proved by (tests that cite the id; `python3 tools/spec_proofs.py --write`) |", f"{rule}---|"]
+    lines = [f"{head} proved by (this repository's tests) |", f"{rule}---|"]
     for row in rows:
         requirement, strength = (cell.strip() for cell in row.split("|")[1:3])
         if requirement in cited:
