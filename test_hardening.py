@@ -312,7 +312,7 @@ def test_hand_written_hostile_bodies(locked_server: server.RegistryServer, body:
 
 
 def test_csrs_asking_for_more_are_not_a_fault(tmp_path: Path) -> None:
-    """Proves CERT-5.3-SUBJECT."""
+    """Proves CERT-5.3-SUBJECT, CERT-5.3-BASIC-CONSTRAINTS."""
     csr = make_csr(
         "gateway-1",
         extensions=[
