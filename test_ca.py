@@ -267,7 +267,7 @@ def test_client_certificate_carries_exactly_the_profile(
 
 
 def test_a_common_name_longer_than_rfc_5280_allows_is_refused(authority: ca.CA) -> None:
-    """Proves CERT-5.3-SUBJECT. ub-common-name is 64: the registry's usernames fit, a caller of the CA may not."""
+    """Proves CERT-5.3-SUBJECT: ub-common-name is 64; the registry's usernames fit, a caller of the CA may not."""
     csr = make_csr("sensor-0003")
     assert load(issue(authority, csr, "s" * 64, START).pem)
 
@@ -289,7 +289,7 @@ def test_openssl_verifies_a_client_certificate_for_client_authentication(tmp_pat
 
 @needs_openssl
 def test_openssl_refuses_the_server_certificate_for_client_authentication(tmp_path: Path, authority: ca.CA) -> None:
-    """Proves CERT-5.3-EKU. The purpose check of the test above has teeth: a serverAuth certificate fails it."""
+    """Proves CERT-5.3-EKU: the purpose check of the test above has teeth; a serverAuth certificate fails it."""
     server = authority.issue_server_certificate(START)
 
     assert openssl_verify(tmp_path, authority.certificate_pem, server.certificate_pem, "sslclient").returncode != 0
@@ -625,7 +625,7 @@ def test_tls_handshake_fails_for_another_name_or_another_ca(tmp_path: Path, live
 
 
 def test_registry_clock_drives_the_validity_of_issued_certificates(authority: ca.CA) -> None:
-    """Proves CERT-5.3-VALIDITY. The registry signs at its injected clock's time, not the system's."""
+    """Proves CERT-5.3-VALIDITY: the registry signs at its injected clock's time, not the system's."""
     clock = FakeClock(START + timedelta(days=100))
     reg = registry.Registry(clock=clock, ca=authority, settings=FAST)
     try:

@@ -199,7 +199,7 @@ def test_the_crl_lists_a_removed_users_certificates_in_der_and_pem(live: Registr
 def test_a_running_server_signs_a_new_crl_before_half_of_its_validity_is_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Proves LIFE-7.5-CRL-FRESH. SPEC section 7: a timer, not a request, keeps the CRL from expiring."""
+    """Proves LIFE-7.5-CRL-FRESH: a timer, not a request, keeps the CRL from expiring."""
     monkeypatch.setattr(server, "CRL_CHECK_SECONDS", 0.05)
     clock = FakeClock(datetime.now(UTC).replace(microsecond=0))
     with serve(tmp_path, clock=clock, crl_days=2) as instance:

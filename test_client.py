@@ -309,7 +309,7 @@ class DownThenUp:
 
 
 def test_polls_that_go_unanswered_are_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Proves CLIENT-9.4-LOST-ANSWER. Five unanswered polls in a row make one line, and the sixth gets the answer."""
+    """Proves CLIENT-9.4-LOST-ANSWER: five unanswered polls in a row make one line, and the sixth gets the answer."""
     monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
     lines: list[str] = []
     server = DownThenUp(down=5)

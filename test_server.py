@@ -1890,7 +1890,7 @@ def test_a_null_body_is_a_bad_request_as_for_a_registration(client: Client, path
 
 
 def test_a_whole_duration_written_with_a_point_is_a_whole_number(live: Running, client: Client) -> None:
-    """Proves LOCK-3.2. JSON Schema's "integer" takes 386.0; so does the server."""
+    """Proves LOCK-3.2: JSON Schema's "integer" takes 386.0; so does the server."""
     reply = client.admin("POST", UNLOCK, {"duration": 386.0})
     assert reply.status == 200
     assert datetime.fromisoformat(reply.body["unlockedUntil"]) == live.clock.now + timedelta(milliseconds=386)
