@@ -37,7 +37,7 @@ HEADER = "| requirement | strength |"
 NO_PROOF: dict[str, str] = {}
 
 
-def test_docstrings(path: Path) -> dict[str, str]:
+def tests_and_docstrings(path: Path) -> dict[str, str]:
     """Each test of a test file, as ``Class::test`` or ``test``, and its docstring joined to its class's."""
     tests = {}
     for node in ast.parse(path.read_text()).body:
@@ -55,7 +55,7 @@ def citations(folder: Path = ROOT) -> dict[str, list[str]]:
     """Every id cited by a test of ``folder``'s ``test_*.py``, and the tests that cite it (``file::test``)."""
     cited: dict[str, list[str]] = {}
     for path in sorted(folder.glob("test_*.py")):
-        for test, docstring in test_docstrings(path).items():
+        for test, docstring in tests_and_docstrings(path).items():
             for requirement in dict.fromkeys(CITED.findall(docstring)):
                 cited.setdefault(requirement, []).append(f"{path.name}::{test}")
     return cited
