@@ -573,7 +573,7 @@ class Reconciler:
             self._kicked.wait(self.period if passed else self.retry)
 
     def status(self) -> dict[str, Any]:
-        """The broker's state for the status call: reachable, the last agreement, the differences pending."""
+        """BROKER-11.4-STATUS: the broker's state for the status call: reachable, the last agreement, what is left."""
         with self._recorded:
             return {
                 "reachable": self._reachable,

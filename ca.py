@@ -56,7 +56,7 @@ def _key_usage(**granted: bool) -> x509.KeyUsage:
     return x509.KeyUsage(**bits)
 
 
-END_ENTITY = x509.BasicConstraints(ca=False, path_length=None)
+END_ENTITY = x509.BasicConstraints(ca=False, path_length=None)  # CERT-5.3-BASIC-CONSTRAINTS, set critical below
 # RFC 5280 section 4.2.1.3: every key signs; TLS with an RSA key may also
 # encipher the pre-master secret (keyEncipherment).
 SIGNING_USAGE = _key_usage(digital_signature=True)
@@ -136,7 +136,10 @@ class CA:
 
     @classmethod
     def load_or_create(cls, folder: Path | str, now: datetime, *, cert_days: int = 365) -> CA:
-        """The CA kept in ``folder`` (``ca.pem``, ``ca.key``), created there if absent."""
+        """The CA kept in ``folder`` (``ca.pem``, ``ca.key``), created there if absent.
+
+        CERT-5.4-CA: created on first start and kept; SAFE-6.4-FILES: a key others may read is refused.
+        """
         folder = Path(folder)
         key_path, cert_path = folder / "ca.key", folder / "ca.pem"
         if key_path.exists():
@@ -190,7 +193,7 @@ class CA:
             key = csr.public_key()
         except (UnsupportedAlgorithm, ValueError):
             return CsrInfo(_common_name(csr), _algorithm_name(csr), 0, None, None)
-        # RFC 2986 section 3: the signature proves possession of the key.
+        # REG-2.2-CSR, RFC 2986 section 3: the signature proves possession of the key.
         if not csr.is_signature_valid:
             raise ValueError("has a signature that does not verify: it must be signed by its own key")
         spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -201,7 +204,8 @@ class CA:
         """Sign a client certificate for ``username`` and the verified key ``public_key`` (SPKI DER).
 
         The subject is the username alone, and the extensions are this CA's:
-        nothing of what the CSR asked for but its key (SPEC section 5). It
+        nothing of what the CSR asked for but its key (CERT-5.3-SUBJECT), the key
+        whose signature was verified (CERT-5.3-VERIFIED-KEY). It
         ends ``cert_days`` after its notBefore, or with the CA if sooner
         (LIFE-7.1-TIMES, LIFE-7.6-CA-EXPIRY).
         """
@@ -221,7 +225,7 @@ class CA:
     def sign_crl(
         self, revoked: Iterable[tuple[int, datetime, str]], number: int, this_update: datetime, next_update: datetime
     ) -> bytes:
-        """An X.509 v2 CRL (RFC 5280 section 5) of ``revoked``, (serial, when, a CRLReason name), in DER."""
+        """LIFE-7.4-CRL: an X.509 v2 CRL (RFC 5280 section 5) of ``revoked``, (serial, when, a reason), in DER."""
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
@@ -244,7 +248,7 @@ class CA:
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
     def issue_server_certificate(self, now: datetime, names: Iterable[str] = ()) -> ServerCredentials:
-        """A TLS server certificate for localhost, 127.0.0.1, ::1 and ``names``."""
+        """A TLS server certificate for localhost, 127.0.0.1, ::1 and ``names`` (TLS-6.5-HTTPS)."""
         key = ec.generate_private_key(ec.SECP256R1())
         all_names = list(dict.fromkeys([*SERVER_NAMES, *names]))
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, all_names[0])])
@@ -270,7 +274,7 @@ class CA:
             # RFC 5280 section 4.2.1.9: not a CA, so it signs no certificates.
             .add_extension(END_ENTITY, critical=True)
             .add_extension(usage, critical=True)
-            # RFC 5280 section 4.2.1.12: what the key is for (TLS client or server).
+            # CERT-5.3-EKU, RFC 5280 section 4.2.1.12: what the key is for (TLS client or server).
             .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
             # RFC 5280 section 4.2.1.1: which CA key signed it.
             .add_extension(self._authority_key_identifier, critical=False)
@@ -290,7 +294,7 @@ def _builder(
 
     Times are whole seconds in UTC, as the certificate holds them (RFC 5280
     section 4.1.2.5), so that what is recorded equals what is signed. The
-    validity counts from notBefore (LIFE-7.1-TIMES), and ends by ``ends_by``
+    validity (CERT-5.3-VALIDITY) counts from notBefore (LIFE-7.1-TIMES), and ends by ``ends_by``
     (the issuer's notAfter) at the latest.
     """
     not_before = _whole_seconds(now) - CLOCK_SKEW
@@ -302,8 +306,8 @@ def _builder(
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(key)
-        # RFC 5280 section 4.1.2.2: positive, at most 20 octets; random, so
-        # that serials cannot be predicted.
+        # CERT-5.3-SERIAL, RFC 5280 section 4.1.2.2: positive, at most 20 octets;
+        # random, so that serials cannot be predicted.
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)

@@ -710,7 +710,11 @@ class _StateReporter:
 def _poll(
     server: Server, body: dict[str, Any], timeout: float | None, max_interval: float, report: Report
 ) -> dict[str, Any]:
-    """Send ``body`` until it is answered 201, and return that answer."""
+    """Send ``body`` until it is answered 201, and return that answer.
+
+    CLIENT-9.2-SAME-REQUEST: every poll is the very ``body`` of the first request.
+    CLIENT-9.3-DENIED: a 403 is a refusal, raised as ``Denied``: the client stops asking.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     reporter = _StateReporter(report)
     failures = 0
@@ -718,6 +722,7 @@ def _poll(
         try:
             reply = server.call("POST", REGISTER, body, timeout=_call_timeout(deadline))
         except Unreachable as error:
+            # CLIENT-9.4-LOST-ANSWER: no answer, the same request again after a back-off.
             failures += 1
             reporter.enter("unreachable", f"{error}; trying again")
             wait = _backoff(failures, max_interval)
@@ -1084,7 +1089,7 @@ def _renew_patiently(
 
 
 def renewal_moment(certificate: x509.Certificate) -> datetime:
-    """When a certificate should be renewed: two thirds of the way through its validity (SPEC LIFE-7.1)."""
+    """When a certificate should be renewed: two thirds of the way through its validity (SPEC LIFE-7.1-TIMES)."""
     start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
     return start + (end - start) * 2 / 3
 
@@ -1110,7 +1115,7 @@ def _sleep_until(moment: datetime, now: Clock, sleep: Sleep, awake: Callable[[],
 def check_standing(server: Server, out: str | os.PathLike[str], now: Clock = lambda: datetime.now(UTC)) -> None:
     """Raise ``Revoked`` when the registry no longer accepts the certificate in ``out``, ``Expired`` when it expired.
 
-    The registry says so at ``whoami`` over mutual TLS (SPEC LIFE-7.3: a
+    The registry says so at ``whoami`` over mutual TLS (SPEC LIFE-7.3-REVOKE: a
     revoked certificate authenticates nothing). An answer that is no
     answer (the server unreachable, busy or failing) proves nothing, and is
     left to the next check or the renewal.

@@ -145,7 +145,7 @@ class ClientCheck:
             if client is not None:
                 if error == "duplicate_request":
                     self._find(client, "CLIENT-9.2-SAME-REQUEST", "changed its request while one was stored (409)")
-                # A lost answer told the client nothing: it may send again at once.
+                # CLIENT-9.4-LOST-ANSWER: a lost answer told the client nothing: it may send again at once.
                 self._told(client, 0 if lost else status, 0 if lost else retry_after or 0, now)
             return retry_after, lost
 

@@ -65,7 +65,7 @@ import registry
 log = logging.getLogger("registry.est")
 
 PREFIX = "/.well-known/est/"  # RFC 7030 section 3.2.2
-VIA = "est"  # how the pending list marks a request that came by EST
+VIA = "est"  # EST-10.4-VIA: how the pending list marks a request that came by EST
 TEXT = "text/plain; charset=utf-8"
 # RFC 7030 section 4.1.3 (cacerts) and 4.2.3 (enrollment), after RFC 5273 section 3.
 PKCS7 = "application/pkcs7-mime"

@@ -219,7 +219,11 @@ class Response:
 
 
 def error_response(error: Exception, context: str = "") -> Response:
-    """The one place where an error becomes an answer: a refusal by its status and code, anything else a 500."""
+    """The one place where an error becomes an answer: a refusal by its status and code, anything else a 500.
+
+    REG-2.5-ERRORS: every refusal is JSON, ``{"error", "message"}``; HTTP-8.1-STATUSES: a 500 only for a fault
+    of the server, logged with its traceback, and nothing of it in the body.
+    """
     if isinstance(error, registry.RegistryError):
         return Response.json(error.status, error.body(), error.headers)
     log.error("unexpected error %s", context, exc_info=error)
@@ -321,6 +325,7 @@ class App:
         return dataclasses.replace(response, administrator=administrator) if administrator else response
 
     def _route(self, request: Request) -> tuple[Route, dict[str, str]]:
+        # HTTP-8.1-STATUSES: 501 for a method that is none of RFC 9110's, 405 with Allow, 404.
         if request.method not in KNOWN_METHODS:
             raise UnknownMethod(f"{request.method} is not a method this server knows")
         allowed = []
@@ -357,7 +362,7 @@ class App:
         return error_response(error)
 
     def _authorize(self, request: Request) -> str:
-        """The administrator whose token the request carries (ADMIN-4.1-TOKEN); 401 for anyone else."""
+        """ADMIN-4.1-TOKEN: the administrator whose token the request carries; 401 for anyone else."""
         scheme, token = _credentials(request)
         # Compared in constant time with every administrator's, so the token
         # cannot be guessed byte by byte; an empty token never matches.
@@ -399,6 +404,7 @@ class App:
         return Response.json(HTTPStatus.OK, self.check.report())
 
     def register(self, request: Request) -> Response:
+        # REQ-1-CONTENT-TYPE: the body is read as JSON whatever its Content-Type says.
         outcome = self.core.register_body(request.body, request.client_address)
         return Response(outcome.status, outcome.content, JSON, outcome.headers)
 
@@ -446,11 +452,13 @@ class App:
         return Response.json(HTTPStatus.OK, {"status": "removed", "username": username})
 
     def ca(self, request: Request) -> Response:
+        # CERT-5.1-CA-PUBLIC: the CA certificate, to anyone (the route's access is public).
         if self.core.ca is None:
             raise registry.NotFound("this registry has no CA")
         return Response(HTTPStatus.OK, self.core.ca.certificate_pem.encode(), PEM)
 
     def crl(self, request: Request) -> Response:
+        # LIFE-7.4-CRL: DER as application/pkix-crl, and PEM below, without authentication.
         return Response(HTTPStatus.OK, self.core.crl(), PKIX_CRL)
 
     def crl_pem(self, request: Request) -> Response:
@@ -470,6 +478,7 @@ class App:
             self.broker.kick()
 
     def whoami(self, request: Request) -> Response:
+        # AUTH-5.2-WHOAMI: a client certificate, when shown, wins over Basic.
         if request.peer_certificate:
             identity = self.core.authenticate_certificate(request.peer_certificate)
         else:
@@ -557,6 +566,8 @@ def _json_body(request: Request) -> Any:
 
 def _validated(request: Request, data: object) -> Response:
     """A listing with its ETag (RFC 9110 section 8.8.3), or 304 when the client holds it already (section 13.1.2).
+
+    ADMIN-4.6-LISTS.
 
     The administrator's page asks every few seconds; a list that has not
     changed costs one hash, and the page nothing.
@@ -650,8 +661,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """Read a request, answer it and log the answer: every answer, a refusal too, leaves here."""
-        # A whole request, from its first byte to its last, arrives within
-        # the timeout: a client trickling a byte a second cannot hold a thread.
+        # HTTP-8.4-LIMITS: a whole request, from its first byte to its last, arrives
+        # within the timeout: a client trickling a byte a second cannot hold a thread.
         self.server.watchdog.arm(self.connection, self.server.config.timeout)
         started = time.perf_counter()
         self.command = self.path = None
@@ -674,7 +685,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         else:
             self._write(response)
-        if access_logger.isEnabledFor(logging.INFO):
+        if access_logger.isEnabledFor(logging.INFO):  # HTTP-8.5-ACCESS-LOG
             elapsed = (time.perf_counter() - started) * 1000
             path = (self.path or "-").partition("?")[0]
             status = f"{response.status} lost" if response.lost else response.status
@@ -689,8 +700,8 @@ class Handler(BaseHTTPRequestHandler):
         _check_host(self.headers, self.request_version)
         length = _body_length(self.headers)
         if length > self.server.app.max_body:
-            # SPEC section 2.1: answered without being parsed. A body of
-            # moderate size is read and dropped, so the client sees the 413.
+            # REG-2.1-SIZE: answered without being parsed. A body of moderate
+            # size is read and dropped, so the client sees the 413 (HTTP-8.3-CONNECTION).
             if length <= DRAINABLE:
                 self._drain(length)
             else:
@@ -713,6 +724,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         """The request line and the headers into ``command``, ``path``, ``request_version`` and ``headers``.
+
+        HTTP-8.2-HEADERS: a request line or a header line that RFC 9112 refuses is 400.
 
         ``headers`` is a dict by lower-case name. With ``Config.fast_http``
         (the default) ``_read_head`` reads them; without it, http.server's
@@ -839,7 +852,7 @@ class Handler(BaseHTTPRequestHandler):
 class Every:
     """Calls ``action`` every ``period`` seconds from a thread of its own, until stopped.
 
-    SPEC section 7: a running registry never serves an expired CRL, so a
+    LIFE-7.5-CRL-FRESH: a running registry never serves an expired CRL, so a
     timer, not a request, asks the core to sign a new one when it is due.
     """
 
@@ -1020,7 +1033,7 @@ class RegistryServer(ThreadingHTTPServer):
             self.folder_lock.release()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        # One thread a connection, no more threads than slots, and no more
+        # HTTP-8.4-LIMITS: one thread a connection, no more threads than slots, and no more
         # slots for one address than its cap (as nginx's limit_conn): one
         # client holding its cap leaves the others room.
         address = client_address[0]
@@ -1087,7 +1100,7 @@ class RegistryServer(ThreadingHTTPServer):
             socket.socket.sendall(connection, (head + "Connection: close\r\n\r\n").encode() + body)
 
     def shutdown_request(self, request: Any) -> None:
-        # RFC 9112 section 9.6: close in stages. Input the handler left unread
+        # HTTP-8.3-CONNECTION, RFC 9112 section 9.6: close in stages. Input the handler left unread
         # (a refused body) would otherwise reset the connection, and the
         # client would lose the answer sent just before.
         with contextlib.suppress(OSError):
@@ -1132,7 +1145,7 @@ def build(config: Config, clock: registry.Clock = lambda: datetime.now(UTC)) -> 
     if database.exists():
         check_database(database)
     data.mkdir(parents=True, exist_ok=True)
-    data.chmod(0o700)
+    data.chmod(0o700)  # SAFE-6.4-FILES: the secrets' folder is the owner's alone
     folder_lock = datafolder.FolderLock(data)  # STORE-6.7-ONE-SERVER
     try:
         return _build(config, clock, roles, folder_lock)
@@ -1164,7 +1177,9 @@ def _build(
         scrypt_n=config.scrypt_n,
         crl_validity=timedelta(days=config.crl_days),
     )
-    database.touch(mode=0o600)  # password hashes: the owner's alone, and so are its -wal and -shm
+    # STORE-6.1-SQLITE: one SQLite database in the data folder. Its password hashes are the
+    # owner's alone, and so are its -wal and -shm.
+    database.touch(mode=0o600)
     kind = fastpath.FastRegistry if config.fast_path else registry.Registry
     core = kind(str(database), clock=clock, roles=roles, ca=authority, settings=settings)
     check = clientcheck.ClientCheck() if config.test_clients else None
@@ -1182,6 +1197,7 @@ def _build(
         administrators=administrators,
     )
     names = server_names([config.host, *config.server_names])
+    # TLS-6.5-HTTPS: HTTPS unless --http is given.
     tls = None if config.http else tls_context(authority, data, names, clock())
     instance = RegistryServer(config, app, tls)
     instance.folder_lock = folder_lock
@@ -1194,7 +1210,7 @@ def _build(
 
 
 def admin_token(config: Config) -> str:
-    """The token given, or the one kept in the data folder (made on first start)."""
+    """ADMIN-4.1-TOKEN: the token given, or the one kept in the data folder (made on first start)."""
     if config.admin_token is not None:
         return config.admin_token
     path = config.data_dir / "admin-token"

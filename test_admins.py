@@ -75,6 +75,7 @@ def test_a_name_that_cannot_be_added_is_refused_and_changes_nothing(
 def test_every_administrator_call_is_attributed_and_a_withdrawn_token_opens_nothing(
     tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Proves ADMIN-4.9-ATTRIBUTED, ADMIN-4.1-TOKEN: the audit, the listing and the access log name who decided."""
     logging.getLogger("registry.access").setLevel(logging.INFO)
     alice, bob = added(capfd, tmp_path, "alice"), added(capfd, tmp_path, "bob")
     with serve(tmp_path) as running:

@@ -171,6 +171,7 @@ def tls_greeting(port: int, trusted_ca_pem: str, server_hostname: str) -> bytes:
 
 
 def test_load_or_create_creates_the_certificate_and_a_key_for_the_owner_alone(tmp_path: Path) -> None:
+    """Proves CERT-5.4-CA, SAFE-6.4-FILES."""
     authority = ca.CA.load_or_create(tmp_path, START)
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ca.key", "ca.pem"]
@@ -181,6 +182,7 @@ def test_load_or_create_creates_the_certificate_and_a_key_for_the_owner_alone(tm
 
 
 def test_load_or_create_loads_the_same_ca_again(tmp_path: Path) -> None:
+    """Proves CERT-5.4-CA."""
     created = ca.CA.load_or_create(tmp_path, START)
     files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
 
@@ -193,6 +195,7 @@ def test_load_or_create_loads_the_same_ca_again(tmp_path: Path) -> None:
 
 
 def test_load_or_create_refuses_a_key_others_may_read(tmp_path: Path) -> None:
+    """Proves SAFE-6.4-FILES."""
     ca.CA.load_or_create(tmp_path, START)
     (tmp_path / "ca.key").chmod(0o644)
 
@@ -201,6 +204,7 @@ def test_load_or_create_refuses_a_key_others_may_read(tmp_path: Path) -> None:
 
 
 def test_ca_certificate_is_a_self_signed_ca(authority: ca.CA) -> None:
+    """Proves CERT-5.4-CA."""
     certificate = authority.certificate
 
     assert certificate.issuer == certificate.subject
@@ -234,6 +238,7 @@ def test_ca_validity_is_timezone_aware_utc(authority: ca.CA) -> None:
 def test_client_certificate_carries_exactly_the_profile(
     authority: ca.CA, client_keys: dict[str, object], kind: str
 ) -> None:
+    """Proves CERT-5.3-SUBJECT, CERT-5.3-BASIC-CONSTRAINTS, CERT-5.3-EKU."""
     key = client_keys[kind]
     csr = make_csr("sensor-0003", key)
 
@@ -262,7 +267,7 @@ def test_client_certificate_carries_exactly_the_profile(
 
 
 def test_a_common_name_longer_than_rfc_5280_allows_is_refused(authority: ca.CA) -> None:
-    """ub-common-name is 64: the registry's usernames fit, a caller of the CA may not."""
+    """Proves CERT-5.3-SUBJECT: ub-common-name is 64; the registry's usernames fit, a caller of the CA may not."""
     csr = make_csr("sensor-0003")
     assert load(issue(authority, csr, "s" * 64, START).pem)
 
@@ -272,6 +277,7 @@ def test_a_common_name_longer_than_rfc_5280_allows_is_refused(authority: ca.CA) 
 
 @needs_openssl
 def test_openssl_verifies_a_client_certificate_for_client_authentication(tmp_path: Path, authority: ca.CA) -> None:
+    """Proves CERT-5.3-EKU."""
     csr = make_csr("sensor-0003")
     issued = issue(authority, csr, "sensor-0003", START)
 
@@ -283,7 +289,7 @@ def test_openssl_verifies_a_client_certificate_for_client_authentication(tmp_pat
 
 @needs_openssl
 def test_openssl_refuses_the_server_certificate_for_client_authentication(tmp_path: Path, authority: ca.CA) -> None:
-    """The purpose check of the test above has teeth: a serverAuth certificate fails it."""
+    """Proves CERT-5.3-EKU: the purpose check of the test above has teeth; a serverAuth certificate fails it."""
     server = authority.issue_server_certificate(START)
 
     assert openssl_verify(tmp_path, authority.certificate_pem, server.certificate_pem, "sslclient").returncode != 0
@@ -300,6 +306,7 @@ def test_issued_certificate_record_describes_the_certificate(authority: ca.CA) -
 
 
 def test_serials_are_random_positive_and_fit_in_twenty_octets(authority: ca.CA) -> None:
+    """Proves CERT-5.3-SERIAL."""
     csr = make_csr("sensor-0003")
 
     serials = [issue(authority, csr, "sensor-0003", START).serial for _ in range(2)]
@@ -345,6 +352,7 @@ def _refused_pem_variants(pem: str, other_pem: str) -> dict[str, str]:
 def test_a_csr_in_one_pem_block_is_signed_for_its_key_however_the_block_is_written(
     authority: ca.CA, client_keys: dict[str, object], variant: str
 ) -> None:
+    """Proves REQ-1-CSR-PEM."""
     key = client_keys["rsa"]
     text = _accepted_pem_variants(make_csr("sensor-0003", key))[variant]
 
@@ -367,6 +375,7 @@ def test_a_csr_field_with_more_than_one_pem_block_is_refused(
 
 
 def test_validity_starts_before_now_for_clock_skew_and_lasts_a_year(authority: ca.CA) -> None:
+    """Proves CERT-5.3-VALIDITY, LIFE-7.1-TIMES."""
     certificate = load(issue(authority, make_csr("sensor-0003"), "sensor-0003", START).pem)
 
     assert timedelta(0) < START - certificate.not_valid_before_utc <= timedelta(minutes=10)
@@ -377,6 +386,7 @@ def test_validity_starts_before_now_for_clock_skew_and_lasts_a_year(authority: c
 
 
 def test_validity_lasts_cert_days(tmp_path: Path, authority: ca.CA) -> None:
+    """Proves CERT-5.3-VALIDITY."""
     csr = make_csr("sensor-0003")
     monthly = ca.CA(authority.key, authority.certificate, cert_days=30)
     assert load(issue(monthly, csr, "sensor-0003", START).pem).not_valid_after_utc == (
@@ -391,6 +401,7 @@ def test_validity_lasts_cert_days(tmp_path: Path, authority: ca.CA) -> None:
 
 
 def test_validity_is_the_same_instant_whatever_the_zone_of_now(authority: ca.CA) -> None:
+    """Proves CERT-5.3-VALIDITY."""
     now = START.astimezone(timezone(timedelta(hours=9)))
 
     certificate = load(issue(authority, make_csr("sensor-0003"), "sensor-0003", now).pem)
@@ -400,6 +411,7 @@ def test_validity_is_the_same_instant_whatever_the_zone_of_now(authority: ca.CA)
 
 
 def test_client_certificate_ignores_what_the_csr_asked_for(authority: ca.CA, client_keys: dict[str, object]) -> None:
+    """Proves CERT-5.3-SUBJECT."""
     key = client_keys["ec"]
     subject = x509.Name(
         [
@@ -455,6 +467,7 @@ def test_inspect_csr_names_the_common_name_and_the_key(
 
 
 def test_inspect_csr_fingerprints_the_key_not_the_request(authority: ca.CA, client_keys: dict[str, object]) -> None:
+    """Proves REG-2.4-MATCH."""
     key, other = client_keys["ec"], client_keys["p384"]
 
     first = authority.inspect_csr(make_csr("sensor-0003", key)).public_key_sha256
@@ -475,6 +488,7 @@ def test_inspect_csr_fingerprints_the_key_not_the_request(authority: ca.CA, clie
     ids=["empty", "words", "bad-der", "certificate"],
 )
 def test_inspect_csr_refuses_what_is_not_a_csr(authority: ca.CA, text: str) -> None:
+    """Proves REG-2.2-CSR."""
     if text == "certificate":
         text = authority.certificate_pem
 
@@ -484,6 +498,7 @@ def test_inspect_csr_refuses_what_is_not_a_csr(authority: ca.CA, text: str) -> N
 
 @pytest.mark.parametrize("kind", ["ec", "ed25519", "rsa"])
 def test_inspect_csr_refuses_an_altered_signature(authority: ca.CA, client_keys: dict[str, object], kind: str) -> None:
+    """Proves REG-2.2-CSR."""
     csr = make_csr("sensor-0003", client_keys[kind])
     assert authority.inspect_csr(csr).common_name == "sensor-0003"
 
@@ -501,6 +516,7 @@ def csr_with_empty_common_name() -> str:
 @empty_name_warning
 @pytest.mark.parametrize("empty", [True, False], ids=["empty-cn", "no-cn"])
 def test_a_csr_without_a_common_name_is_a_bad_request(authority: ca.CA, reg: registry.Registry, empty: bool) -> None:
+    """Proves REG-2.2-CN."""
     csr = csr_with_empty_common_name() if empty else make_csr(None)
 
     assert not authority.inspect_csr(csr).common_name
@@ -520,6 +536,7 @@ def test_a_csr_without_a_common_name_is_a_bad_request(authority: ca.CA, reg: reg
 def test_openssl_csr_is_registered_and_signed(
     tmp_path: Path, reg: registry.Registry, authority: ca.CA, kind: str
 ) -> None:
+    """Proves CERT-5.4-CA."""
     csr = openssl_csr(tmp_path, kind)
 
     outcome = registered(reg, {"username": "sensor-0003", "csr": csr})
@@ -552,6 +569,7 @@ def test_openssl_csr_is_refused(
     status: HTTPStatus,
     reason: str,
 ) -> None:
+    """Proves REG-2.3-KEY, REG-2.2-CN, REG-2.2-CSR."""
     csr = openssl_csr(tmp_path, kind, subject)
     if alter:
         csr = with_altered_signature(csr)
@@ -566,6 +584,7 @@ def test_openssl_csr_is_refused(
 
 
 def test_server_certificate_names_localhost_and_the_extra_names(authority: ca.CA) -> None:
+    """Proves TLS-6.5-HTTPS."""
     credentials = authority.issue_server_certificate(START, ["hub.plant.example", "10.1.2.3", "localhost"])
 
     certificate = load(credentials.certificate_pem)
@@ -586,6 +605,7 @@ def test_server_certificate_names_localhost_and_the_extra_names(authority: ca.CA
 
 @pytest.mark.parametrize("server_hostname", ["localhost", "127.0.0.1"])
 def test_tls_handshake_with_the_server_certificate(tmp_path: Path, live_authority: ca.CA, server_hostname: str) -> None:
+    """Proves TLS-6.5-HTTPS."""
     credentials = live_authority.issue_server_certificate(datetime.now(UTC))
 
     with tls_server(tmp_path, credentials) as port:
@@ -605,7 +625,7 @@ def test_tls_handshake_fails_for_another_name_or_another_ca(tmp_path: Path, live
 
 
 def test_registry_clock_drives_the_validity_of_issued_certificates(authority: ca.CA) -> None:
-    """The registry signs at its injected clock's time, not the system's."""
+    """Proves CERT-5.3-VALIDITY: the registry signs at its injected clock's time, not the system's."""
     clock = FakeClock(START + timedelta(days=100))
     reg = registry.Registry(clock=clock, ca=authority, settings=FAST)
     try:

@@ -104,6 +104,7 @@ def load(pem: str) -> x509.Certificate:
 
 
 def test_a_device_renews_with_its_key_over_mutual_tls_and_both_certificates_sign_in(live: Registry) -> None:
+    """Proves LIFE-7.2-RENEW, AUTH-5.2-WHOAMI."""
     key = make_key()
     admitted = live.admitted("agent-0001", key)
 
@@ -121,6 +122,7 @@ def test_a_device_renews_with_its_key_over_mutual_tls_and_both_certificates_sign
 
 
 def test_a_device_rekeys_and_its_new_key_signs_in(live: Registry) -> None:
+    """Proves LIFE-7.2-RENEW."""
     old_key, new_key = make_key(), make_key("rsa")
     admitted = live.admitted("agent-0001", old_key)
 
@@ -137,6 +139,7 @@ def test_a_device_rekeys_and_its_new_key_signs_in(live: Registry) -> None:
 
 
 def test_a_lost_renewal_answer_is_fetched_again(live: Registry) -> None:
+    """Proves LIFE-7.2-RENEW."""
     key = make_key()
     admitted = live.admitted("agent-0001", key)
     identity = (admitted["certificate"], key)
@@ -151,6 +154,7 @@ def test_a_lost_renewal_answer_is_fetched_again(live: Registry) -> None:
 
 @pytest.mark.parametrize("case", ["no certificate", "a password", "a removed user's certificate"])
 def test_a_renewal_without_a_current_certificate_is_401_with_a_challenge(live: Registry, case: str) -> None:
+    """Proves LIFE-7.2-RENEW."""
     key = make_key()
     admitted = live.admitted("agent-0001", key)
     identity, password = None, None
@@ -168,6 +172,7 @@ def test_a_renewal_without_a_current_certificate_is_401_with_a_challenge(live: R
 
 
 def test_the_crl_lists_a_removed_users_certificates_in_der_and_pem(live: Registry) -> None:
+    """Proves LIFE-7.3-REVOKE, LIFE-7.4-CRL."""
     key = make_key()
     admitted = live.admitted("agent-0001", key)
     kept_key = make_key()
@@ -194,7 +199,7 @@ def test_the_crl_lists_a_removed_users_certificates_in_der_and_pem(live: Registr
 def test_a_running_server_signs_a_new_crl_before_half_of_its_validity_is_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SPEC section 7: a timer, not a request, keeps the CRL from expiring."""
+    """Proves LIFE-7.5-CRL-FRESH: a timer, not a request, keeps the CRL from expiring."""
     monkeypatch.setattr(server, "CRL_CHECK_SECONDS", 0.05)
     clock = FakeClock(datetime.now(UTC).replace(microsecond=0))
     with serve(tmp_path, clock=clock, crl_days=2) as instance:

@@ -262,6 +262,7 @@ def test_an_agent_registers_with_a_generated_key_while_the_administrator_unlocks
 
 
 def test_an_agent_keeps_polling_across_a_server_restart(agents: list[Agent], tmp_path: Path) -> None:
+    """Proves CLIENT-9.4-LOST-ANSWER."""
     registry = RegistryProcess(tmp_path)
     registry.start()
     try:
@@ -308,7 +309,7 @@ class DownThenUp:
 
 
 def test_polls_that_go_unanswered_are_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Five unanswered polls in a row make one line, and the sixth gets the answer."""
+    """Proves CLIENT-9.4-LOST-ANSWER: five unanswered polls in a row make one line, and the sixth gets the answer."""
     monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
     lines: list[str] = []
     server = DownThenUp(down=5)
@@ -349,6 +350,7 @@ def test_a_rejected_request_stops_with_the_servers_message(
 
 
 def test_a_timeout_a_conflict_and_a_denial_each_have_their_exit_code(registry: RegistryProcess, tmp_path: Path) -> None:
+    """Proves CLIENT-9.3-DENIED."""
     admin(registry, "unlock")
     waited = register_once(registry, tmp_path, "--username", "sensor-0409", "--password", "first-pass",
                            "--timeout", "1")  # fmt: skip
@@ -677,6 +679,7 @@ def test_permissions_read_as_context_operation_resource() -> None:
 
 
 def test_retry_after_reads_seconds_and_dates() -> None:
+    """Proves CLIENT-9.1-RETRY-AFTER."""
     assert client.retry_after({"retry-after": "7"}, 5) == 7
     in_a_minute = format_datetime(datetime.now(UTC) + timedelta(minutes=1), usegmt=True)
     assert 55 < client.retry_after({"retry-after": in_a_minute}, 5) <= 60
@@ -720,6 +723,7 @@ def assert_pair(registry: RegistryProcess | InProcess, out: Path) -> x509.Certif
 
 
 def test_renew_and_rekey_over_mutual_tls(registry: RegistryProcess, tmp_path: Path) -> None:
+    """Proves LIFE-7.2-RENEW, LIFE-7.1-TIMES."""
     out = tmp_path / "agent"
     first = registered(registry, "renewing-1", out)
     original = assert_pair(registry, out)
@@ -784,6 +788,7 @@ class LosingServer(client.Server):
 
 
 def test_a_lost_renewal_answer_is_fetched_again(registry: RegistryProcess, tmp_path: Path) -> None:
+    """Proves LIFE-7.2-RENEW, CLIENT-9.4-LOST-ANSWER."""
     out = tmp_path / "agent"
     registered(registry, "renewing-2", out)
     before = (out / "key.pem").read_bytes(), (out / "cert.pem").read_bytes()
@@ -892,6 +897,7 @@ class Narrator:
 
 
 def test_the_keep_alive_agent_renews_on_its_own_and_stops_when_its_user_is_removed(tmp_path: Path) -> None:
+    """Proves LIFE-7.2-RENEW, LIFE-7.3-REVOKE."""
     # The registry and the agent share a fake clock that only the agent's
     # sleep moves. OpenSSL still checks a client certificate against the real
     # clock, so the fake one starts 20 hours back: with one-day certificates,
@@ -972,6 +978,7 @@ def test_keep_on_the_command_line_registers_then_sleeps_until_renewal(
 
 
 def test_keep_on_the_command_line_ends_with_exit_code_8_when_its_user_is_gone(tmp_path: Path) -> None:
+    """Proves LIFE-7.3-REVOKE."""
     # A certificate issued 20 hours ago for a day, its user removed since:
     # keep asks the registry before anything else, and stops.
     clock = FakeClock(datetime.now(UTC) - timedelta(hours=20))
@@ -997,6 +1004,7 @@ def test_keep_needs_a_username_only_to_register(tmp_path: Path) -> None:
 
 
 def test_the_backoff_grows_from_five_seconds_to_five_minutes() -> None:
+    """Proves CLIENT-9.4-LOST-ANSWER."""
     for failures, low in enumerate([2.5, 5, 10, 20, 40, 80, 150, 150], start=1):
         assert low <= client._backoff(failures, client.RETRY_MAX, client.RETRY_FIRST) <= min(2 * low, 300)
 
@@ -1091,7 +1099,9 @@ def test_approve_grants_as_requested_what_no_option_names(registry: RegistryProc
 
 
 def test_keep_notices_a_revocation_at_start_and_at_each_wake_up(tmp_path: Path) -> None:
-    """Issue 26 item 2, SPEC LIFE-7.3: keep asks whoami over mutual TLS at start and after each nap; 401 ends it."""
+    """Proves LIFE-7.3-REVOKE (issue 26 item 2): keep asks whoami over mutual TLS at start and after each nap.
+
+    A 401 (revoked) ends it."""
     clock = FakeClock(datetime.now(UTC))
     naps: list[float] = []
     with serve(tmp_path / "data", http=False, retry_after=1, clock=clock) as instance:

@@ -47,6 +47,7 @@ def findings(check: ClientCheck) -> list[tuple[str, str]]:
 
 
 def test_a_client_that_waits_its_retry_after_is_clean(ticks: Ticks) -> None:
+    """Proves CLIENT-9.1-RETRY-AFTER."""
     check = ClientCheck(CALM, seed=1, clock=ticks)
     for _ in range(5):
         assert check.arrive("sensor-0003", "10.0.0.1") is None
@@ -65,6 +66,7 @@ def test_a_client_that_waits_its_retry_after_is_clean(ticks: Ticks) -> None:
 
 
 def test_a_poll_before_its_retry_after_is_reported(ticks: Ticks) -> None:
+    """Proves CLIENT-9.1-RETRY-AFTER."""
     check = ClientCheck(CALM, seed=1, clock=ticks)
     check.arrive("sensor-0003", "10.0.0.1")
     retry_after, _ = check.answered("sensor-0003", "10.0.0.1", 423, "locked")
@@ -79,6 +81,7 @@ def test_a_poll_before_its_retry_after_is_reported(ticks: Ticks) -> None:
 
 
 def test_a_changed_request_and_a_request_after_a_denial_are_reported(ticks: Ticks) -> None:
+    """Proves CLIENT-9.2-SAME-REQUEST, CLIENT-9.3-DENIED."""
     check = ClientCheck(CALM, seed=1, clock=ticks)
     check.arrive("agent-0001", "10.0.0.1")
     check.answered("agent-0001", "10.0.0.1", 409, "duplicate_request")
@@ -96,6 +99,7 @@ def test_a_changed_request_and_a_request_after_a_denial_are_reported(ticks: Tick
 
 
 def test_a_lost_answer_lets_the_client_send_again_at_once(ticks: Ticks) -> None:
+    """Proves CLIENT-9.4-LOST-ANSWER."""
     check = ClientCheck(Variation(busy=0.0, lost=1.0), seed=1, clock=ticks)
     check.arrive("sensor-0003", "10.0.0.1")
     assert check.answered("sensor-0003", "10.0.0.1", 201, None) == (None, True)
@@ -106,6 +110,7 @@ def test_a_lost_answer_lets_the_client_send_again_at_once(ticks: Ticks) -> None:
 
 
 def test_the_check_varies_retry_after_and_answers_busy_in_their_ranges(ticks: Ticks) -> None:
+    """Proves CLIENT-9.1-RETRY-AFTER."""
     check = ClientCheck(Variation(busy=0.5, lost=0.0), seed=7, clock=ticks)
     busy, waits = [], set()
     for _ in range(200):
@@ -189,6 +194,7 @@ def approve_when_pending(instance: server.RegistryServer, names: set[str], stop:
 
 
 def test_client_py_comes_out_clean(testing: server.RegistryServer) -> None:
+    """Proves CLIENT-9.1-RETRY-AFTER, CLIENT-9.2-SAME-REQUEST, CLIENT-9.4-LOST-ANSWER."""
     url = "http://{}:{}".format(*testing.server_address[:2])
     stop = threading.Event()
     administrator = threading.Thread(
@@ -212,6 +218,7 @@ def test_client_py_comes_out_clean(testing: server.RegistryServer) -> None:
 
 
 def test_an_impatient_client_is_reported(testing: server.RegistryServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Proves CLIENT-9.1-RETRY-AFTER."""
     testing.app.check = ClientCheck(CALM)
     host, port = testing.server_address[:2]
     body = json.dumps({"username": "sensor-0099", "password": "s3cret-pass"})

@@ -10,7 +10,9 @@
   its Settings name every flag of ``server.py --help`` and every field of
   ``registry.Settings``.
 - Each requirement of SPEC.md has one id and a strength, and every id that
-  the code or the docs cite is one of them.
+  the code, the docs or the tests cite is one of them.
+- SPEC.md's table is what ``tools/spec_proofs.py`` writes: its last column
+  names the tests that cite each id, and every MUST has one or says why not.
 - The README's Python examples (the ```python blocks of "Embedding
   `registry.py`") run as printed, in a temporary folder.
 """
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import subprocess
@@ -26,10 +29,16 @@ from pathlib import Path
 
 import pytest
 
+import conformance
 import registry
 import server
 
 HERE = Path(__file__).resolve().parent
+# tools/ is not a package, and spec_proofs is not for users: load it from its file.
+_loader = importlib.util.spec_from_file_location("spec_proofs", HERE / "tools" / "spec_proofs.py")
+spec_proofs = importlib.util.module_from_spec(_loader)
+_loader.loader.exec_module(spec_proofs)
+
 README = HERE / "README.md"
 DESIGN = HERE / "docs" / "design.md"
 MAX_README_LINES = 300
@@ -149,8 +158,7 @@ def test_the_settings_are_the_flags_and_fields() -> None:
 
 
 REQUIREMENT = re.compile(r"^\s*- \*\*([A-Z]+-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\*\* \((MUST|SHOULD)\b", re.MULTILINE)
-AREAS = "REQ|REG|LOCK|ADMIN|AUTH|CERT|STORE|SAFE|TLS|LIFE|HTTP|CLIENT|EST"
-CITED = re.compile(rf"\b((?:{AREAS})-[0-9][0-9.]*(?:-[A-Z0-9]+)*)\b")
+CITED = spec_proofs.CITED  # a cited id, in any of SPEC.md's areas: one pattern, tools/spec_proofs.py's
 
 
 def test_each_requirement_has_one_id_and_a_strength() -> None:
@@ -162,13 +170,61 @@ def test_each_requirement_has_one_id_and_a_strength() -> None:
 
 
 def test_every_cited_requirement_exists() -> None:
-    """A citation names a requirement (REG-2.3-USERNAME) or the start of one (LIFE-7.2 for LIFE-7.2-RENEW)."""
+    """A citation names a requirement by its id, or by the start of one (its area and section)."""
     ids = {found.group(1) for found in REQUIREMENT.finditer((HERE / "SPEC.md").read_text())}
     known = ids | {prefix for name in ids for prefix in re.findall(r"^[A-Z]+-[0-9][0-9.]*(?=-)", name)}
-    sources = [path for path in HERE.glob("*.py") if not path.name.startswith("test_")]
+    sources = [path for path in [*HERE.glob("*.py"), *HERE.glob("tools/*.py")] if not path.name.startswith("test_")]
     for path in [*sources, *documents()]:
         unknown = set(CITED.findall(path.read_text())) - known
         assert not unknown, f"{path.name} cites requirements that SPEC.md does not have: {sorted(unknown)}"
+
+
+def test_every_id_a_test_cites_is_a_requirement() -> None:
+    """A test proves whole requirements: it cites each by its full id, not by the start of one."""
+    ids = {found.group(1) for found in REQUIREMENT.finditer((HERE / "SPEC.md").read_text())}
+    unknown = {
+        requirement: tests for requirement, tests in spec_proofs.citations(HERE).items() if requirement not in ids
+    }
+    assert not unknown, f"tests cite ids that SPEC.md does not have: {unknown}"
+
+
+def test_the_spec_table_names_the_tests_that_prove_each_id() -> None:
+    expected = spec_proofs.table(conformance.table(), spec_proofs.citations(HERE))
+    assert spec_proofs.spec_table((HERE / "SPEC.md").read_text()) == expected, (
+        "SPEC.md's table is stale: run python3 tools/spec_proofs.py --write"
+    )
+
+
+def test_every_must_has_a_proving_test_or_says_why_not() -> None:
+    assert spec_proofs.unproved(spec_proofs.citations(HERE)) == []
+    assert all(spec_proofs.NO_PROOF.values()), "a reason in NO_PROOF is empty"
+
+
+def test_a_test_cites_by_its_docstring_or_its_class_s(tmp_path: Path) -> None:
+    (tmp_path / "test_x.py").write_text(
+        '"""Proves REG-2.4-USER for the module: not a citation of its tests."""\n'
+        "import pytest\n"
+        "@pytest.mark.parametrize('n', [1, 2])\n"
+        "def test_a(n):\n"
+        '    """Proves REG-2.4-USER, REG-2.4-REDELIVER: both."""\n'
+        "def test_b():\n"
+        "    name = 'REG-2.4-USER'  # in the code, not the docstring\n"
+        "class TestLock:\n"
+        '    """Proves LOCK-3.3."""\n'
+        "    def test_c(self):\n"
+        '        """And LOCK-3.2."""\n'
+        "def helper():\n"
+        '    """Proves LOCK-3.1."""\n'
+    )
+    assert spec_proofs.citations(tmp_path) == {
+        "REG-2.4-USER": ["test_x.py::test_a"],
+        "REG-2.4-REDELIVER": ["test_x.py::test_a"],
+        "LOCK-3.3": ["test_x.py::TestLock::test_c"],
+        "LOCK-3.2": ["test_x.py::TestLock::test_c"],
+    }
+    assert spec_proofs.proved_by(["a.py::test_a", "a.py::test_b", "b.py::test_c"]) == (
+        "a.py: `test_a`, `test_b`; b.py: `test_c`"
+    )
 
 
 def embedding_examples() -> list[str]:

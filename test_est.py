@@ -783,7 +783,9 @@ def test_the_kit_catches_a_broken_est_face_by_the_requirement_it_breaks(
 
 
 def test_the_kit_s_est_checks_pass_against_the_reference_server(tmp_path: Path) -> None:
-    """Proves every EST-10 id with the kit, as another implementation would be checked."""
+    """Proves, with the kit, as another implementation would be checked: EST-10.1-PATHS, EST-10.2-CACERTS,
+    EST-10.3-ENROLL, EST-10.3-OUTCOMES, EST-10.3-ERRORS, EST-10.3-LOCKED, EST-10.4-VIA, EST-10.5-LABEL,
+    EST-10.6-REENROLL, EST-10.7-CSRATTRS (the test checks that these are all of section 10's ids)."""
     document = test_conformance.run_kit(tmp_path, "--only", *est_ids())
 
     assert document["exit"] == 0, document["printed"]

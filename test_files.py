@@ -11,6 +11,7 @@ import files
 
 
 def test_write_private_writes_mode_0600_whatever_was_there(tmp_path: Path) -> None:
+    """Proves SAFE-6.4-FILES."""
     path = tmp_path / "secret.key"
     path.write_text("old")
     path.chmod(0o644)
@@ -58,6 +59,7 @@ def test_write_private_keeps_the_old_file_when_writing_fails(tmp_path: Path, mon
 
 
 def test_check_private_refuses_a_file_others_may_read(tmp_path: Path) -> None:
+    """Proves SAFE-6.4-FILES."""
     path = tmp_path / "secret.key"
     files.write_private(path, "secret")
     files.check_private(path)

@@ -127,6 +127,7 @@ def server_process(tmp_path: Path) -> ServerProcess:
 
 
 def test_killed_server_loses_nothing_it_answered(tmp_path: Path, server_process: ServerProcess) -> None:
+    """Proves STORE-6.2-DURABLE."""
     process = server_process
     process.start()
     ca_before = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca.key").read_bytes()
@@ -208,6 +209,7 @@ def test_killed_server_loses_nothing_it_answered(tmp_path: Path, server_process:
 
 
 def test_racing_clients_get_one_request_per_username(tmp_path: Path) -> None:
+    """Proves REG-2.4-PENDING."""
     # 60 clients at once, all from 127.0.0.1: over the default cap of one address.
     with serve(tmp_path, max_connections_per_address=100) as srv:
         address = srv.server_address
@@ -278,6 +280,7 @@ def assert_clean_refusal(status: int, headers: dict[str, str], body: object) -> 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
 @given(body=st.binary(max_size=300) | requests_like.map(lambda d: json.dumps(d).encode()))
 def test_hostile_bodies_get_a_json_4xx_and_change_nothing(locked_server: server.RegistryServer, body: bytes) -> None:
+    """Proves REG-2.2-MALFORMED, REG-2.5-ERRORS."""
     address = locked_server.server_address
     before = snapshot(address)
     assert_clean_refusal(*call(address, "POST", "/api/client-registry/register", body))
@@ -307,6 +310,7 @@ HOSTILE_BODIES = [
 
 @pytest.mark.parametrize("body", HOSTILE_BODIES, ids=range(len(HOSTILE_BODIES)))
 def test_hand_written_hostile_bodies(locked_server: server.RegistryServer, body: bytes) -> None:
+    """Proves REG-2.2-MALFORMED, REG-2.5-ERRORS."""
     address = locked_server.server_address
     before = snapshot(address)
     assert_clean_refusal(*call(address, "POST", "/api/client-registry/register", body))
@@ -314,6 +318,7 @@ def test_hand_written_hostile_bodies(locked_server: server.RegistryServer, body:
 
 
 def test_csrs_asking_for_more_are_not_a_fault(tmp_path: Path) -> None:
+    """Proves CERT-5.3-SUBJECT, CERT-5.3-BASIC-CONSTRAINTS."""
     csr = make_csr(
         "gateway-1",
         extensions=[
@@ -411,6 +416,7 @@ def header(head: bytes, name: bytes) -> bytes:
 
 
 def test_slow_clients_are_cut_off_and_never_block_others(tmp_path: Path) -> None:
+    """Proves HTTP-8.4-LIMITS."""
     with serve(tmp_path, timeout=1.5) as srv:
         address = srv.server_address
         silent = [socket.create_connection(address, timeout=10) for _ in range(5)]
@@ -436,6 +442,7 @@ def test_slow_clients_are_cut_off_and_never_block_others(tmp_path: Path) -> None
 
 
 def test_tls_clients_that_stall_are_cut_off(tmp_path: Path) -> None:
+    """Proves HTTP-8.4-LIMITS."""
     with serve(tmp_path, http=False, timeout=1.0) as srv:
         address = srv.server_address
         trust = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
@@ -453,6 +460,7 @@ def test_tls_clients_that_stall_are_cut_off(tmp_path: Path) -> None:
 def test_a_body_cut_short_over_tls_is_one_access_line_and_no_traceback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:
+    """Proves HTTP-8.5-ACCESS-LOG."""
     # A client that sends less body than its Content-Length and closes has
     # aborted its request: no client's mistake may write a traceback, and an
     # aborted request is one access line at most. Closing without TLS's
@@ -479,6 +487,7 @@ def test_a_body_cut_short_over_tls_is_one_access_line_and_no_traceback(
 
 
 def test_a_full_registry_answers_503_and_still_serves_polls(tmp_path: Path) -> None:
+    """Proves REG-2.4-FULL."""
     with serve(tmp_path, max_pending=3) as srv:
         address = srv.server_address
         admin(address, "POST", "/api/client-registry/unlock")
@@ -492,6 +501,7 @@ def test_a_full_registry_answers_503_and_still_serves_polls(tmp_path: Path) -> N
 
 
 def test_the_rate_limit_counts_new_requests_only(tmp_path: Path) -> None:
+    """Proves REG-2.4-RATE."""
     with serve(tmp_path, rate_limit=2) as srv:
         address = srv.server_address
         admin(address, "POST", "/api/client-registry/unlock")
@@ -505,6 +515,7 @@ def test_the_rate_limit_counts_new_requests_only(tmp_path: Path) -> None:
 
 
 def test_failed_sign_ins_are_throttled(tmp_path: Path) -> None:
+    """Proves AUTH-5.2-THROTTLE."""
     with serve(tmp_path) as srv:
         address = srv.server_address
         admin(address, "POST", "/api/client-registry/unlock")
@@ -545,6 +556,7 @@ def test_refused_requests_cost_no_key_derivation(tmp_path: Path, monkeypatch: py
 def test_one_address_holding_its_cap_of_connections_leaves_room_for_others(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Proves HTTP-8.4-LIMITS."""
     # As nginx's limit_conn: one address may hold so many connections at once,
     # so that 300 slow ones from one client cannot take the server from the
     # rest. 127.0.0.2 is another loopback address on Linux.
@@ -579,6 +591,7 @@ def test_one_address_holding_its_cap_of_connections_leaves_room_for_others(
 def test_no_password_is_stored_logged_or_answered(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:
+    """Proves SAFE-6.3-PASSWORDS."""
     caplog.set_level(logging.DEBUG)
     passwords = [f"pw-{os.urandom(6).hex()}" for _ in range(4)]
     answers = []
@@ -604,6 +617,7 @@ def test_no_password_is_stored_logged_or_answered(
 
 
 def test_the_server_refuses_a_key_others_can_read(tmp_path: Path) -> None:
+    """Proves SAFE-6.4-FILES."""
     with serve(tmp_path):
         pass
     assert os.stat(tmp_path).st_mode & 0o777 == 0o700
@@ -625,6 +639,7 @@ def test_the_server_refuses_a_key_others_can_read(tmp_path: Path) -> None:
 
 
 def test_the_audit_trail_of_a_lifecycle(tmp_path: Path) -> None:
+    """Proves ADMIN-4.8-EXTRA."""
     with serve(tmp_path) as srv:
         address = srv.server_address
         admin(address, "POST", "/api/client-registry/unlock")
@@ -661,6 +676,7 @@ def test_the_audit_trail_of_a_lifecycle(tmp_path: Path) -> None:
 
 
 def test_the_administrator_token_is_compared_in_constant_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves ADMIN-4.1-TOKEN."""
     compared = []
     real = admins.hmac.compare_digest
     monkeypatch.setattr(admins.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))

@@ -263,6 +263,7 @@ def by_server(data: bytes, *, fast_http: bool = True) -> Head | Refused:
 @example(part("GET / HTTP/1.1\r\nAuthorization: Bearer t\xa0\r\n\r\n"))
 @example(part("\r\nGET / HTTP/1.1\r\n\r\n"))
 def test_the_fast_reader_reads_what_http_server_reads_and_refuses_only_by_rule(head: Part) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     data = head.text.encode("latin-1")
     ours, reference = by_server(data), by_http_server(data)
     refused_by_rule = head.broken & REFUSED_BY_RULE
@@ -285,6 +286,7 @@ def test_the_fast_reader_reads_what_http_server_reads_and_refuses_only_by_rule(h
 
 @given(heads())
 def test_with_fast_http_off_the_server_reads_heads_as_http_server_does(head: Part) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     data = head.text.encode("latin-1")
     ours, reference = by_server(data, fast_http=False), by_http_server(data)
 
@@ -308,6 +310,7 @@ def test_with_fast_http_off_the_server_reads_heads_as_http_server_does(head: Par
     ids=["a header line over the limit", "too many header lines"],
 )
 def test_both_readers_keep_http_servers_limits(limit: bytes, status: int) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     reference = by_http_server(limit)
     assert isinstance(reference, Refused)
     assert by_server(limit) == by_server(limit, fast_http=False) == Refused(status)

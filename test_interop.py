@@ -219,6 +219,7 @@ def verify(agent: Agent, broker: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_mosquitto_refuses_a_deleted_users_certificate_once_it_reads_the_new_crl(tmp_path: Path) -> None:
+    """Proves LIFE-7.3-REVOKE, LIFE-7.4-CRL, LIFE-7.5-CRL-FRESH."""
     broker = tmp_path / "broker"
     broker.mkdir(mode=0o700)
     log = broker / "mosquitto.log"

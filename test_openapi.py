@@ -217,6 +217,7 @@ def call(
 
 
 def test_the_server_serves_the_document(live: server.RegistryServer) -> None:
+    """Proves ADMIN-4.8-EXTRA."""
     status, headers, body = call(live, "GET", "/api/openapi.json")
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == openapi.document(server.ROUTES)

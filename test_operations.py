@@ -108,6 +108,7 @@ def test_a_damaged_database_stops_the_server_and_is_kept(tmp_path: Path, capsys:
 
 
 def test_a_ca_key_that_is_not_its_certificates_stops_the_server(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Proves CERT-5.4-CA."""
     ca.CA.load_or_create(tmp_path, START)
     other = tmp_path / "other"
     other.mkdir()
@@ -542,6 +543,7 @@ def test_the_server_s_certificate_renews_itself_at_two_thirds_of_its_life(tmp_pa
 
 
 def test_plain_http_to_the_tls_port_is_told_to_use_https(tmp_path: Path) -> None:
+    """Proves TLS-6.5-HTTPS."""
     with serve(tmp_path, http=False) as instance:
         host, port = instance.server_address[:2]
         connection = http.client.HTTPConnection(host, port, timeout=10)

@@ -95,7 +95,7 @@ def client_addresses(instance: server.RegistryServer) -> dict[str, str]:
 
 @pytest.mark.parametrize("allowed", [True, False], ids=["--forwarded-allow 127.0.0.1", "no proxy allowed"])
 def test_behind_nginx_each_client_has_its_own_address(tmp_path: Path, allowed: bool) -> None:
-    """With the proxy allowed, the rate limit counts each client; without, all share the proxy's address."""
+    """Proves HTTP-8.6-FORWARDED: with the proxy allowed, the rate limit counts each client; else all are one."""
     options = {"rate_limit": 1, "forwarded_allow": ("127.0.0.1",) if allowed else ()}
     with serve(tmp_path / "data", **options) as instance:
         assert call(instance.url, "POST", "/api/client-registry/unlock", token=ADMIN_TOKEN)[0] == 200

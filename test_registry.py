@@ -111,6 +111,8 @@ def open_reg(reg: registry.Registry) -> registry.Registry:
 
 
 def test_lifecycle_of_a_sensor_that_asks_for_a_certificate(reg, clock, authority):
+    """Proves LOCK-3.1, REG-2.4-LOCKED, LOCK-3.2, REG-2.4-STORE, REG-2.5-PENDING-BODY, REG-2.4-PENDING,
+    ADMIN-4.2-CALLS, REG-2.5-APPROVED-BODY, REG-2.4-USER, REG-2.4-REDELIVER."""
     # A sensor makes a key and asks for a certificate for its name, with the
     # rights it needs and a note for the administrator.
     key = make_key()
@@ -275,6 +277,8 @@ def test_lifecycle_of_a_sensor_that_asks_for_a_certificate(reg, clock, authority
     ],
 )
 def test_a_malformed_request_gets_400(open_reg, payload, problem):
+    """Proves REQ-1-SHAPE, REQ-1-PERMISSION, REQ-1-CONTEXT, REG-2.2-MALFORMED, REG-2.2-CSR, REG-2.2-CN,
+    REG-2.5-ERRORS."""
     with pytest.raises(registry.MalformedRequest) as refused:
         open_reg.register(payload)
     assert refused.value.status == 400
@@ -284,6 +288,7 @@ def test_a_malformed_request_gets_400(open_reg, payload, problem):
 
 
 def test_a_request_with_several_problems_lists_each_in_details(open_reg):
+    """Proves REG-2.5-ERRORS."""
     with pytest.raises(registry.MalformedRequest) as refused:
         open_reg.register({"password": 12345, "colour": "red"})
     details = refused.value.body()["details"]
@@ -312,6 +317,7 @@ def test_a_request_with_several_problems_lists_each_in_details(open_reg):
     ],
 )
 def test_a_request_against_policy_gets_422(open_reg, payload, problem):
+    """Proves REG-2.3-USERNAME, REG-2.3-PASSWORD, REG-2.3-ROLE, REG-2.3-KEY."""
     with pytest.raises(registry.PolicyViolation) as refused:
         open_reg.register(payload)
     assert refused.value.status == 422
@@ -321,6 +327,7 @@ def test_a_request_against_policy_gets_422(open_reg, payload, problem):
 
 
 def test_a_request_that_breaks_several_policy_rules_lists_each_in_details(open_reg):
+    """Proves REG-2.5-ERRORS."""
     with pytest.raises(registry.PolicyViolation) as refused:
         open_reg.register(password_request("ab", "1234", roles=["admin"]))
     assert len(refused.value.body()["details"]) == 3
@@ -349,6 +356,8 @@ def test_a_request_that_breaks_several_policy_rules_lists_each_in_details(open_r
     ],
 )
 def test_a_request_within_policy_is_stored_as_pending(open_reg, payload):
+    """Proves REG-2.3-USERNAME, REG-2.3-PASSWORD, REG-2.3-KEY, REQ-1-CONTEXT, REQ-1-PERMISSION, REG-2.4-STORE,
+    REG-2.5-PENDING-BODY."""
     outcome = open_reg.register(payload)
     assert outcome.status == 202
     assert outcome.headers == {"Retry-After": "5"}
@@ -357,6 +366,7 @@ def test_a_request_within_policy_is_stored_as_pending(open_reg, payload):
 
 
 def test_the_pairing_id_of_a_csr_is_derived_from_its_public_key(open_reg):
+    """Proves REG-2.5-PENDING-BODY."""
     key = make_key()
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     digest = hashes.Hash(hashes.SHA256())
@@ -366,6 +376,7 @@ def test_the_pairing_id_of_a_csr_is_derived_from_its_public_key(open_reg):
 
 
 def test_a_new_request_while_locked_gets_423_and_nothing_is_stored(reg):
+    """Proves REG-2.4-LOCKED, REG-2.5-RETRY-AFTER."""
     with pytest.raises(registry.Locked) as refused:
         reg.register(password_request())
     assert refused.value.status == 423
@@ -376,6 +387,7 @@ def test_a_new_request_while_locked_gets_423_and_nothing_is_stored(reg):
 
 
 def test_retry_after_comes_from_the_settings(clock, authority):
+    """Proves REG-2.5-RETRY-AFTER."""
     settings = registry.Settings(scrypt_n=16, retry_after_pending=7, retry_after_locked=60)
     reg = registry.Registry(clock=clock, ca=authority, settings=settings)
     with pytest.raises(registry.Locked) as refused:
@@ -390,18 +402,21 @@ def test_retry_after_comes_from_the_settings(clock, authority):
 
 
 def test_malformed_and_locked_gets_400(reg):
+    """Proves REG-2-ORDER."""
     with pytest.raises(registry.MalformedRequest) as refused:
         reg.register(password_request(colour="red"))
     assert refused.value.status == 400
 
 
 def test_against_policy_and_locked_gets_422(reg):
+    """Proves REG-2-ORDER."""
     with pytest.raises(registry.PolicyViolation) as refused:
         reg.register(password_request("ab"))
     assert refused.value.status == 422
 
 
 def test_malformed_and_against_policy_gets_400(open_reg):
+    """Proves REG-2-ORDER."""
     with pytest.raises(registry.MalformedRequest) as refused:
         open_reg.register(password_request("ab", "1234", colour="red"))
     assert refused.value.status == 400
@@ -409,12 +424,14 @@ def test_malformed_and_against_policy_gets_400(open_reg):
 
 
 def test_a_csr_for_another_cn_with_an_unaccepted_key_gets_400(open_reg):
+    """Proves REG-2-ORDER, REG-2.2-CN."""
     with pytest.raises(registry.MalformedRequest) as refused:
         open_reg.register({"username": "sensor-0001", "csr": make_csr("sensor-0002", make_key("p521"))})
     assert "is not the username" in refused.value.message
 
 
 def test_a_malformed_request_for_a_pending_username_gets_400(open_reg):
+    """Proves REG-2-ORDER."""
     open_reg.register(password_request())
     with pytest.raises(registry.MalformedRequest):
         open_reg.register(password_request(colour="red"))
@@ -422,6 +439,7 @@ def test_a_malformed_request_for_a_pending_username_gets_400(open_reg):
 
 
 def test_a_request_against_policy_for_an_approved_username_gets_422(open_reg):
+    """Proves REG-2-ORDER."""
     approved(open_reg, password_request())
     with pytest.raises(registry.PolicyViolation) as refused:
         open_reg.register(password_request(roles=["admin"]))
@@ -429,6 +447,7 @@ def test_a_request_against_policy_for_an_approved_username_gets_422(open_reg):
 
 
 def test_a_pending_request_still_polls_while_locked(open_reg):
+    """Proves REG-2.5-LOCK-SCOPE, REG-2.4-PENDING."""
     first = open_reg.register(password_request())
     open_reg.lock()
     poll = open_reg.register(password_request())
@@ -437,6 +456,7 @@ def test_a_pending_request_still_polls_while_locked(open_reg):
 
 
 def test_an_approved_request_gets_201_again_while_locked(open_reg):
+    """Proves REG-2.5-LOCK-SCOPE, REG-2.4-USER."""
     admitted = approved(open_reg, password_request())
     open_reg.lock()
     again = open_reg.register(password_request())
@@ -444,6 +464,7 @@ def test_an_approved_request_gets_201_again_while_locked(open_reg):
 
 
 def test_a_denied_request_gets_403_with_the_reason(open_reg):
+    """Proves REG-2.4-DENIED."""
     open_reg.register(password_request())
     open_reg.deny("sensor-0001", {"reason": "not one of ours"})
     with pytest.raises(registry.Denied) as refused:
@@ -454,6 +475,7 @@ def test_a_denied_request_gets_403_with_the_reason(open_reg):
 
 
 def test_a_denied_request_gets_403_while_locked(open_reg):
+    """Proves REG-2.4-DENIED, REG-2-ORDER."""
     open_reg.register(password_request())
     open_reg.deny("sensor-0001")
     open_reg.lock()
@@ -463,6 +485,7 @@ def test_a_denied_request_gets_403_while_locked(open_reg):
 
 
 def test_a_different_request_for_a_denied_username_gets_409(open_reg):
+    """Proves REG-2.4-DENIED."""
     open_reg.register(password_request())
     open_reg.deny("sensor-0001")
     with pytest.raises(registry.Conflict) as refused:
@@ -472,6 +495,7 @@ def test_a_different_request_for_a_denied_username_gets_409(open_reg):
 
 
 def test_a_different_request_for_an_approved_username_gets_409_username_taken(open_reg):
+    """Proves REG-2.4-USER, REG-2.4-MATCH."""
     approved(open_reg, password_request())
     with pytest.raises(registry.Conflict) as refused:
         open_reg.register(password_request(roles=["operator"]))
@@ -495,6 +519,7 @@ def test_a_different_request_for_an_approved_username_gets_409_username_taken(op
     ],
 )
 def test_a_different_request_for_a_pending_username_gets_409_duplicate_request(open_reg, differing):
+    """Proves REG-2.4-PENDING, REG-2.4-MATCH."""
     original = password_request(roles=["minimum"], permissions=[READ_TELEMETRY, WRITE_COMMANDS])
     open_reg.register(original)
     with pytest.raises(registry.Conflict) as refused:
@@ -505,6 +530,7 @@ def test_a_different_request_for_a_pending_username_gets_409_duplicate_request(o
 
 
 def test_a_csr_with_another_key_for_a_pending_username_gets_409(open_reg):
+    """Proves REG-2.4-PENDING, REG-2.4-MATCH."""
     open_reg.register(csr_request("sensor-0001"))
     with pytest.raises(registry.Conflict) as refused:
         open_reg.register(csr_request("sensor-0001"))
@@ -512,6 +538,7 @@ def test_a_csr_with_another_key_for_a_pending_username_gets_409(open_reg):
 
 
 def test_a_new_csr_for_the_same_key_is_a_poll(open_reg):
+    """Proves REG-2.4-MATCH."""
     key = make_key()
     first_request = csr_request("sensor-0001", key)
     first = open_reg.register(first_request)
@@ -523,6 +550,7 @@ def test_a_new_csr_for_the_same_key_is_a_poll(open_reg):
 
 
 def test_context_takes_no_part_in_matching(open_reg):
+    """Proves REG-2.4-MATCH."""
     first = open_reg.register(password_request(context="boiler room"))
     poll = open_reg.register(password_request(context="roof, next to the antenna"))
     assert (poll.status, poll.body) == (202, first.body)
@@ -531,6 +559,7 @@ def test_context_takes_no_part_in_matching(open_reg):
 
 
 def test_context_takes_no_part_in_matching_a_decided_request(open_reg):
+    """Proves REG-2.4-MATCH."""
     admitted = approved(open_reg, password_request("sensor-0001", context="boiler room"))
     again = open_reg.register(password_request("sensor-0001", context="somewhere else"))
     assert (again.status, again.body) == (201, admitted.body)
@@ -541,6 +570,7 @@ def test_context_takes_no_part_in_matching_a_decided_request(open_reg):
 
 
 def test_the_order_of_roles_and_permissions_takes_no_part_in_matching(open_reg):
+    """Proves REG-2.4-MATCH."""
     first = open_reg.register(
         password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY, WRITE_COMMANDS])
     )
@@ -557,10 +587,12 @@ FIRST_CRL = {"number": 1, "nextUpdate": "2026-01-08T12:00:00.000+00:00"}
 
 
 def test_the_registry_starts_locked(reg):
+    """Proves LOCK-3.1."""
     assert reg.status() == {"locked": True, "unlockedUntil": None, "pending": 0, "crl": FIRST_CRL}
 
 
 def test_the_window_closes_by_itself_after_five_minutes(reg, clock):
+    """Proves LOCK-3.2, LOCK-3.4."""
     reg.unlock()
     clock.advance(minutes=5, milliseconds=-1)
     assert reg.status()["locked"] is False
@@ -572,6 +604,7 @@ def test_the_window_closes_by_itself_after_five_minutes(reg, clock):
 
 
 def test_an_unlock_while_open_starts_a_new_window_from_now(reg, clock):
+    """Proves LOCK-3.2."""
     reg.unlock()
     clock.advance(minutes=4)
     status = reg.unlock()
@@ -583,6 +616,7 @@ def test_an_unlock_while_open_starts_a_new_window_from_now(reg, clock):
 
 
 def test_lock_closes_the_registry_at_once(reg):
+    """Proves LOCK-3.3."""
     reg.unlock()
     assert reg.lock() == {"locked": True, "unlockedUntil": None, "pending": 0, "crl": FIRST_CRL}
     with pytest.raises(registry.Locked):
@@ -590,6 +624,7 @@ def test_lock_closes_the_registry_at_once(reg):
 
 
 def test_unlock_takes_a_duration_in_milliseconds(reg, clock):
+    """Proves LOCK-3.2."""
     status = reg.unlock({"duration": 90_000})
     assert datetime.fromisoformat(status["unlockedUntil"]) == START + timedelta(seconds=90)
     clock.advance(seconds=90)
@@ -597,6 +632,7 @@ def test_unlock_takes_a_duration_in_milliseconds(reg, clock):
 
 
 def test_unlock_accepts_the_longest_duration_of_the_settings(reg):
+    """Proves LOCK-3.2."""
     status = reg.unlock({"duration": 24 * 60 * 60 * 1000})
     assert datetime.fromisoformat(status["unlockedUntil"]) == START + timedelta(days=1)
 
@@ -617,6 +653,7 @@ def test_unlock_accepts_the_longest_duration_of_the_settings(reg):
     ],
 )
 def test_unlock_with_a_bad_duration_gets_400_and_stays_locked(reg, body):
+    """Proves LOCK-3.2."""
     with pytest.raises(registry.MalformedRequest) as refused:
         reg.unlock(body)
     assert refused.value.status == 400
@@ -624,6 +661,7 @@ def test_unlock_with_a_bad_duration_gets_400_and_stays_locked(reg, body):
 
 
 def test_the_lock_window_survives_reopening_the_database(tmp_path, clock, authority):
+    """Proves LOCK-3.1, STORE-6.2-DURABLE."""
     database = str(tmp_path / "registry.db")
     first = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
     opened = first.unlock()
@@ -646,6 +684,7 @@ def test_the_lock_window_survives_reopening_the_database(tmp_path, clock, author
 
 
 def test_a_pending_request_is_forgotten_after_the_retention_period(open_reg, clock):
+    """Proves REG-2.5-RETENTION."""
     open_reg.register(password_request())
     clock.advance(hours=24, seconds=-1)
     assert request_of(open_reg, "sensor-0001")["state"] == "pending"
@@ -658,6 +697,7 @@ def test_a_pending_request_is_forgotten_after_the_retention_period(open_reg, clo
 
 
 def test_an_expired_pending_request_no_longer_answers_a_poll(open_reg, clock):
+    """Proves REG-2.5-RETENTION."""
     open_reg.register(password_request())
     clock.advance(hours=24)
     with pytest.raises(registry.Locked):
@@ -665,6 +705,7 @@ def test_an_expired_pending_request_no_longer_answers_a_poll(open_reg, clock):
 
 
 def test_after_a_pending_request_expires_the_username_may_register_anew(open_reg, clock):
+    """Proves REG-2.5-RETENTION."""
     first = open_reg.register(password_request())
     clock.advance(hours=25)
     open_reg.unlock()
@@ -677,6 +718,7 @@ def test_after_a_pending_request_expires_the_username_may_register_anew(open_reg
 
 
 def test_a_denied_request_is_forgotten_after_the_retention_period(open_reg, clock):
+    """Proves REG-2.5-RETENTION."""
     open_reg.register(password_request())
     open_reg.deny("sensor-0001", {"reason": "unknown device"})
     clock.advance(hours=24, seconds=1)
@@ -686,6 +728,7 @@ def test_a_denied_request_is_forgotten_after_the_retention_period(open_reg, cloc
 
 
 def test_an_approved_request_is_kept_with_its_user(open_reg, clock):
+    """Proves REG-2.5-RETENTION."""
     admitted = approved(open_reg, password_request())
     clock.advance(days=30)
     assert request_of(open_reg, "sensor-0001")["state"] == "approved"
@@ -698,6 +741,7 @@ def test_an_approved_request_is_kept_with_its_user(open_reg, clock):
 
 
 def test_a_denied_client_learns_the_reason_and_the_listing_shows_it(open_reg):
+    """Proves ADMIN-4.2-CALLS, REG-2.4-DENIED."""
     open_reg.register(password_request())
     denied = open_reg.deny("sensor-0001", {"reason": "not on the plant list"})
     assert (denied["state"], denied["reason"]) == ("denied", "not on the plant list")
@@ -709,6 +753,7 @@ def test_a_denied_client_learns_the_reason_and_the_listing_shows_it(open_reg):
 
 
 def test_a_deny_without_a_reason_still_denies(open_reg):
+    """Proves ADMIN-4.2-CALLS."""
     open_reg.register(password_request())
     open_reg.deny("sensor-0001")
     with pytest.raises(registry.Denied) as refused:
@@ -717,6 +762,7 @@ def test_a_deny_without_a_reason_still_denies(open_reg):
 
 
 def test_an_approval_may_narrow_the_rights_and_the_201_shows_what_was_granted(open_reg, authority):
+    """Proves ADMIN-4.4-APPROVE-BODY, REG-2.5-APPROVED-BODY."""
     request = csr_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY, WRITE_COMMANDS])
     admitted = approved(open_reg, request, {"roles": ["minimum"], "permissions": [READ_TELEMETRY]})
     assert admitted.status == 201
@@ -731,6 +777,7 @@ def test_an_approval_may_narrow_the_rights_and_the_201_shows_what_was_granted(op
 
 
 def test_an_approval_body_that_names_one_field_keeps_the_other_as_requested(open_reg):
+    """Proves ADMIN-4.4-APPROVE-BODY."""
     payload = password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY])
     answer = approved(open_reg, payload, {"permissions": []})
     assert (answer.body["roles"], answer.body["permissions"]) == (["minimum", "operator"], [])
@@ -740,6 +787,7 @@ def test_an_approval_body_that_names_one_field_keeps_the_other_as_requested(open
 
 
 def test_the_certificate_takes_nothing_from_the_csr_but_its_key(open_reg, authority):
+    """Proves CERT-5.3-SUBJECT, CERT-5.3-BASIC-CONSTRAINTS."""
     key = make_key()
     subject = x509.Name(
         [x509.NameAttribute(NameOID.COMMON_NAME, "sensor-0001"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Evil")]
@@ -760,11 +808,13 @@ def test_the_certificate_takes_nothing_from_the_csr_but_its_key(open_reg, author
 
 
 def test_an_approval_that_grants_nothing_grants_nothing(open_reg):
+    """Proves ADMIN-4.4-APPROVE-BODY."""
     admitted = approved(open_reg, password_request(roles=["operator"]), {"roles": [], "permissions": []})
     assert (admitted.body["roles"], admitted.body["permissions"]) == ([], [])
 
 
 def test_an_approval_with_a_role_outside_the_catalog_gets_422(open_reg):
+    """Proves REG-2.3-ROLE."""
     open_reg.register(password_request())
     with pytest.raises(registry.PolicyViolation):
         open_reg.approve("sensor-0001", {"roles": ["root"]})
@@ -772,6 +822,7 @@ def test_an_approval_with_a_role_outside_the_catalog_gets_422(open_reg):
 
 
 def test_the_administrator_decides_while_the_registry_is_locked(open_reg):
+    """Proves REG-2.5-LOCK-SCOPE."""
     open_reg.register(password_request("sensor-0001"))
     open_reg.register(password_request("sensor-0002"))
     open_reg.lock()
@@ -791,6 +842,7 @@ def test_the_administrator_decides_while_the_registry_is_locked(open_reg):
     ],
 )
 def test_deciding_a_request_that_is_not_pending_gets_409(open_reg, decided_by, decision):
+    """Proves ADMIN-4.3-DECIDE."""
     open_reg.register(password_request())
     getattr(open_reg, decided_by)("sensor-0001")
     before = snapshot(open_reg)
@@ -803,6 +855,7 @@ def test_deciding_a_request_that_is_not_pending_gets_409(open_reg, decided_by, d
 
 @pytest.mark.parametrize("decision", ["approve", "deny", "forget", "remove_user"])
 def test_deciding_for_an_unknown_username_gets_404(open_reg, decision):
+    """Proves ADMIN-4.3-DECIDE."""
     with pytest.raises(registry.NotFound) as refused:
         getattr(open_reg, decision)("nobody")
     assert refused.value.status == 404
@@ -810,12 +863,14 @@ def test_deciding_for_an_unknown_username_gets_404(open_reg, decision):
 
 
 def test_removing_a_user_whose_request_is_pending_gets_404(open_reg):
+    """Proves ADMIN-4.2-CALLS."""
     open_reg.register(password_request())
     with pytest.raises(registry.NotFound):
         open_reg.remove_user("sensor-0001")
 
 
 def test_forgetting_a_pending_request_frees_the_username(open_reg):
+    """Proves ADMIN-4.2-CALLS."""
     open_reg.register(password_request())
     open_reg.forget("sensor-0001")
     assert open_reg.requests() == []
@@ -823,6 +878,7 @@ def test_forgetting_a_pending_request_frees_the_username(open_reg):
 
 
 def test_forgetting_a_denied_request_frees_the_username(open_reg):
+    """Proves ADMIN-4.2-CALLS."""
     open_reg.register(password_request())
     open_reg.deny("sensor-0001")
     open_reg.forget("sensor-0001")
@@ -830,6 +886,7 @@ def test_forgetting_a_denied_request_frees_the_username(open_reg):
 
 
 def test_after_remove_user_the_username_may_register_again(open_reg):
+    """Proves ADMIN-4.2-CALLS."""
     approved(open_reg, password_request())
     open_reg.remove_user("sensor-0001")
     assert open_reg.users() == []
@@ -870,6 +927,7 @@ REJECTED_COMMANDS = [
 
 @pytest.mark.parametrize(("command", "status"), REJECTED_COMMANDS)
 def test_a_rejected_command_changes_nothing(open_reg, command, status):
+    """Proves ADMIN-4.3-DECIDE."""
     open_reg.register(password_request("pending-1"))
     approved(open_reg, csr_request("approved-1"))
     open_reg.register(password_request("denied-1"))
@@ -886,6 +944,7 @@ def test_a_rejected_command_changes_nothing(open_reg, command, status):
 
 
 def test_reopening_the_database_keeps_requests_users_certificates_and_the_lock(tmp_path, clock, authority):
+    """Proves STORE-6.1-SQLITE, STORE-6.2-DURABLE, LOCK-3.1."""
     database = str(tmp_path / "registry.db")
     first = registry.Registry(database, clock=clock, ca=authority, settings=FAST)
     first.unlock()
@@ -921,6 +980,7 @@ def test_reopening_the_database_keeps_requests_users_certificates_and_the_lock(t
 
 
 def test_no_plain_password_reaches_the_database_file(tmp_path, clock, authority):
+    """Proves SAFE-6.3-PASSWORDS."""
     secret = "plain-text-secret-7f3a"
     database = tmp_path / "registry.db"
     reg = registry.Registry(str(database), clock=clock, ca=authority, settings=FAST)
@@ -942,6 +1002,7 @@ def test_no_plain_password_reaches_the_database_file(tmp_path, clock, authority)
 
 
 def test_no_plain_password_is_answered_or_listed(open_reg):
+    """Proves SAFE-6.3-PASSWORDS."""
     secret = "plain-text-secret-7f3a"
     answers = [open_reg.register(password_request("sensor-0001", secret)).body]
     open_reg.approve("sensor-0001")
@@ -954,6 +1015,7 @@ def test_no_plain_password_is_answered_or_listed(open_reg):
 
 
 def test_authenticate_password_knows_the_right_password_from_a_wrong_one(open_reg):
+    """Proves AUTH-5.2-WHOAMI."""
     approved(open_reg, password_request(roles=["operator"], permissions=[WRITE_COMMANDS]))
     identity = open_reg.authenticate_password("sensor-0001", PASSWORD)
     assert identity.to_json() == {
@@ -971,12 +1033,14 @@ def test_authenticate_password_knows_the_right_password_from_a_wrong_one(open_re
 
 
 def test_a_pending_client_cannot_authenticate(open_reg):
+    """Proves AUTH-5.2-WHOAMI."""
     open_reg.register(password_request())
     with pytest.raises(registry.Unauthorized):
         open_reg.authenticate_password("sensor-0001", PASSWORD)
 
 
 def test_failed_sign_ins_are_throttled_and_recover_after_the_window(open_reg, clock):
+    """Proves AUTH-5.2-THROTTLE."""
     approved(open_reg, password_request())
     for _ in range(open_reg.settings.max_auth_failures):
         with pytest.raises(registry.Unauthorized):
@@ -995,7 +1059,9 @@ def test_failed_sign_ins_are_throttled_and_recover_after_the_window(open_reg, cl
 
 
 def test_a_strangers_failed_sign_ins_do_not_lock_the_device_out(open_reg, clock):
-    """Issue 19: five wrong passwords from one address pause that address, not the device at another."""
+    """Proves AUTH-5.2-THROTTLE.
+
+    Issue 19: five wrong passwords from one address pause that address, not the device at another."""
     approved(open_reg, password_request())
     for _ in range(open_reg.settings.max_auth_failures):
         with pytest.raises(registry.Unauthorized):
@@ -1007,6 +1073,7 @@ def test_a_strangers_failed_sign_ins_do_not_lock_the_device_out(open_reg, clock)
 
 
 def test_failed_sign_ins_from_many_addresses_pause_the_username_at_a_higher_ceiling(open_reg, clock):
+    """Proves AUTH-5.2-THROTTLE."""
     approved(open_reg, password_request())
     ceiling = open_reg.settings.max_auth_failures_per_username
     for guess in range(ceiling):
@@ -1021,6 +1088,7 @@ def test_failed_sign_ins_from_many_addresses_pause_the_username_at_a_higher_ceil
 
 
 def test_authenticate_certificate_knows_the_issued_certificate_from_a_foreign_one(open_reg):
+    """Proves AUTH-5.2-WHOAMI."""
     admitted = approved(open_reg, csr_request("sensor-0001", roles=["minimum"]))
     identity = open_reg.authenticate_certificate(certificate_der(admitted.body["certificate"]))
     assert identity.to_json() == {
@@ -1040,6 +1108,7 @@ def test_authenticate_certificate_knows_the_issued_certificate_from_a_foreign_on
 
 
 def test_a_certificate_of_a_removed_user_no_longer_authenticates(open_reg):
+    """Proves LIFE-7.3-REVOKE."""
     admitted = approved(open_reg, csr_request("sensor-0001"))
     open_reg.remove_user("sensor-0001")
     with pytest.raises(registry.Unauthorized):
@@ -1050,6 +1119,7 @@ def test_a_certificate_of_a_removed_user_no_longer_authenticates(open_reg):
 
 
 def test_a_registry_without_a_ca_refuses_csrs_and_serves_passwords(clock):
+    """Proves REG-2.3-NO-CA."""
     reg = registry.Registry(clock=clock, ca=None, settings=FAST)
     reg.unlock()
     with pytest.raises(registry.PolicyViolation) as refused:
@@ -1066,6 +1136,7 @@ def test_a_registry_without_a_ca_refuses_csrs_and_serves_passwords(clock):
 
 
 def test_an_expired_certificate_no_longer_authenticates(open_reg, clock):
+    """Proves AUTH-5.2-WHOAMI."""
     answer = approved(open_reg, csr_request("sensor-0001"))
     der = certificate_der(answer.body["certificate"])
     assert open_reg.authenticate_certificate(der).username == "sensor-0001"
@@ -1075,6 +1146,7 @@ def test_an_expired_certificate_no_longer_authenticates(open_reg, clock):
 
 
 def test_a_password_approval_carries_no_certificate(open_reg):
+    """Proves REG-2.5-APPROVED-BODY."""
     admitted = approved(open_reg, password_request())
     assert "certificate" not in admitted.body
     assert "caCertificate" not in admitted.body
@@ -1085,6 +1157,7 @@ def test_a_password_approval_carries_no_certificate(open_reg):
 
 
 def test_a_full_registry_answers_503_and_still_answers_polls(clock, authority):
+    """Proves REG-2.4-FULL, REG-2.5-RETRY-AFTER."""
     reg = registry.Registry(clock=clock, ca=authority, settings=registry.Settings(scrypt_n=16, max_pending=2))
     reg.unlock()
     first = reg.register(password_request("sensor-0001"))
@@ -1104,6 +1177,7 @@ def test_a_full_registry_answers_503_and_still_answers_polls(clock, authority):
 
 
 def test_new_requests_from_one_address_are_rate_limited_and_polls_are_not(clock, authority):
+    """Proves REG-2.4-RATE, REG-2.5-RETRY-AFTER."""
     reg = registry.Registry(clock=clock, ca=authority, settings=registry.Settings(scrypt_n=16, rate_limit=2))
     reg.unlock()
     first = reg.register(password_request("sensor-0001"), "10.0.0.1")
@@ -1126,6 +1200,7 @@ def test_new_requests_from_one_address_are_rate_limited_and_polls_are_not(clock,
 
 
 def test_concurrent_clients_leave_one_request_per_username(tmp_path, clock, authority):
+    """Proves REG-2.4-PENDING."""
     reg = registry.Registry(str(tmp_path / "registry.db"), clock=clock, ca=authority, settings=FAST)
     reg.unlock()
     usernames = [f"sensor-{n:04d}" for n in range(4)]
@@ -1195,7 +1270,9 @@ class CountingLock:
 
 
 def test_every_approval_answers_its_own_user_however_many_wait(open_reg):
-    """Issue 13: with more approvals waiting than a batch held, the last caller got 200 with null."""
+    """Proves ADMIN-4.5-APPROVE-ATOMIC.
+
+    Issue 13: with more approvals waiting than a batch held, the last caller got 200 with null."""
     names = [f"user-{i}" for i in range(111)]
     for name in names:
         assert open_reg.register(password_request(name)).status == 202
@@ -1241,6 +1318,7 @@ class FailingCA:
 
 
 def test_an_approval_whose_signature_fails_changes_nothing(clock, authority):
+    """Proves ADMIN-4.5-APPROVE-ATOMIC."""
     failing = registry.Registry(clock=clock, ca=FailingCA(authority), settings=FAST)
     failing.unlock()
     request = csr_request("sensor-0001")
@@ -1282,6 +1360,7 @@ def refused_csr_texts(username: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("case", list(refused_csr_texts("sensor-0001")))
 def test_a_csr_field_of_more_than_one_pem_block_is_malformed_and_nothing_is_stored(open_reg, case):
+    """Proves REQ-1-CSR-PEM."""
     text = refused_csr_texts("sensor-0001")[case]
     before = snapshot(open_reg)
 
@@ -1298,7 +1377,9 @@ def test_a_csr_field_of_more_than_one_pem_block_is_malformed_and_nothing_is_stor
 
 
 def test_the_certificate_carries_the_key_whose_signature_was_verified(open_reg, authority):
-    """The reported attack, had its text been taken: the certificate would carry the RSA 1024 key."""
+    """Proves CERT-5.3-VERIFIED-KEY.
+
+    The reported attack, had its text been taken: the certificate would carry the RSA 1024 key."""
     key = make_key("ec")
     request = {"username": "sensor-0001", "csr": make_csr("sensor-0001", key)}
 
@@ -1323,7 +1404,9 @@ CREATE TABLE requests (
 def test_a_database_that_kept_csr_texts_keeps_their_verified_keys_and_forgets_an_unproved_one(
     tmp_path, clock, authority
 ):
-    """A database of the version before issue 13 stored each CSR's text: its pending requests carry on."""
+    """Proves CERT-5.3-VERIFIED-KEY.
+
+    A database of the version before issue 13 stored each CSR's text: its pending requests carry on."""
     database = tmp_path / "old.db"
     key = make_key("ec")
     sound = make_csr("sensor-0001", key)
@@ -1375,6 +1458,7 @@ def free_the_disk(reg: registry.Registry) -> None:
 
 
 def test_a_full_disk_answers_503_to_new_requests_loses_nothing_and_recovers(open_reg, clock, caplog):
+    """Proves STORE-6.2-FULL-DISK."""
     pending = password_request("sensor-0001")
     assert open_reg.register(pending).status == 202
     names = [f"sensor-{i:04d}" for i in range(2, 42)]
@@ -1427,7 +1511,9 @@ def test_the_listing_is_read_on_a_full_disk_its_purge_waits(open_reg, clock, mon
 
 
 def test_the_listing_shows_what_was_granted_and_whether_the_client_has_collected_it(open_reg, clock):
-    """Issue 18: an approved row shows the granted rights, and "collected" once the client has fetched its 201."""
+    """Proves ADMIN-4.2-CALLS.
+
+    Issue 18: an approved row shows the granted rights, and "collected" once the client has fetched its 201."""
     request = password_request(roles=["minimum", "operator"], permissions=[READ_TELEMETRY])
     assert open_reg.register(request).status == 202
     assert (request_of(open_reg, "sensor-0001")["granted"], request_of(open_reg, "sensor-0001")["collectedAt"]) == (
@@ -1473,6 +1559,7 @@ def device(open_reg):
 
 
 def test_every_answer_that_carries_a_certificate_says_when_it_ends_and_when_to_renew(open_reg, device):
+    """Proves LIFE-7.1-TIMES, CERT-5.3-VALIDITY."""
     _, _request, admitted = device
     certificate = x509.load_pem_x509_certificate(admitted.body["certificate"].encode())
     not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
@@ -1490,6 +1577,7 @@ def test_every_answer_that_carries_a_certificate_says_when_it_ends_and_when_to_r
 
 
 def test_the_users_list_says_when_a_certificate_is_due_for_renewal_and_when_it_has_expired(open_reg, clock, device):
+    """Proves LIFE-7.1-TIMES."""
     _, _, admitted = device
     clock.now = datetime.fromisoformat(admitted.body["renewAfter"]) - timedelta(microseconds=1)
     assert open_reg.users()[0]["certificateStatus"] == "valid"
@@ -1502,6 +1590,7 @@ def test_the_users_list_says_when_a_certificate_is_due_for_renewal_and_when_it_h
 def test_a_renewal_with_the_same_key_issues_a_new_current_certificate_and_the_old_one_stays_valid(
     open_reg, clock, device, authority
 ):
+    """Proves LIFE-7.2-RENEW."""
     key, request, admitted = device
     clock.advance(days=300)
 
@@ -1542,6 +1631,7 @@ def test_a_renewal_with_the_same_key_issues_a_new_current_certificate_and_the_ol
 
 
 def test_a_renewal_with_a_new_key_rekeys_and_the_old_key_no_longer_registers(open_reg, device, authority):
+    """Proves LIFE-7.2-RENEW."""
     _old_key, request, admitted = device
     new_key = make_key("ed25519")
 
@@ -1558,6 +1648,7 @@ def test_a_renewal_with_a_new_key_rekeys_and_the_old_key_no_longer_registers(ope
 
 
 def test_a_repeated_renewal_answers_the_certificate_it_issued_so_a_lost_answer_can_be_fetched(open_reg, device):
+    """Proves LIFE-7.2-RENEW."""
     key, _, admitted = device
     first = renewal(open_reg, admitted.body["certificate"], key)
 
@@ -1571,6 +1662,7 @@ def test_a_repeated_renewal_answers_the_certificate_it_issued_so_a_lost_answer_c
 
 
 def test_a_renewal_never_changes_the_rights(open_reg):
+    """Proves LIFE-7.2-RENEW."""
     key = make_key()
     request = csr_request("sensor-0001", key, roles=["minimum", "operator"], permissions=[READ_TELEMETRY])
     admitted = approved(open_reg, request, {"roles": ["minimum"]})
@@ -1587,6 +1679,7 @@ def foreign_certificate() -> str:
 
 @pytest.mark.parametrize("case", ["no certificate", "another CA's", "revoked", "expired", "of a removed user"])
 def test_a_renewal_with_a_certificate_that_is_not_current_is_401_and_changes_nothing(open_reg, clock, device, case):
+    """Proves LIFE-7.2-RENEW."""
     key, _, admitted = device
     presented = certificate_der(admitted.body["certificate"])
     if case == "no certificate":
@@ -1610,6 +1703,7 @@ def test_a_renewal_with_a_certificate_that_is_not_current_is_401_and_changes_not
 
 
 def test_a_password_user_cannot_renew(open_reg):
+    """Proves LIFE-7.2-RENEW."""
     approved(open_reg, password_request("meter-0001"))
     with pytest.raises(registry.Unauthorized, match="client certificate"):
         open_reg.renew(None, {"csr": make_csr("meter-0001")})
@@ -1627,6 +1721,7 @@ def test_a_password_user_cannot_renew(open_reg):
     ids=["no body", "not a CSR", "another field", "another CN", "a weak key"],
 )
 def test_a_renewal_csr_follows_the_registration_rules(open_reg, device, body, error, problem):
+    """Proves LIFE-7.2-RENEW."""
     _, _, admitted = device
     before = snapshot(open_reg)
 
@@ -1639,6 +1734,7 @@ def test_a_renewal_csr_follows_the_registration_rules(open_reg, device, body, er
 def test_removing_a_user_revokes_its_unexpired_certificates_and_a_new_crl_lists_them(
     open_reg, clock, device, authority
 ):
+    """Proves LIFE-7.3-REVOKE, LIFE-7.5-CRL-FRESH."""
     key, _, admitted = device
     renewed = renewal(open_reg, admitted.body["certificate"], key)
     other = approved(open_reg, csr_request("sensor-0002"))
@@ -1670,6 +1766,7 @@ def test_removing_a_user_revokes_its_unexpired_certificates_and_a_new_crl_lists_
 
 
 def test_the_crl_has_its_number_issuer_times_and_authority_key_identifier(open_reg, clock, authority):
+    """Proves LIFE-7.4-CRL."""
     crl = crl_of(open_reg, authority)
 
     assert crl.issuer == authority.certificate.subject
@@ -1684,6 +1781,7 @@ def test_the_crl_has_its_number_issuer_times_and_authority_key_identifier(open_r
 
 
 def test_the_crl_is_signed_anew_before_half_of_its_validity_is_gone(open_reg, clock, authority):
+    """Proves LIFE-7.5-CRL-FRESH."""
     clock.advance(days=3, hours=12)  # exactly half left: not yet
     open_reg.refresh_crl()
     assert open_reg.status()["crl"]["number"] == 1
@@ -1698,6 +1796,7 @@ def test_the_crl_is_signed_anew_before_half_of_its_validity_is_gone(open_reg, cl
 
 
 def test_a_revoked_certificate_leaves_the_crl_once_it_has_expired(open_reg, clock, device, authority):
+    """Proves LIFE-7.4-CRL."""
     _, _, admitted = device
     open_reg.remove_user("sensor-0001")
     assert len(list(crl_of(open_reg, authority))) == 1
@@ -1730,6 +1829,7 @@ def public_der(holder: object) -> bytes:
 
 
 def test_the_audit_trail_records_a_lifecycle_newest_first_and_pages(reg, clock, authority):
+    """Proves ADMIN-4.8-EXTRA."""
     reg.unlock(address="192.0.2.9")
     clock.advance(seconds=1)
     admitted = approved(reg, csr_request("sensor-0001", roles=["minimum"]))
@@ -1779,6 +1879,7 @@ def test_the_audit_trail_records_a_lifecycle_newest_first_and_pages(reg, clock, 
 
 
 def test_polls_and_rejected_requests_leave_no_audit_entry(open_reg):
+    """Proves ADMIN-4.8-EXTRA."""
     open_reg.register(password_request())
     trail = open_reg.audit()
     open_reg.register(password_request())
@@ -1795,6 +1896,7 @@ def body(payload: dict) -> bytes:
 
 
 def test_a_body_repeated_as_bytes_polls_and_sees_each_decision(open_reg):
+    """Proves REG-2.4-PENDING, REG-2.4-USER."""
     request = body(password_request(roles=["minimum"]))
     first = open_reg.register_body(request, "10.0.0.1")
     assert open_reg.register_body(request, "10.0.0.2") == first
@@ -1805,6 +1907,7 @@ def test_a_body_repeated_as_bytes_polls_and_sees_each_decision(open_reg):
 
 
 def test_a_remembered_body_does_not_match_a_new_request_for_the_same_name(open_reg):
+    """Proves REG-2.4-MATCH."""
     old = body(password_request(password="first-password"))
     assert open_reg.register_body(old).status == 202
     open_reg.forget("sensor-0001")
@@ -1815,6 +1918,7 @@ def test_a_remembered_body_does_not_match_a_new_request_for_the_same_name(open_r
 
 
 def test_a_remembered_csr_body_does_not_match_other_rights_for_the_same_key(open_reg):
+    """Proves REG-2.4-MATCH."""
     key = make_key()
     csr = make_csr("sensor-0001", key)
     old = body({"username": "sensor-0001", "csr": csr, "roles": ["minimum"]})
@@ -1826,6 +1930,7 @@ def test_a_remembered_csr_body_does_not_match_other_rights_for_the_same_key(open
 
 
 def test_a_remembered_body_is_denied_and_expires_like_any_other(open_reg, clock):
+    """Proves REG-2.4-DENIED, REG-2.5-RETENTION."""
     request = body(password_request())
     open_reg.register_body(request)
     open_reg.register_body(request)
@@ -1839,11 +1944,13 @@ def test_a_remembered_body_is_denied_and_expires_like_any_other(open_reg, clock)
 
 @pytest.mark.parametrize("raw", [b"{", b"\xff", '{"username": "x"}'.encode("utf-16"), b"[" * 100_000])
 def test_a_body_that_is_not_json_in_utf8_is_malformed(open_reg, raw):
+    """Proves REQ-1-UTF8."""
     with pytest.raises(registry.MalformedRequest, match="not JSON"):
         open_reg.register_body(raw)
 
 
 def test_an_mqtt_resource_with_a_null_character_is_malformed(open_reg):
+    """Proves REQ-1-PERMISSION."""
     # MQTT 3.1.1 section 4.7.3: a topic holds no U+0000.
     permission = {"resource": "plant/\0/line", "operation": "read", "context": "mqtt"}
     with pytest.raises(registry.MalformedRequest, match="MQTT topic filter"):

@@ -367,6 +367,7 @@ def basic(username: str, password: str) -> dict[str, str]:
 
 
 def test_a_new_request_while_locked_is_423_with_retry_after_30_and_nothing_is_stored(client: Client) -> None:
+    """Proves LOCK-3.1, REG-2.4-LOCKED, REG-2.5-RETRY-AFTER."""
     before = snapshot(client)
     assert without_crl(before[0]) == {"locked": True, "unlockedUntil": None, "pending": 0}
 
@@ -378,6 +379,7 @@ def test_a_new_request_while_locked_is_423_with_retry_after_30_and_nothing_is_st
 
 
 def test_after_unlock_a_request_is_pending_and_each_repetition_is_a_poll(live: Running, client: Client) -> None:
+    """Proves REG-2.4-STORE, REG-2.4-PENDING, REG-2.4-MATCH, REG-2.5-PENDING-BODY."""
     unlocked(client)
 
     pairing_id = assert_pending(client.register(SENSOR), "sensor-0003")
@@ -392,6 +394,7 @@ def test_after_unlock_a_request_is_pending_and_each_repetition_is_a_poll(live: R
 
 
 def test_a_poll_is_answered_while_locked_but_a_new_request_is_not(client: Client) -> None:
+    """Proves REG-2.5-LOCK-SCOPE, REG-2.4-LOCKED."""
     unlocked(client)
     pairing_id = assert_pending(client.register(SENSOR), "sensor-0003")
     assert client.admin("POST", LOCK).body["locked"] is True
@@ -401,11 +404,13 @@ def test_a_poll_is_answered_while_locked_but_a_new_request_is_not(client: Client
 
 
 def test_a_username_with_a_hyphen_registers(client: Client) -> None:
+    """Proves REG-2.3-USERNAME."""
     unlocked(client)
     assert_pending(client.register({"username": "sensor-0003", "password": "s3cret-pass"}), "sensor-0003")
 
 
 def test_a_deep_nesting_of_100000_brackets_is_400_not_500(start: Start) -> None:
+    """Proves REG-2.2-MALFORMED."""
     client = start(max_body=1 << 20).client()
     unlocked(client)
     for body in (b"[" * 100_000, b'{"a":' * 100_000, b"[" * 100_000 + b"]" * 100_000):
@@ -452,6 +457,8 @@ MALFORMED = {
 
 @pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
 def test_a_malformed_request_is_400_before_policy_and_the_lock(refused: Client, body: object) -> None:
+    """Proves REG-2-ORDER, REQ-1-SHAPE, REQ-1-PERMISSION, REQ-1-CONTEXT, REQ-1-UTF8, REG-2.2-MALFORMED, REG-2.2-CSR,
+    REG-2.2-CN."""
     client = refused
     before = snapshot(client)
 
@@ -478,6 +485,7 @@ POLICY = {
 
 @pytest.mark.parametrize("body", POLICY.values(), ids=POLICY.keys())
 def test_a_request_against_policy_is_422_before_the_lock(refused: Client, body: object) -> None:
+    """Proves REG-2-ORDER, REG-2.3-USERNAME, REG-2.3-PASSWORD, REG-2.3-ROLE, REG-2.3-KEY."""
     client = refused
     before = snapshot(client)
 
@@ -496,12 +504,14 @@ def test_a_request_against_policy_is_422_before_the_lock(refused: Client, body: 
     ids=["shortest", "longest", "every character class"],
 )
 def test_a_request_at_the_edges_of_policy_is_accepted(client: Client, body: dict[str, object]) -> None:
+    """Proves REG-2.3-USERNAME, REG-2.3-PASSWORD."""
     assert_error(client.register(body), 423, "locked")
     unlocked(client)
     assert_pending(client.register(body), body["username"])
 
 
 def test_a_different_request_for_a_pending_username_is_409_duplicate_request(client: Client) -> None:
+    """Proves REG-2.4-PENDING, REG-2.4-MATCH."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     before = snapshot(client)
@@ -517,6 +527,7 @@ def test_a_different_request_for_a_pending_username_is_409_duplicate_request(cli
 
 
 def test_an_approved_password_request_is_201_again_and_its_username_is_taken(client: Client) -> None:
+    """Proves REG-2.4-USER, REG-2.5-APPROVED-BODY."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     approve(client, "sensor-0003")
@@ -536,6 +547,7 @@ def test_an_approved_password_request_is_201_again_and_its_username_is_taken(cli
 def test_an_approved_csr_request_is_201_with_a_certificate_from_the_registry_ca(
     live: Running, client: Client, tmp_path: Path
 ) -> None:
+    """Proves REG-2.4-USER, REG-2.4-REDELIVER, REG-2.5-APPROVED-BODY, REG-2.5-PENDING-BODY, CERT-5.4-CA."""
     unlocked(client)
     agent = make_agent(tmp_path)
     pairing_id = assert_pending(client.register(agent.payload()), "agent-0001")
@@ -562,6 +574,7 @@ def test_an_approved_csr_request_is_201_with_a_certificate_from_the_registry_ca(
 
 
 def test_a_denied_request_is_403_with_the_reason_and_a_different_one_is_409(client: Client) -> None:
+    """Proves REG-2.4-DENIED."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     denied = client.admin("POST", f"{REQUESTS}/sensor-0003/deny", {"reason": "unknown device"})
@@ -575,6 +588,7 @@ def test_a_denied_request_is_403_with_the_reason_and_a_different_one_is_409(clie
 
 
 def test_a_denial_without_a_body_gives_an_empty_reason(client: Client) -> None:
+    """Proves REG-2.4-DENIED."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     assert client.admin("POST", f"{REQUESTS}/sensor-0003/deny").status == 200
@@ -583,6 +597,7 @@ def test_a_denial_without_a_body_gives_an_empty_reason(client: Client) -> None:
 
 
 def test_a_pending_request_is_forgotten_after_the_retention_period(live: Running, client: Client) -> None:
+    """Proves REG-2.5-RETENTION."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
 
@@ -595,6 +610,7 @@ def test_a_pending_request_is_forgotten_after_the_retention_period(live: Running
 
 
 def test_identical_requests_at_once_store_one_request(live: Running, client: Client) -> None:
+    """Proves REG-2.4-PENDING."""
     unlocked(client)
     clients = [live.client() for _ in range(8)]
     barrier = threading.Barrier(len(clients))
@@ -619,6 +635,7 @@ def test_identical_requests_at_once_store_one_request(live: Running, client: Cli
 
 
 def test_a_body_over_max_body_is_413_unparsed_and_the_connection_goes_on(start: Start) -> None:
+    """Proves REG-2.1-SIZE, HTTP-8.3-CONNECTION."""
     client = start(max_body=1024).client()
     before = snapshot(client)
     first_socket = client.connected
@@ -637,6 +654,7 @@ def test_a_body_over_max_body_is_413_unparsed_and_the_connection_goes_on(start: 
 
 @BOTH_READERS
 def test_a_huge_announced_body_is_413_and_the_connection_is_closed_cleanly(live: Running) -> None:
+    """Proves REG-2.1-SIZE, HTTP-8.3-CONNECTION."""
     connection = http.client.HTTPSConnection(HOST, live.port, context=live.context(), timeout=5)
     connection.putrequest("POST", REGISTER)
     connection.putheader("Content-Type", JSON)
@@ -668,6 +686,7 @@ def raw_exchange(live: Running, data: bytes, timeout: float = 5) -> tuple[bytes,
 
 @BOTH_READERS
 def test_a_chunked_body_is_411_with_a_json_error(live: Running) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     body = json.dumps(SENSOR).encode()
     head, answer = raw_exchange(
         live,
@@ -697,6 +716,7 @@ CHUNKED_64K = b"".join(b"400\r\n" + b"x" * 1024 + b"\r\n" for _ in range(64)) + 
 def test_a_client_still_sending_its_body_receives_the_refusal(
     live: Running, head: str, body: bytes, status: int
 ) -> None:
+    """Proves HTTP-8.3-CONNECTION."""
     # RFC 9112 section 9.6: a server closes in stages (its side first, then
     # reading on for a while), since closing outright while the client's
     # body is still arriving makes TCP reset the connection, which destroys
@@ -728,6 +748,7 @@ def test_a_client_still_sending_its_body_receives_the_refusal(
     ids=["a word", "negative", "signed", "hexadecimal", "two numbers", "superscript two"],
 )
 def test_a_content_length_that_is_no_number_is_400(live: Running, length: str) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     # The superscript two is a digit to str.isdigit, and no number to int().
     request = f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n{{}}"
     head, body = raw_exchange(live, request.encode("latin-1"), timeout=2)
@@ -739,6 +760,7 @@ def test_a_content_length_that_is_no_number_is_400(live: Running, length: str) -
 
 @BOTH_READERS
 def test_a_request_line_that_is_no_http_is_400_in_json(live: Running) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     head, body = raw_exchange(live, b"HELLO\r\n\r\n")
 
     assert head.startswith(b"HTTP/1.1 400 ")
@@ -760,6 +782,7 @@ HEAD_LINE_CASES = {
 @BOTH_READERS
 @pytest.mark.parametrize("lines", HEAD_LINE_CASES.values(), ids=HEAD_LINE_CASES.keys())
 def test_a_header_line_rfc_9112_refuses_is_400_and_stores_nothing(live: Running, lines: bytes) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     request = b"POST " + REGISTER.encode() + b" HTTP/1.1\r\nHost: localhost\r\n" + lines + b"\r\n{}"
     head, body = raw_exchange(live, request)
 
@@ -771,6 +794,7 @@ def test_a_header_line_rfc_9112_refuses_is_400_and_stores_nothing(live: Running,
 @BOTH_READERS
 @pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.0"])
 def test_a_request_in_http_2_or_later_is_505(live: Running, version: bytes) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     head, body = raw_exchange(live, b"GET /api/client-registry/ca " + version + b"\r\n\r\n")
 
     assert head.startswith(b"HTTP/1.1 505 "), head
@@ -792,6 +816,7 @@ def test_header_names_are_read_whatever_their_case(live: Running) -> None:
 
 @BOTH_READERS
 def test_an_empty_line_before_a_request_is_ignored(live: Running) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     # RFC 9112 section 2.2: some clients send a CRLF after a POST body.
     head, body = raw_exchange(
         live, b"\r\nGET /api/client-registry/ca HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -803,6 +828,7 @@ def test_an_empty_line_before_a_request_is_ignored(live: Running) -> None:
 
 @BOTH_READERS
 def test_an_http_1_0_request_is_answered_and_its_connection_closed(live: Running) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     # raw_exchange reads until the server closes: it returns only if the server does.
     head, body = raw_exchange(live, b"GET /api/client-registry/ca HTTP/1.0\r\n\r\n")
 
@@ -813,6 +839,7 @@ def test_an_http_1_0_request_is_answered_and_its_connection_closed(live: Running
 
 @BOTH_READERS
 def test_expect_100_continue_gets_a_100_before_the_answer(live: Running) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     body = json.dumps(SENSOR).encode()
     request = (
         f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nConnection: close\r\n"
@@ -834,6 +861,7 @@ def test_expect_100_continue_gets_a_100_before_the_answer(live: Running) -> None
 
 @BOTH_READERS
 def test_an_unknown_path_is_404(client: Client) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     for path in ("/api/nothing", "/api/client-registry/register/more", "/api/client-registry/"):
         assert_error(client.call("GET", path), 404, "not_found")
 
@@ -854,6 +882,7 @@ def test_an_unknown_path_is_404(client: Client) -> None:
 def test_a_known_path_with_another_method_is_405_with_allow(
     client: Client, method: str, path: str, allowed: str
 ) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     assert client.call("GET", CA_PATH, kind=PEM).status == 200
     first_socket = client.connected
 
@@ -868,6 +897,7 @@ def test_a_known_path_with_another_method_is_405_with_allow(
 
 @BOTH_READERS
 def test_put_does_not_register(client: Client) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     unlocked(client)
     assert_error(client.call("PUT", REGISTER, SENSOR), 405, "method_not_allowed")
     assert client.admin("GET", REQUESTS).body == []
@@ -875,6 +905,7 @@ def test_put_does_not_register(client: Client) -> None:
 
 @BOTH_READERS
 def test_head_answers_like_get_without_a_body(live: Running, client: Client) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     # RFC 9110 section 9.1: a general-purpose server supports GET and HEAD;
     # section 9.3.2: HEAD is GET without the content.
     pem_bytes = (live.data_dir / "ca.pem").read_bytes()
@@ -889,6 +920,7 @@ def test_head_answers_like_get_without_a_body(live: Running, client: Client) -> 
 
 @BOTH_READERS
 def test_head_of_an_administrator_call_without_the_token_is_401_without_a_body(client: Client) -> None:
+    """Proves HTTP-8.1-STATUSES, ADMIN-4.1-TOKEN."""
     reply = client.call("HEAD", STATUS)
 
     # HEAD is GET without the body (RFC 9110 section 9.3.2): the GET route is
@@ -900,6 +932,7 @@ def test_head_of_an_administrator_call_without_the_token_is_401_without_a_body(c
 
 @BOTH_READERS
 def test_an_unknown_method_is_501_in_json(client: Client) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     # RFC 9110 section 15.6.2: a method the server does not recognise, on any path.
     assert_error(client.call("BREW", STATUS), 501, "not_implemented")
     assert_error(client.call("BREW", "/api/nothing"), 501, "not_implemented")
@@ -949,6 +982,7 @@ def test_answers_leave_at_once_without_waiting_for_an_ack(live: Running) -> None
 def test_the_access_log_is_written_while_the_server_runs(
     client: Client, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:
+    """Proves HTTP-8.5-ACCESS-LOG."""
     caplog.set_level(logging.INFO, logger="registry.access")
     client.call("GET", "/api/client-registry/ca", kind=None)
     written, deadline = "", time.monotonic() + 10
@@ -962,6 +996,7 @@ def test_the_access_log_is_written_while_the_server_runs(
 
 @BOTH_READERS
 def test_the_ca_certificate_is_public_pem(live: Running, client: Client) -> None:
+    """Proves CERT-5.1-CA-PUBLIC."""
     reply = client.call("GET", CA_PATH, kind=PEM)
 
     assert reply.status == 200
@@ -994,6 +1029,7 @@ CA_REQUEST = b"GET /api/client-registry/ca HTTP/1.1\r\nHost: localhost\r\n\r\n"
 def test_a_transfer_encoding_is_refused_and_the_connection_closed(
     live: Running, coding: str, length: bool, status: int
 ) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     # RFC 9112 section 6.3: a request whose Transfer-Encoding does not end in
     # chunked has no length the server can know: 400, then close. Framed by
     # its Content-Length instead, its body could carry a request that a proxy
@@ -1023,6 +1059,7 @@ HOST_CASES = {
 @BOTH_READERS
 @pytest.mark.parametrize(("version", "lines", "status"), HOST_CASES.values(), ids=HOST_CASES.keys())
 def test_a_request_names_one_valid_host(live: Running, version: bytes, lines: bytes, status: int) -> None:
+    """Proves HTTP-8.2-HEADERS."""
     # RFC 9112 section 3.2: a server MUST answer 400 to an HTTP/1.1 request
     # without Host, and to any request with more than one Host line or a Host
     # that is not uri-host [":" port] (RFC 9110 section 7.2), which may be empty.
@@ -1034,6 +1071,8 @@ def test_a_request_names_one_valid_host(live: Running, version: bytes, lines: by
 @BOTH_READERS
 @pytest.mark.parametrize("after", ["\xa0", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f"], ids=ascii)
 def test_only_spaces_and_tabs_are_white_space_around_a_token(live: Running, after: str) -> None:
+    """Proves HTTP-8.2-HEADERS, ADMIN-4.1-TOKEN."""
+
     # RFC 9110 section 5.6.3: optional white space is SP and HTAB, and
     # nothing else. A control character is off the field-value grammar
     # (section 5.5: 400); a no-break space or a NEL is obs-text, part of the
@@ -1048,6 +1087,7 @@ def test_only_spaces_and_tabs_are_white_space_around_a_token(live: Running, afte
 
 @BOTH_READERS
 def test_basic_credentials_take_no_other_white_space_either(live: Running, client: Client) -> None:
+    """Proves AUTH-5.2-WHOAMI."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     approve(client, "sensor-0003")
@@ -1060,6 +1100,7 @@ def test_basic_credentials_take_no_other_white_space_either(live: Running, clien
 @BOTH_READERS
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PATCH", "PUT", "OPTIONS"])
 def test_a_method_the_server_knows_is_405_with_allow_on_a_known_path(client: Client, method: str) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     # RFC 9110 section 15.5.6: a method the server knows that the target does
     # not take is 405, with Allow; section 15.6.2: one it does not recognise is 501.
     reply = client.call(method, STATUS)
@@ -1072,6 +1113,7 @@ def test_a_method_the_server_knows_is_405_with_allow_on_a_known_path(client: Cli
 def test_every_answer_is_in_the_access_log(
     live: Running, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:
+    """Proves HTTP-8.5-ACCESS-LOG."""
     caplog.set_level(logging.INFO, logger="registry.access")
     assert_error(live.client().call("BREW", STATUS), 501, "not_implemented")
     assert exchange(live, f"POST {REGISTER} HTTP/1.1\r\nHost: localhost\r\nX-Note: a\r\n b\r\n\r\n".encode()) == [400]
@@ -1116,6 +1158,7 @@ def test_tls_1_2_offers_aead_suites_only_and_tls_1_3_stays(live: Running) -> Non
 
 @BOTH_READERS
 def test_no_route_of_the_table_answers_500(client: Client) -> None:
+    """Proves HTTP-8.1-STATUSES."""
     for route in server.ROUTES:
         path = route.pattern.replace("{username}", "nobody").replace("{name}", "nothing.js")
         reply = client.call(route.method, path, headers={"Authorization": f"Bearer {client.token}"}, kind=None)
@@ -1145,6 +1188,7 @@ ADMIN_CALLS = [
 def test_an_administrator_call_without_the_right_token_is_401_and_changes_nothing(
     live: Running, client: Client, tmp_path: Path, method: str, path: str, body: object
 ) -> None:
+    """Proves ADMIN-4.1-TOKEN."""
     unlocked(client)
     admitted_agent(live, client, tmp_path)
     assert_pending(client.register(SENSOR), "sensor-0003")
@@ -1171,6 +1215,7 @@ def test_an_administrator_call_without_the_right_token_is_401_and_changes_nothin
 
 
 def test_status_unlock_and_lock(live: Running, client: Client) -> None:
+    """Proves ADMIN-4.2-CALLS, LOCK-3.2, LOCK-3.3."""
     now = live.clock()
     assert without_crl(client.admin("GET", STATUS).body) == {"locked": True, "unlockedUntil": None, "pending": 0}
 
@@ -1188,6 +1233,7 @@ def test_status_unlock_and_lock(live: Running, client: Client) -> None:
 
 
 def test_the_unlock_window_closes_by_itself(live: Running, client: Client) -> None:
+    """Proves LOCK-3.2, LOCK-3.4."""
     client.admin("POST", UNLOCK, {"duration": 60_000})
     live.clock.advance(seconds=59)
     assert client.admin("GET", STATUS).body["locked"] is False
@@ -1216,6 +1262,7 @@ def test_the_unlock_window_closes_by_itself(live: Running, client: Client) -> No
     ],
 )
 def test_an_unlock_with_a_bad_duration_is_400_and_leaves_the_lock(refused: Client, body: object) -> None:
+    """Proves LOCK-3.2."""
     client = refused
     before = snapshot(client)
 
@@ -1225,6 +1272,7 @@ def test_an_unlock_with_a_bad_duration_is_400_and_leaves_the_lock(refused: Clien
 
 
 def test_requests_lists_every_field(live: Running, client: Client, tmp_path: Path) -> None:
+    """Proves ADMIN-4.2-CALLS."""
     unlocked(client)
     created = live.clock()
     assert_pending(client.register({**SENSOR, "permissions": [READ_TELEMETRY], "context": "cabinet 2"}), "sensor-0003")
@@ -1263,6 +1311,7 @@ def test_requests_lists_every_field(live: Running, client: Client, tmp_path: Pat
 
 
 def test_approve_may_grant_narrower_rights(client: Client) -> None:
+    """Proves ADMIN-4.4-APPROVE-BODY."""
     unlocked(client)
     asked = {**SENSOR, "permissions": [READ_TELEMETRY, {**READ_TELEMETRY, "operation": "readWrite"}]}
     assert_pending(client.register(asked), "sensor-0003")
@@ -1298,6 +1347,7 @@ def test_approve_may_grant_narrower_rights(client: Client) -> None:
 def test_approve_with_a_bad_grant_is_refused_and_the_request_stays_pending(
     client: Client, grant: object, status: int
 ) -> None:
+    """Proves ADMIN-4.4-APPROVE-BODY."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     before = snapshot(client)
@@ -1309,6 +1359,7 @@ def test_approve_with_a_bad_grant_is_refused_and_the_request_stays_pending(
 
 
 def test_a_deny_with_a_bad_body_is_400_and_changes_nothing(client: Client) -> None:
+    """Proves ADMIN-4.2-CALLS."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     before = snapshot(client)
@@ -1320,6 +1371,7 @@ def test_a_deny_with_a_bad_body_is_400_and_changes_nothing(client: Client) -> No
 
 
 def test_deciding_an_unknown_username_is_404(client: Client) -> None:
+    """Proves ADMIN-4.3-DECIDE."""
     before = snapshot(client)
     for method, path in (
         ("POST", f"{REQUESTS}/nobody/approve"),
@@ -1332,6 +1384,7 @@ def test_deciding_an_unknown_username_is_404(client: Client) -> None:
 
 
 def test_deciding_a_request_that_is_not_pending_is_409(client: Client) -> None:
+    """Proves ADMIN-4.3-DECIDE."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     assert_pending(client.register({"username": "sensor-0004", "password": "s3cret-pass"}), "sensor-0004")
@@ -1351,6 +1404,7 @@ def test_deciding_a_request_that_is_not_pending_is_409(client: Client) -> None:
 
 
 def test_forget_lets_the_username_ask_again(client: Client) -> None:
+    """Proves ADMIN-4.2-CALLS."""
     unlocked(client)
     first = assert_pending(client.register(SENSOR), "sensor-0003")
 
@@ -1365,6 +1419,7 @@ def test_forget_lets_the_username_ask_again(client: Client) -> None:
 
 
 def test_a_denied_request_may_be_forgotten(client: Client) -> None:
+    """Proves ADMIN-4.2-CALLS."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     client.admin("POST", f"{REQUESTS}/sensor-0003/deny", {"reason": "no"})
@@ -1375,6 +1430,7 @@ def test_a_denied_request_may_be_forgotten(client: Client) -> None:
 
 
 def test_users_and_removing_one(live: Running, client: Client, tmp_path: Path) -> None:
+    """Proves ADMIN-4.2-CALLS."""
     unlocked(client)
     _, certificate = admitted_agent(live, client, tmp_path)
     assert_pending(client.register(SENSOR), "sensor-0003")
@@ -1403,6 +1459,7 @@ def test_users_and_removing_one(live: Running, client: Client, tmp_path: Path) -
 
 
 def test_roles_is_the_catalog(client: Client) -> None:
+    """Proves ADMIN-4.8-EXTRA."""
     reply = client.admin("GET", "/api/client-registry/roles")
 
     assert reply.status == 200
@@ -1411,6 +1468,7 @@ def test_roles_is_the_catalog(client: Client) -> None:
 
 
 def test_audit_is_newest_first_and_pages(client: Client) -> None:
+    """Proves ADMIN-4.8-EXTRA."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     approve(client, "sensor-0003")
@@ -1429,11 +1487,13 @@ def test_audit_is_newest_first_and_pages(client: Client) -> None:
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=1001", "before=-1", "limit=%C2%B2", "before=%C2%B2"])
 def test_audit_with_a_bad_query_is_400(refused: Client, query: str) -> None:
+    """Proves ADMIN-4.8-EXTRA."""
     # %C2%B2 is the superscript two: a digit to str.isdigit, and no number to int().
     assert_error(refused.admin("GET", f"{AUDIT}?{query}"), 400, "malformed_request")
 
 
 def test_no_answer_holds_a_password(client: Client) -> None:
+    """Proves SAFE-6.3-PASSWORDS."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     assert_pending(client.register({"username": "sensor-0004", "password": "0ther-s3cret"}), "sensor-0004")
@@ -1450,6 +1510,7 @@ def test_no_answer_holds_a_password(client: Client) -> None:
 
 
 def test_whoami_by_http_basic(client: Client) -> None:
+    """Proves AUTH-5.2-WHOAMI."""
     unlocked(client)
     assert_pending(client.register(SENSOR), "sensor-0003")
     assert_error(client.whoami(basic("sensor-0003", "s3cret-pass")), 401, "unauthorized")  # pending is not a user
@@ -1470,6 +1531,7 @@ def test_whoami_by_http_basic(client: Client) -> None:
 
 
 def test_whoami_without_credentials_is_401_with_a_basic_challenge(client: Client) -> None:
+    """Proves AUTH-5.2-WHOAMI."""
     reply = client.whoami()
 
     assert_error(reply, 401, "unauthorized")
@@ -1477,6 +1539,7 @@ def test_whoami_without_credentials_is_401_with_a_basic_challenge(client: Client
 
 
 def test_whoami_by_the_issued_certificate_over_mutual_tls(live: Running, client: Client, tmp_path: Path) -> None:
+    """Proves AUTH-5.2-WHOAMI."""
     unlocked(client)
     agent, certificate = admitted_agent(live, client, tmp_path)
     mutual = live.client(agent.credentials(certificate))
@@ -1490,6 +1553,7 @@ def test_whoami_by_the_issued_certificate_over_mutual_tls(live: Running, client:
 
 
 def test_a_certificate_not_from_the_registry_ca_gets_no_identity(live: Running, tmp_path: Path) -> None:
+    """Proves AUTH-5.2-WHOAMI."""
     key = make_key()
     key_path = tmp_path / "stranger.key"
     key_path.write_bytes(key_pem(key))
@@ -1505,6 +1569,7 @@ def test_a_certificate_not_from_the_registry_ca_gets_no_identity(live: Running, 
 
 
 def test_the_certificate_of_a_removed_user_is_401(live: Running, client: Client, tmp_path: Path) -> None:
+    """Proves LIFE-7.3-REVOKE."""
     unlocked(client)
     agent, certificate = admitted_agent(live, client, tmp_path)
     assert client.admin("DELETE", f"{USERS}/agent-0001").status == 200
@@ -1518,6 +1583,7 @@ def test_the_certificate_of_a_removed_user_is_401(live: Running, client: Client,
 
 
 def test_the_data_folder_and_its_secrets_are_the_owners_alone(start: Start, tmp_path: Path) -> None:
+    """Proves SAFE-6.4-FILES, ADMIN-4.1-TOKEN."""
     data = tmp_path / "fresh"
     live = start(data, admin_token=None)
 
@@ -1530,6 +1596,7 @@ def test_the_data_folder_and_its_secrets_are_the_owners_alone(start: Start, tmp_
 
 
 def test_a_given_token_is_not_written_down(start: Start, tmp_path: Path) -> None:
+    """Proves ADMIN-4.1-TOKEN."""
     data = tmp_path / "given"
     live = start(data, admin_token="given-token-0123456789abcdef-0123")
 
@@ -1538,6 +1605,7 @@ def test_a_given_token_is_not_written_down(start: Start, tmp_path: Path) -> None
 
 
 def test_a_generated_token_is_printed_once_then_where_it_is_kept(tmp_path: Path) -> None:
+    """Proves ADMIN-4.1-TOKEN."""
     # A terminal's scrollback or a service's journal should not gather a
     # copy of the token at every start.
     data = tmp_path / "registry-data"
@@ -1558,6 +1626,7 @@ def test_a_generated_token_is_printed_once_then_where_it_is_kept(tmp_path: Path)
 
 
 def test_a_restart_keeps_the_token_the_ca_the_lock_and_the_requests(start: Start, tmp_path: Path) -> None:
+    """Proves LOCK-3.1, STORE-6.2-DURABLE, CERT-5.4-CA, ADMIN-4.1-TOKEN."""
     data = tmp_path / "kept"
     first = start(data, admin_token=None)
     client = unlocked(first.client())
@@ -1669,7 +1738,9 @@ def wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
 
 @needs_tools
 def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
-    """Issue 17: every example of the README, in order, in one shell, in this folder, against a fresh server."""
+    """Proves TLS-6.5-HTTPS.
+
+    Issue 17: every example of the README, in order, in one shell, in this folder, against a fresh server."""
     blocks = [block for title in README_WORKFLOWS for block in readme_workflow(title)]
     assert len(blocks) == 13, "the README's workflow changed: update this test with it"
     data, work, port = tmp_path / "registry-data", tmp_path / "client", free_port()
@@ -1771,7 +1842,9 @@ def test_the_readme_workflows_run_as_printed_in_order(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", [REQUESTS, USERS])
 def test_a_listing_that_has_not_changed_is_304_without_a_body(client: Client, path: str) -> None:
-    """RFC 9110 sections 8.8.3 and 13.1.2: the page asks again with the ETag it holds, and gets 304 until a change."""
+    """Proves ADMIN-4.6-LISTS.
+
+    RFC 9110 sections 8.8.3 and 13.1.2: the page asks again with the ETag it holds, and gets 304 until a change."""
     admin = {"Authorization": f"Bearer {client.token}"}
     unlocked(client)
     first = client.admin("GET", path)
@@ -1817,6 +1890,7 @@ def test_an_empty_integer_parameter_is_a_bad_request(client: Client, path: str) 
 
 @pytest.mark.parametrize("path", [UNLOCK, f"{REQUESTS}/sensor-0003/deny", f"{REQUESTS}/sensor-0003/approve"])
 def test_a_null_body_is_a_bad_request_as_for_a_registration(client: Client, path: str) -> None:
+    """Proves REG-2.2-MALFORMED."""
     unlocked(client)
     assert client.register({"username": "sensor-0003", "password": "s3cret-pass"}).status == 202
     before = snapshot(client)
@@ -1829,7 +1903,7 @@ def test_a_null_body_is_a_bad_request_as_for_a_registration(client: Client, path
 
 
 def test_a_whole_duration_written_with_a_point_is_a_whole_number(live: Running, client: Client) -> None:
-    """JSON Schema's "integer" takes 386.0; so does the server."""
+    """Proves LOCK-3.2: JSON Schema's "integer" takes 386.0; so does the server."""
     reply = client.admin("POST", UNLOCK, {"duration": 386.0})
     assert reply.status == 200
     assert datetime.fromisoformat(reply.body["unlockedUntil"]) == live.clock.now + timedelta(milliseconds=386)
@@ -1838,7 +1912,9 @@ def test_a_whole_duration_written_with_a_point_is_a_whole_number(live: Running, 
 
 @pytest.mark.parametrize("body", ["\n", " ", "\r\n"])
 def test_a_body_of_white_space_alone_is_not_json_on_any_route(client: Client, body: str) -> None:
-    """RFC 8259 section 2: no JSON text is white space alone; an optional body that is there must be JSON."""
+    """Proves REG-2.2-MALFORMED.
+
+    RFC 8259 section 2: no JSON text is white space alone; an optional body that is there must be JSON."""
     before = snapshot(client)
     reply = client.call("POST", UNLOCK, body, {"Authorization": f"Bearer {client.token}"})
     assert assert_error(reply, 400, "malformed_request")["message"] == "the body is not JSON"
