@@ -13,6 +13,7 @@ verified, and a certificate is issued for that key and no other.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from files import check_private, write_private
-from registry import CsrInfo, IssuedCertificate, RevokedCertificate
+from registry import CsrInfo, IssuedCertificate, RevokedCertificate, describe_key
 
 # Client clocks run a little behind or ahead: a certificate is valid from a
 # few minutes before it was signed.
@@ -162,6 +163,10 @@ class CA:
         algorithm, size, curve = _describe(key)
         return CsrInfo(_common_name(csr), algorithm, size, curve, spki)
 
+    def describe_public_key(self, public_key: bytes) -> str:
+        """What a verified key (SPKI DER, as ``inspect_csr`` gave it) is, in the words of the registry's refusals."""
+        return _key_description(public_key)
+
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> IssuedCertificate:
         """Sign a client certificate for ``username`` and the verified key ``public_key`` (SPKI DER).
 
@@ -279,6 +284,13 @@ def _describe(key: object) -> tuple[str, int, str | None]:
     if isinstance(key, ed448.Ed448PublicKey):
         return "Ed448", 456, None
     return type(key).__name__.removesuffix("PublicKey").lstrip("_"), 0, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_description(public_key: bytes) -> str:
+    # Cached: the administrator's listing describes every stored key at each refresh.
+    algorithm, size, curve = _describe(serialization.load_der_public_key(public_key))
+    return describe_key(CsrInfo(None, algorithm, size, curve, public_key))
 
 
 def _common_name(csr: x509.CertificateSigningRequest) -> str | None:

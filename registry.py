@@ -397,6 +397,9 @@ class CertificateAuthority(Protocol):
     ) -> bytes:
         """Sign a CRL (DER) listing ``revoked``."""
 
+    def describe_public_key(self, public_key: bytes) -> str:
+        """What a verified key (SPKI DER) is, for a person: "EC secp256r1", "RSA 2048-bit", "Ed25519"."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -466,8 +469,13 @@ class LockWindow:
         return self.until is not None and now < self.until
 
     def to_json(self, now: int) -> dict[str, Any]:
-        is_open = self.is_open(now)
-        return {"locked": not is_open, "unlockedUntil": _iso(self.until) if is_open else None}
+        if not self.is_open(now):
+            return {"locked": True, "unlockedUntil": None}
+        # SPEC ADMIN-4.9-PAGE-FIELDS: what is left and the registry's own time,
+        # so that a page counts down without trusting its own clock.
+        assert self.until is not None
+        left = (self.until - now) // 1000
+        return {"locked": False, "unlockedUntil": _iso(self.until), "unlockedForMs": left, "serverTime": _iso(now)}
 
 
 class Decision(enum.Enum):
@@ -885,9 +893,13 @@ CREATE TABLE IF NOT EXISTS audit (
 # What the administrator's listings show: no hash, no key, no certificate.
 REQUEST_COLUMNS = (
     "requests.username, state, pairing_id, requests.method, requested, context, requests.created_at, last_poll_at,"
-    " poll_count, client_address, decided_at, reason, collected_at, users.granted"
+    " poll_count, client_address, decided_at, reason, collected_at, users.granted, requests.public_key,"
+    " requests.key_sha256"
 )
-USER_COLUMNS = "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before"
+USER_COLUMNS = (
+    "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before,"
+    " users.certificate_sha256"
+)
 
 
 class Store:
@@ -1171,6 +1183,7 @@ def _user_json(user: Mapping[str, Any], now: int) -> dict[str, Any]:
         "certificateNotAfter": None,
         "certificateRenewAfter": None,
         "certificateStatus": None,
+        "certificateSha256": user["certificate_sha256"],  # SPEC ADMIN-4.9-PAGE-FIELDS
     }
     if user["serial"]:
         not_before, not_after = user["not_before"], user["not_after"]
@@ -1620,13 +1633,19 @@ class Registry:
     # --- The administrator (SPEC section 4) -------------------------------
 
     def requests(self) -> list[dict[str, Any]]:
-        """Every stored request, oldest first."""
+        """Every stored request, oldest first; a CSR's with what its key is (SPEC ADMIN-4.9-PAGE-FIELDS)."""
         now = self._now()
         with self._lock:
             with self._writing():
                 self._store.purge(self._cutoff(now))
             rows = self._store.requests()
-        return [_request_json(row) for row in rows]
+        return [_request_json(row) | {"publicKey": self._key_json(row)} for row in rows]
+
+    def _key_json(self, row: sqlite3.Row) -> dict[str, str] | None:
+        """The verified key a CSR request holds, as the administrator compares it with the device's label."""
+        if row["public_key"] is None or self.ca is None:
+            return None
+        return {"type": self.ca.describe_public_key(row["public_key"]), "sha256": row["key_sha256"]}
 
     def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
         """Approve a pending request, granting the body's rights or the requested ones; sign its CSR's key."""
@@ -1691,7 +1710,8 @@ class Registry:
             with self._writing():
                 self._store.set_state(username, state, now, reason)
                 self._audit(now, actor, address, "deny", username, {"reason": reason})
-            return _request_json(self._store.requests(username)[0])
+            row = self._store.requests(username)[0]
+        return _request_json(row) | {"publicKey": self._key_json(row)}
 
     def forget(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
         """Forget a pending or denied request."""

@@ -59,6 +59,7 @@ class DerivedCA:
     def __init__(self, authority: ca.CA) -> None:
         self.certificate_pem = authority.certificate_pem
         self.inspect_csr = authority.inspect_csr
+        self.describe_public_key = authority.describe_public_key
         self.issued = 0
 
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> registry.IssuedCertificate:

@@ -1231,6 +1231,7 @@ class FailingCA:
     def __init__(self, authority: ca.CA) -> None:
         self.certificate_pem = authority.certificate_pem
         self.inspect_csr = authority.inspect_csr
+        self.describe_public_key = authority.describe_public_key
 
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> registry.IssuedCertificate:
         raise RuntimeError(f"the signing device refused {username}")
