@@ -77,6 +77,8 @@ SIDEWAYS = """
   return { page: document.documentElement.scrollWidth, width, out: out.slice(0, 8) };
 }
 """
+# The requests listing, with or without its poll statistics (?polls=omit).
+LISTING = re.compile(r"/api/client-registry/requests(\?polls=\w+)?$")
 # Counts what changes in the requests table from now on.
 WATCH_ROWS = """
 () => {
@@ -317,8 +319,13 @@ def test_what_a_client_sent_is_shown_as_text(page: sync_api.Page, base: str) -> 
 
 
 def test_a_refresh_keeps_rows_scroll_and_the_open_dialog(page: sync_api.Page, base: str) -> None:
-    """Rows that did not change are the same elements; scroll, ticks and the dialog survive."""
+    """Rows that did not change are the same elements; scroll, ticks and the dialog survive.
+
+    The poll statistics come at a slower pace than the rest (issue 27): the
+    test moves the page's clock on to them.
+    """
     page.set_viewport_size({"width": 1280, "height": 600})
+    page.clock.install()
     sign_in(page, base)
     unlock(page)
     names = [f"sensor-{number:04d}" for number in range(30)]
@@ -329,6 +336,7 @@ def test_a_refresh_keeps_rows_scroll_and_the_open_dialog(page: sync_api.Page, ba
     page.evaluate("document.querySelector('#requests-body tr:last-child').marked = true")
     page.evaluate("window.scrollTo(0, 400)")
     assert register(base, names[-1], roles=["minimum", "operator"])[0] == 202  # a poll changes one row
+    page.clock.fast_forward(31_000)
     expect(request_row(page, names[-1])).to_contain_text("1 poll")
     assert page.evaluate("document.querySelector('#requests-body tr:last-child').marked") is True
     assert page.evaluate("window.scrollY") == 400
@@ -336,6 +344,7 @@ def test_a_refresh_keeps_rows_scroll_and_the_open_dialog(page: sync_api.Page, ba
     open_request(page, names[-1])
     page.uncheck("#grant-roles input[value=operator]")
     assert register(base, names[-1], roles=["minimum", "operator"])[0] == 202
+    page.clock.fast_forward(31_000)
     expect(page.locator("#grant-polled")).to_contain_text("2 polls")  # a refresh reached the open dialog
     expect(page.locator("#grant-dialog")).to_be_visible()
     expect(page.locator("#grant-roles input[value=operator]")).not_to_be_checked()
@@ -370,7 +379,7 @@ def test_a_request_decided_elsewhere_is_said_in_words(page: sync_api.Page, base:
     request_row(page, "agent-0002").click()
     # This tab's listing stays as it was, as if its next refresh had not come yet.
     stale = call(base, "GET", "/api/client-registry/requests", token=TOKEN)[1]
-    page.route("**/api/client-registry/requests", lambda route: route.fulfill(json=stale))
+    page.route(LISTING, lambda route: route.fulfill(json=stale))
     assert call(base, "POST", "/api/client-registry/requests/agent-0002/approve", token=TOKEN)[0] == 200
 
     page.click("#grant-allow")
@@ -378,7 +387,7 @@ def test_a_request_decided_elsewhere_is_said_in_words(page: sync_api.Page, base:
     expect(page.locator("#banner")).to_contain_text("approved")
     expect(page.locator("#grant-dialog")).to_be_hidden()
 
-    page.unroute("**/api/client-registry/requests")
+    page.unroute(LISTING)
     expect(request_row(page, "agent-0002")).to_contain_text("Approved")
 
 
@@ -767,6 +776,9 @@ def test_axe_finds_no_serious_violation(page: sync_api.Page, base: str, size: st
 def test_an_unchanged_list_is_not_rendered_again(page: sync_api.Page, base: str) -> None:
     """300 requests: refreshes that bring nothing new change nothing in the page; a poll changes one row.
 
+    The page shows 50 rows at a time, and the poll statistics at a slower
+    pace (issue 27): the test moves the page's clock on to them.
+
     Whether or not the server tags its lists: when it does, the page's
     refreshes carry the tag and the unchanged list comes back as a 304.
     """
@@ -774,17 +786,21 @@ def test_an_unchanged_list_is_not_rendered_again(page: sync_api.Page, base: str)
     page.on(
         "response",
         lambda response: (
-            response.url.endswith("/api/client-registry/requests")
+            LISTING.search(response.url)
             and listings.append(
                 (response.status, response.request.headers.get("if-none-match"), response.headers.get("etag"))
             )
         ),
     )
+    page.clock.install()
     sign_in(page, base)
     unlock(page)
     for number in range(300):
         assert register(base, f"bulk-{number:04d}", roles=["minimum"])[0] == 202
-    expect(page.locator("#requests-body tr")).to_have_count(300)
+    expect(page.locator("#requests-body tr")).to_have_count(50)
+    page.clock.fast_forward(31_000)  # every row's poll statistics
+    expect(request_row(page, "bulk-0150")).to_have_count(0)
+    expect(request_row(page, "bulk-0270")).not_to_contain_text("counting")
     page.evaluate(WATCH_ROWS)
     listings.clear()
     page.wait_for_timeout(7000)  # two refreshes at least
@@ -806,8 +822,9 @@ def test_an_unchanged_list_is_not_rendered_again(page: sync_api.Page, base: str)
     ring = button.evaluate("node => [getComputedStyle(node).outlineStyle, getComputedStyle(node).outlineColor]")
     assert ring == ["solid", "rgb(35, 87, 217)"]  # #2357d9: 6.1:1 on white
 
-    assert register(base, "bulk-0150", roles=["minimum"])[0] == 202
-    expect(request_row(page, "bulk-0150")).to_contain_text("1 poll")
+    assert register(base, "bulk-0270", roles=["minimum"])[0] == 202
+    page.clock.fast_forward(31_000)
+    expect(request_row(page, "bulk-0270")).to_contain_text("1 poll")
     assert page.evaluate("window.rowMutations") > 0
 
 
@@ -826,7 +843,7 @@ def test_the_page_sends_its_etag_and_keeps_the_rows_on_304(page: sync_api.Page, 
         else:
             route.fulfill(json=listing, headers={"ETag": '"v1"'})
 
-    page.route("**/api/client-registry/requests", answer)
+    page.route(LISTING, answer)
     expect(request_row(page, "tagged-0001")).to_be_visible()
     page.evaluate(WATCH_ROWS)
     deadline = time.monotonic() + REFRESH_TIMEOUT_MS / 1000
@@ -837,3 +854,309 @@ def test_the_page_sends_its_etag_and_keeps_the_rows_on_304(page: sync_api.Page, 
     expect(page.locator("#banner")).to_be_hidden()
     assert page.evaluate("window.rowMutations") == 0
     assert page.console_errors == []
+
+
+# --- Issue 27: the server's clock, focus that stays, cost, zoom, a background tab ---------------
+
+# The browser's clock ahead of the server's by SKEW milliseconds: Date.now() and new Date() alone.
+SKEWED_CLOCK = """
+(() => {
+  const skew = SKEW;
+  const Real = Date;
+  class Skewed extends Real {
+    constructor(...parts) { if (parts.length) super(...parts); else super(Real.now() + skew); }
+    static now() { return Real.now() + skew; }
+  }
+  window.Date = Skewed;
+})();
+"""
+# The tab as the browser has it when the administrator works in another one.
+HIDDEN_TAB = """
+Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+document.dispatchEvent(new Event("visibilitychange"));
+"""
+
+
+def api_calls(page: sync_api.Page) -> list[str]:
+    """Every API call the page makes from now on, as "METHOD path?query"."""
+    calls: list[str] = []
+    page.on("request", lambda request: "/api/" in request.url and calls.append(f"{request.method} {request.url}"))
+    return calls
+
+
+def test_the_countdown_comes_from_the_server_not_the_browser_s_clock(page: sync_api.Page, base: str) -> None:
+    """Issue 27 item 1: ten minutes ahead, the page shows the server's five minutes, Lock works, and no loop."""
+    page.add_init_script(SKEWED_CLOCK.replace("SKEW", str(10 * 60 * 1000)))
+    sign_in(page, base)
+    assert page.evaluate("Date.now() - performance.timeOrigin - performance.now()") > 9 * 60 * 1000
+    unlock(page)
+    expect(page.locator("#lock-detail")).to_contain_text("for 4:5")
+    calls = api_calls(page)
+    page.wait_for_timeout(4000)
+    expect(page.locator("#lock-state")).to_have_text("Unlocked")
+    expect(page.locator("#lock")).to_be_enabled()
+    assert len(calls) <= 8, calls  # a refresh every three seconds: a few calls, not hundreds
+    page.click("#lock")
+    expect(page.locator("#lock-state")).to_have_text("Locked")
+    assert call(base, "GET", "/api/client-registry", token=TOKEN)[1]["locked"] is True
+
+
+def test_a_window_that_ends_is_confirmed_once_not_in_a_loop(page: sync_api.Page, base: str) -> None:
+    """Issue 27 item 1: a browser five seconds ahead: when the server's window ends, the page asks once."""
+    page.add_init_script(SKEWED_CLOCK.replace("SKEW", "5000"))
+    sign_in(page, base)
+    assert call(base, "POST", "/api/client-registry/unlock", {"duration": 9000}, token=TOKEN)[0] == 200
+    expect(page.locator("#lock-state")).to_have_text("Unlocked")
+    calls = api_calls(page)
+    expect(page.locator("#lock-state")).to_have_text("Locked")
+    page.wait_for_timeout(3000)
+    assert len(calls) <= 10, calls
+
+
+def long_request(base: str, username: str) -> None:
+    """A pending request whose dialog scrolls: many permissions and a long context."""
+    permissions = [
+        {"resource": f"plant/line{number}/cabinet/{number}/#", "operation": "read", "context": "mqtt"}
+        for number in range(24)
+    ]
+    assert register(base, username, roles=["minimum"], permissions=permissions, context=LONG_CONTEXT[:900])[0] == 202
+
+
+def test_each_dialog_opens_at_its_top_with_the_pairing_id_in_view(page: sync_api.Page, base: str) -> None:
+    """Issue 27 item 2: the body scrolled down in one request does not open the next one scrolled."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    sign_in(page, base)
+    unlock(page)
+    long_request(base, "line-0001")
+    long_request(base, "line-0002")
+    open_request(page, "line-0002")
+    page.locator("#grant-allow").focus()
+    page.evaluate("document.getElementById('grant-body').scrollTop = 100000")
+    assert page.evaluate("document.getElementById('grant-body').scrollTop") > 500
+    page.click("#grant-allow")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+    open_request(page, "line-0001")
+    assert page.evaluate("document.getElementById('grant-body').scrollTop") == 0
+    pairing = page.locator("#grant-pairing").bounding_box()
+    assert inside(pairing, page.locator("#grant-body").bounding_box())
+
+
+def test_focus_stays_on_its_control_across_decisions_and_refreshes(page: sync_api.Page, base: str) -> None:
+    """Issue 27 item 3: after Allow, after a decision elsewhere above the focus, after Unlock and Lock."""
+    sign_in(page, base)
+    unlock(page)
+    for name in ("fleet-0001", "fleet-0002", "fleet-0003", "fleet-0004"):
+        assert register(base, name)[0] == 202
+    next_button = page.get_by_role("button", name="Review the request of fleet-0003")
+    expect(next_button).to_be_visible()
+    open_request(page, "fleet-0004")  # newest first: 0004, 0003, 0002, 0001
+    page.click("#grant-allow")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+    expect(next_button).to_be_focused()
+    expect(request_row(page, "fleet-0004")).to_contain_text("Approved")  # the refresh moved the rows
+    page.wait_for_timeout(3500)
+    expect(next_button).to_be_focused()
+
+    # Another administrator decides the row above the focused one.
+    page.get_by_role("button", name="Review the request of fleet-0002").focus()
+    approve(base, "fleet-0003")
+    expect(request_row(page, "fleet-0003")).to_contain_text("Approved")
+    expect(page.get_by_role("button", name="Review the request of fleet-0002")).to_be_focused()
+
+    page.locator("#unlock").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(500)
+    expect(page.locator("#unlock")).to_be_focused()
+    page.locator("#lock").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#lock-state")).to_have_text("Locked")
+    focused = page.evaluate("document.activeElement.id")
+    assert focused in ("lock", "unlock"), focused
+
+
+def test_an_idle_page_with_polling_clients_costs_almost_nothing(page: sync_api.Page, base: str) -> None:
+    """Issue 27 item 4: polls leave the listing's tag alone; rows are paged; long permission lists are a count."""
+    page.clock.install()
+    sign_in(page, base)
+    unlock(page)
+    names = [f"poller-{number:04d}" for number in range(60)]
+    many = [{"resource": f"plant/cell{number}/#", "operation": "read", "context": "mqtt"} for number in range(12)]
+    for name in names:
+        assert register(base, name, permissions=many if name == "poller-0059" else [])[0] == 202
+    expect(request_row(page, "poller-0059")).to_be_visible()
+    rows = page.locator("#requests-body tr")
+    assert rows.count() <= 50
+    expect(page.locator("#requests-more")).to_contain_text("more")
+    first = request_row(page, "poller-0059")
+    expect(first.locator("details.permissions summary")).to_have_text("12 permissions")
+    expect(first.locator(".perm").first).to_be_hidden()
+
+    listings: list[tuple[str, int, str | None]] = []  # the URL, the status, the length of the body
+    page.on(
+        "response",
+        lambda response: (
+            LISTING.search(response.url)
+            and listings.append((response.url, response.status, response.headers.get("content-length")))
+        ),
+    )
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:  # every client polls, again and again
+        for name in names[-20:]:
+            assert register(base, name, permissions=many if name == "poller-0059" else [])[0] == 202
+    page.wait_for_timeout(500)  # the sync API delivers the page's events when it is called
+    assert len(listings) >= 2, listings
+    assert all(status == 304 for _, status, _ in listings), listings
+
+    page.clock.fast_forward(31_000)  # the poll statistics come at a slower pace
+    expect(first).not_to_contain_text("0 polls")
+    page.click("#requests-more")
+    expect(rows).to_have_count(60)
+
+
+def test_the_dialog_s_head_and_decision_stay_reachable_at_any_zoom(page: sync_api.Page, base: str) -> None:
+    """Issue 27 item 5: 1280x720 at 200% and 400% zoom is 640x360 and 320x180 CSS pixels.
+
+    At 200% the request's details get room; at either zoom the wheel brings
+    the heading, the pairing id, Deny and Allow into view within the dialog.
+    """
+    sign_in(page, base)
+    unlock(page)
+    long_request(base, "zoomed-0001")
+    for width, height in ((640, 360), (320, 180)):
+        page.set_viewport_size({"width": width, "height": height})
+        open_request(page, "zoomed-0001")
+        dialog = page.locator("#grant-dialog")
+        page.mouse.move(width / 2, height / 2)
+        if width == 640:
+            shown = page.evaluate(VISIBLE_HEIGHT, "#grant-body")
+            assert shown >= 150, shown
+        for control, wheel in (("#grant-heading", -20000), ("#grant-pairing", -20000), ("#grant-allow", 20000)):
+            page.mouse.wheel(0, wheel)
+            page.wait_for_timeout(300)
+            box = page.locator(control).bounding_box()
+            assert inside(box, viewport_box(page)) and inside(box, dialog.bounding_box()), (width, control, box)
+            assert page.evaluate(VISIBLE_HEIGHT, control) >= box["height"] - 1, (width, control)
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+
+
+# How much of an element shows: its height within every box that clips it, and within the viewport.
+VISIBLE_HEIGHT = """
+(selector) => {
+  const node = document.querySelector(selector);
+  let { top, bottom } = node.getBoundingClientRect();
+  for (let box = node.parentElement; box; box = box.parentElement) {
+    if (getComputedStyle(box).overflowY !== "visible") {
+      const clip = box.getBoundingClientRect();
+      top = Math.max(top, clip.top);
+      bottom = Math.min(bottom, clip.bottom);
+    }
+  }
+  return Math.max(0, Math.min(bottom, innerHeight) - Math.max(top, 0));
+}
+"""
+
+
+def test_a_background_tab_still_counts_what_waits(page: sync_api.Page, base: str) -> None:
+    """Issue 27 item 6: a hidden tab refreshes at a slower pace, so its title tells what arrived."""
+    page.clock.install()
+    sign_in(page, base)
+    unlock(page)
+    page.evaluate(HIDDEN_TAB)
+    assert register(base, "while-away")[0] == 202
+    for _ in range(8):
+        page.clock.fast_forward(3_000)
+        page.wait_for_timeout(200)
+    expect(page).to_have_title("(1 pending) Client Registry")
+
+
+# --- Issue 27 item 7: the smaller things ---------------------------------------------------------
+
+
+def test_signing_in_again_keeps_the_open_dialog_and_what_was_typed(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "kept-0001", roles=["minimum", "operator"])[0] == 202
+    open_request(page, "kept-0001")
+    page.uncheck("#grant-roles input[value=operator]")
+    page.fill("#grant-reason", "asked for too much")
+    page.evaluate("sessionStorage.setItem('clientRegistry.adminToken', 'changed')")
+    expect(page.locator("#token-dialog")).to_be_visible()
+    give_token(page)
+    expect(page.locator("#token-dialog")).to_be_hidden()
+    expect(page.locator("#grant-dialog")).to_be_visible()
+    expect(page.locator("#grant-reason")).to_have_value("asked for too much")
+    expect(page.locator("#grant-roles input[value=operator]")).not_to_be_checked()
+    page.click("#grant-allow")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+    assert register(base, "kept-0001", roles=["minimum", "operator"])[1]["roles"] == ["minimum"]
+
+
+def test_while_the_server_is_down_nothing_claims_to_retry_or_to_know_the_lock(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "outage-0001")[0] == 202
+    open_request(page, "outage-0001")
+    page.route("**/api/**", lambda route: route.abort("connectionrefused"))
+    page.click("#grant-allow")
+    error = page.locator("#grant-error")
+    expect(error).to_contain_text("cannot be reached")
+    expect(error).to_contain_text("Nothing was changed")
+    expect(error).not_to_contain_text("keeps trying")
+    page.keyboard.press("Escape")
+    expect(page.locator("#lock-state")).to_have_text("Unknown")
+    expect(page.locator("#lock-detail")).to_contain_text("cannot be reached")
+    for button in ("#unlock", "#lock"):
+        expect(page.locator(button)).to_be_disabled()
+    page.unroute("**/api/**")
+    expect(page.locator("#lock-state")).to_have_text("Unlocked")
+    expect(page.locator("#lock")).to_be_enabled()
+
+
+def test_direction_overrides_and_control_characters_are_shown_not_obeyed(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)
+    unlock(page)
+    context = "invoice \u202egnp.exe\u202c and a bell \u0007"
+    assert register(base, "bidi-0001", context=context)[0] == 202
+    cell = request_row(page, "bidi-0001").locator(".context-cell")
+    expect(cell).to_contain_text("U+202E")
+    expect(cell).to_contain_text("U+0007")
+    assert "\u202e" not in cell.text_content()
+    assert cell.locator("[dir=auto], bdi").count() >= 1
+    open_request(page, "bidi-0001")
+    expect(page.locator("#grant-context")).to_contain_text("U+202E")
+    assert "\u202e" not in page.locator("#grant-context").text_content()
+
+
+def test_the_sign_in_says_where_this_server_keeps_its_token(page: sync_api.Page, base: str) -> None:
+    page.goto(base + "/")
+    hint = page.locator("#token-hint")
+    expect(hint).to_contain_text("--admin-token")
+    expect(hint).not_to_contain_text("registry-data/admin-token")
+
+
+def test_the_focused_dialog_heading_shows_a_ring(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "ring-0001")[0] == 202
+    open_request(page, "ring-0001")
+    heading = page.locator("#grant-heading")
+    expect(heading).to_be_focused()
+    ring = heading.evaluate("node => [getComputedStyle(node).outlineStyle, getComputedStyle(node).outlineWidth]")
+    assert ring[0] == "solid" and ring[1] != "0px", ring
+
+
+def test_a_phone_card_shows_no_empty_context(page: sync_api.Page, base: str) -> None:
+    page.set_viewport_size({"width": 390, "height": 844})
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "quiet-0001")[0] == 202
+    expect(request_row(page, "quiet-0001")).to_be_visible()
+    expect(request_row(page, "quiet-0001").locator(".context-cell")).to_be_hidden()
+
+
+def test_api_answers_are_not_sniffed(page: sync_api.Page, base: str) -> None:
+    sign_in(page, base)
+    answer = page.request.get(base + "/api/client-registry", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.headers["x-content-type-options"] == "nosniff"

@@ -12,11 +12,31 @@
 // Refreshing cheaply: a list is fetched with the ETag of its last answer in
 // If-None-Match (RFC 9110 section 13.1.2). A 304 keeps what is shown; so does
 // an answer whose text is the one already shown, for a server that sends no
-// ETag. Only a list that changed is rendered again.
+// ETag. Only a list that changed is rendered again. Every few seconds the page
+// asks for the requests without their poll statistics (?polls=omit), whose tag
+// changes only with arrivals and decisions; the statistics, which every poll
+// changes, come at a slower pace. The list shows a page of rows at a time.
+//
+// The server's clock: the lock's countdown starts from the time the server
+// says is left (unlockedForMs) and runs on this page's monotonic clock, so a
+// browser whose clock is wrong still shows the server's window.
+//
+// Focus stays: a refresh that moves or rewrites the row holding the focus puts
+// it back on the same control of the same request (or of its next neighbour).
 "use strict";
 
 const TOKEN_KEY = "clientRegistry.adminToken"; // sessionStorage: this browser tab only
 const REFRESH_MS = 3000;
+const HIDDEN_REFRESH_MS = 15000; // a tab in the background: slower, but its title still counts what waits
+const POLL_STATS_MS = 30000; // the poll statistics, which every poll changes
+const POLL_STATS_SOONEST_MS = 10000; // after an arrival, the statistics of the new rows, at most this often
+const PAGE_SIZE = 50; // rows shown at a time
+const PERMISSIONS_SHOWN = 3; // a longer list of permissions is a count that expands
+const REQUESTS_PATH = "/client-registry/requests";
+const DECISIONS_PATH = "/client-registry/requests?polls=omit";
+// Characters that reorder or hide text (Unicode bidi controls, zero-width marks) and C0/C1 controls
+// but tab and newline: shown as "⟨U+202E⟩" rather than obeyed.
+const HIDDEN_CHARACTERS = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
 const TOAST_MS = 5000;
 const TITLE = "Client Registry";
 const OPERATIONS = ["read", "write", "readWrite"];
@@ -42,7 +62,14 @@ const page = {
   view: "registry",
   session: 0, // grows at each sign-out, so that an answer to an older session is dropped
   statusKnown: false, // the lock state is unknown until a signed-in call answers
-  unlockedUntil: null, // milliseconds since the epoch, or null when locked
+  reachable: true, // false from a call that did not reach the server until one does
+  unlockedUntil: null, // the server's ISO time, or null when locked
+  lockDeadline: null, // performance.now() at which the server's window ends, or null when locked
+  lockBusy: false, // an Unlock or Lock call is under way
+  polls: new Map(), // username -> { lastPollAt, pollCount, clientAddress } from the last full listing
+  pollsFetchedAt: -Infinity, // performance.now() of the last full listing
+  lastRefreshAt: -Infinity,
+  shownLimit: PAGE_SIZE,
   pending: 0,
   lists: new Map(), // API path -> { etag, text, data } of its last answer
   requests: new Map(), // username -> the request as the server last listed it
@@ -76,6 +103,28 @@ function element(tag, className, text) {
   return node;
 }
 
+/**
+ * Text a client sent, isolated from the text around it (dir="auto", as <bdi>)
+ * and with its invisible controls shown: a right-to-left override cannot
+ * reverse what the administrator reads.
+ */
+function clientText(tag, className, text) {
+  const node = element(tag, className);
+  node.dir = "auto";
+  const value = text === undefined || text === null ? "" : String(text);
+  let last = 0;
+  for (const match of value.matchAll(HIDDEN_CHARACTERS)) {
+    node.append(value.slice(last, match.index));
+    const code = match[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    const mark = element("span", "control-char", `⟨U+${code}⟩`);
+    mark.title = "An invisible control character the client sent";
+    node.append(mark);
+    last = match.index + match[0].length;
+  }
+  node.append(value.slice(last));
+  return node;
+}
+
 function cell(label, className, ...children) {
   const node = element("td", className);
   if (label) node.dataset.label = label;
@@ -88,24 +137,29 @@ function chips(values, className, emptyText) {
   return values.map((value) => element("span", className, value));
 }
 
-function permissionNodes(permissions) {
+function permissionNodes(permissions, { collapse = false } = {}) {
   if (!permissions.length) return [element("span", "none", "no permissions")];
-  return permissions.map((permission) => {
+  const lines = permissions.map((permission) => {
     const line = element("span", "perm");
     line.append(
       element("span", `perm-context ${permission.context}`, permission.context),
-      element("code", "perm-resource", permission.resource),
+      clientText("code", "perm-resource", permission.resource),
       element("span", "perm-operation", permission.operation),
     );
     return line;
   });
+  if (!collapse || permissions.length <= PERMISSIONS_SHOWN) return lines;
+  // A long list is a count that expands: a 200-row page stays short.
+  const details = element("details", "permissions");
+  details.append(element("summary", null, `${permissions.length} permissions`), ...lines);
+  return [details];
 }
 
 function rightsNodes(label, rights) {
   return [
     element("span", "rights-label", label),
     ...chips(rights.roles, "chip", "no roles"),
-    ...permissionNodes(rights.permissions),
+    ...permissionNodes(rights.permissions, { collapse: true }),
   ];
 }
 
@@ -168,7 +222,7 @@ function showToast(message) {
 
 function describe(error) {
   if (!(error instanceof ApiError)) return `Something went wrong in the page: ${error.message}`;
-  if (error.status === 0) return "The server cannot be reached. Is it running? The page keeps trying.";
+  if (error.status === 0) return "The server cannot be reached. Is it running? The page asks again every few seconds.";
   const details = Array.isArray(error.body.details) ? ` (${error.body.details.join("; ")})` : "";
   return `${error.message}${details}`;
 }
@@ -180,7 +234,17 @@ function describe(error) {
  */
 function report(error, source) {
   if (error instanceof ApiError && error.status === 401) return;
-  showBanner(describe(error), error instanceof ApiError && error.status === 0 ? "network" : source);
+  const unreachable = error instanceof ApiError && error.status === 0;
+  if (unreachable) setReachable(false);
+  showBanner(describe(error), unreachable ? "network" : source);
+}
+
+/** Whether the last call reached the server: while it does not, the lock's state is unknown. */
+function setReachable(reachable) {
+  if (page.reachable === reachable) return;
+  page.reachable = reachable;
+  tick();
+  if (reachable) refresh();
 }
 
 // --- The API ---------------------------------------------------------------
@@ -191,7 +255,8 @@ function token() {
 
 /** One call to the API: its response, whatever its status; a refused token asks for the token again. */
 async function send(method, path, body, headers = {}) {
-  const init = { method, headers: { Authorization: `Bearer ${token() || ""}`, ...headers }, cache: "no-store" };
+  const sent = token();
+  const init = { method, headers: { Authorization: `Bearer ${sent || ""}`, ...headers }, cache: "no-store" };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -203,12 +268,16 @@ async function send(method, path, body, headers = {}) {
     throw new ApiError(0, null);
   }
   clearBanner("network"); // the server answered
-  if (response.status === 401) {
+  setReachable(true);
+  // A 401 to a token that was replaced meanwhile (a call sent before signing in again) says nothing of the new one.
+  if (response.status === 401 && sent === token()) {
     sessionStorage.removeItem(TOKEN_KEY);
+    // A refused token keeps the open dialog and what was typed in it: signing in again goes on from there.
     askForToken(
       page.signingIn
         ? "The server refused this token: check it and try again."
         : "Your administrator token was refused: it may have been changed. Enter it again.",
+      { keepWork: true },
     );
   }
   return response;
@@ -251,19 +320,52 @@ const registryPath = (username, action) =>
 
 // --- Signing in --------------------------------------------------------------
 
-function askForToken(message) {
+/**
+ * Ask for the token. After a sign-out everything shown is forgotten; after a
+ * refused token (``keepWork``) the Grant Access dialog stays open under the
+ * sign-in with its ticks, edits and reason, and the typed reasons are kept.
+ */
+function askForToken(message, { keepWork = false } = {}) {
   const dialog = $("token-dialog");
   $("token-error").textContent = message || "";
   $("token-error").hidden = !message;
   $("sign-out").hidden = true;
-  forgetSession();
+  forgetSession({ keepWork });
+  showSignInHint();
   if (!dialog.open) {
     if (message) showBanner(message, "auth");
     $("token-input").value = "";
-    for (const open of document.querySelectorAll("dialog[open]")) open.close();
+    for (const open of document.querySelectorAll("dialog[open]")) {
+      if (!(keepWork && open.id === "grant-dialog")) open.close();
+    }
     dialog.showModal();
   }
   $("token-input").focus();
+}
+
+/** Where this server keeps its token, as it says (GET /api/client-registry/sign-in, no token needed). */
+async function showSignInHint() {
+  if (page.signInHint) return;
+  try {
+    const response = await fetch("/api/client-registry/sign-in", { cache: "no-store" });
+    if (!response.ok) return;
+    page.signInHint = await response.json();
+  } catch {
+    return; // the hint stays general
+  }
+  const hint = $("token-hint");
+  const { tokenFrom, file } = page.signInHint;
+  if (tokenFrom === "file" && file) {
+    hint.replaceChildren("The server prints it on its first start and keeps it in ", element("code", null, file), ".");
+  } else if (tokenFrom === "flag") {
+    hint.replaceChildren("It is the token the server was given with ", element("code", null, "--admin-token"), ".");
+  } else if (tokenFrom === "environment") {
+    hint.replaceChildren(
+      "It is the token the server was given in ",
+      element("code", null, "$REGISTRY_ADMIN_TOKEN"),
+      ".",
+    );
+  }
 }
 
 async function signIn(event) {
@@ -292,7 +394,7 @@ async function signIn(event) {
 }
 
 /** Everything this tab learned while signed in, forgotten: the lists, the lock state, the countdown. */
-function forgetSession() {
+function forgetSession({ keepWork = false } = {}) {
   page.session += 1;
   for (const rows of [page.requestRows, page.userRows]) {
     for (const { row } of rows.values()) row.remove();
@@ -302,9 +404,12 @@ function forgetSession() {
   page.requests.clear();
   page.known = null;
   page.fresh.clear();
-  page.drafts.clear();
+  if (!keepWork) page.drafts.clear();
+  page.polls.clear();
+  page.pollsFetchedAt = -Infinity;
   page.statusKnown = false;
   page.unlockedUntil = null;
+  page.lockDeadline = null;
   page.pending = 0;
   $("pending-count").hidden = true;
   $("crl").hidden = true;
@@ -330,17 +435,17 @@ async function refresh() {
     return;
   }
   page.refreshing = true;
+  page.lastRefreshAt = performance.now();
   const session = page.session;
   try {
     do {
       page.refreshAgain = false;
-      const [status, requests] = await Promise.all([
-        api("GET", "/client-registry"),
-        getList("/client-registry/requests"),
-      ]);
+      const [status, requests] = await Promise.all([api("GET", "/client-registry"), getList(DECISIONS_PATH)]);
       if (session !== page.session) return;
       renderStatus(status);
-      if (requests.changed) renderRequests(requests.data);
+      const polls = await refreshPolls(requests);
+      if (session !== page.session) return;
+      if (requests.changed || polls) renderRequests(requests.data);
       if (page.view === "users") {
         const users = await getList("/users");
         if (session !== page.session) return;
@@ -355,9 +460,38 @@ async function refresh() {
   }
 }
 
+/**
+ * The poll statistics, which every poll changes, at a slower pace than the
+ * rest; sooner when rows arrived that have none. Whether they changed.
+ */
+async function refreshPolls(requests) {
+  const since = performance.now() - page.pollsFetchedAt;
+  const missing = requests.data.some((request) => !page.polls.has(request.username));
+  const pace = document.hidden ? POLL_STATS_MS * 2 : POLL_STATS_MS;
+  if (since < pace && !(missing && since >= POLL_STATS_SOONEST_MS)) return false;
+  page.pollsFetchedAt = performance.now();
+  const full = await getList(REQUESTS_PATH);
+  if (!full.changed) return false;
+  page.polls = new Map(
+    full.data.map(({ username, lastPollAt, pollCount, clientAddress }) => [
+      username,
+      { lastPollAt, pollCount, clientAddress },
+    ]),
+  );
+  return true;
+}
+
 function renderStatus(status) {
   page.statusKnown = true;
-  page.unlockedUntil = status.locked || !status.unlockedUntil ? null : Date.parse(status.unlockedUntil);
+  page.unlockedUntil = status.locked ? null : status.unlockedUntil;
+  // The server's time left, counted down on this page's monotonic clock: the browser's own clock may be wrong.
+  // A server without unlockedForMs: from unlockedUntil and the browser's clock, as before.
+  const left = status.locked
+    ? null
+    : Number.isFinite(status.unlockedForMs)
+      ? status.unlockedForMs
+      : Date.parse(status.unlockedUntil) - Date.now();
+  page.lockDeadline = left === null ? null : performance.now() + left;
   page.pending = status.pending;
   const count = $("pending-count");
   count.textContent = String(status.pending);
@@ -381,55 +515,116 @@ function renderCrl(crl) {
   );
 }
 
+/**
+ * A button that cannot act now, yet keeps the focus: aria-disabled rather than
+ * disabled, which would drop the focus to <body> (its clicks are ignored).
+ */
+function setUsable(button, usable) {
+  if (usable) button.removeAttribute("aria-disabled");
+  else button.setAttribute("aria-disabled", "true");
+}
+
+const usable = (button) => button.getAttribute("aria-disabled") !== "true";
+
 /** The lock panel, with its live countdown, and the tab's title. */
 function tick() {
   document.title = page.statusKnown && page.pending ? `(${page.pending} pending) ${TITLE}` : TITLE;
   const panel = $("lock-panel");
-  if (!page.statusKnown) {
+  if (!page.statusKnown || !page.reachable) {
     panel.dataset.state = "unknown";
     $("lock-state").textContent = "Unknown";
-    $("lock-detail").textContent = "Locked or unlocked: unknown until you sign in.";
-    $("unlock").textContent = "Unlock";
-    $("unlock").disabled = $("lock").disabled = true;
+    $("lock-detail").textContent = page.statusKnown
+      ? "The server cannot be reached: whether it is locked is unknown until it answers again."
+      : "Locked or unlocked: unknown until you sign in.";
+    if (!page.statusKnown) $("unlock").textContent = "Unlock";
+    setUsable($("unlock"), false);
+    setUsable($("lock"), false);
     return;
   }
-  const left = page.unlockedUntil === null ? 0 : page.unlockedUntil - Date.now();
+  const left = page.lockDeadline === null ? 0 : page.lockDeadline - performance.now();
   const unlocked = left > 0;
   panel.dataset.state = unlocked ? "unlocked" : "locked";
   $("lock-state").textContent = unlocked ? "Unlocked" : "Locked";
   if (unlocked) {
-    const until = formatTime(new Date(page.unlockedUntil).toISOString());
+    const until = formatTime(page.unlockedUntil);
     $("lock-detail").textContent = `Accepting new requests for ${formatCountdown(left)} more (until ${until}).`;
   } else {
     $("lock-detail").textContent =
       "New requests are refused. Clients already pending can still poll, and you can still decide them.";
   }
   $("unlock").textContent = unlocked ? "Restart window" : "Unlock";
-  $("unlock").disabled = false;
-  $("lock").disabled = !unlocked;
-  if (page.unlockedUntil !== null && !unlocked) {
-    page.unlockedUntil = null; // the window ended on its own: confirm with the server
+  setUsable($("unlock"), !page.lockBusy);
+  setUsable($("lock"), unlocked && !page.lockBusy);
+  if (page.lockDeadline !== null && !unlocked) {
+    // The server's window ended: ask it once. Its answer says locked, or how long is left.
+    page.lockDeadline = null;
     refresh();
   }
 }
 
 async function setLock(action) {
-  const button = $(action);
-  button.disabled = true;
+  if (!usable($(action)) || page.lockBusy) return;
+  page.lockBusy = true;
+  tick();
   try {
     renderStatus(await api("POST", `/client-registry/${action}`));
     clearBanner("lock");
   } catch (error) {
     report(error, "lock");
   } finally {
+    page.lockBusy = false;
     tick();
   }
 }
 
 // --- The requests table ------------------------------------------------------
 
-/** Put rows in ``body`` in the order of ``items``, creating, rewriting or dropping only what changed. */
+/**
+ * Put rows in ``body`` in the order of ``items``, creating, rewriting or
+ * dropping only what changed. Moving or rewriting the row that holds the
+ * focus would drop it to <body>: it goes back to the same control of the same
+ * row, or of the nearest row that follows it, or that preceded it.
+ */
 function reconcile(body, rows, items, fill) {
+  const held = heldFocus(body);
+  placeRows(body, rows, items, fill);
+  if (held) restoreFocus(rows, held);
+}
+
+/** The focus within ``body``, by meaning: its row's username, the control's role, the rows around. */
+function heldFocus(body) {
+  const active = document.activeElement;
+  const row = active && body.contains(active) ? active.closest("tr") : null;
+  if (!row) return null;
+  const names = (step) => {
+    const found = [];
+    for (let next = row[step]; next; next = next[step]) found.push(next.dataset.username);
+    return found;
+  };
+  return {
+    control: active,
+    role: active.dataset.focus || null,
+    names: [row.dataset.username, ...names("nextElementSibling"), ...names("previousElementSibling")],
+  };
+}
+
+function restoreFocus(rows, held) {
+  const active = document.activeElement;
+  if (active === held.control && held.control.isConnected) return;
+  if (active && active !== document.body) return; // the administrator moved it elsewhere meanwhile
+  for (const name of held.names) {
+    const entry = rows.get(name);
+    if (!entry || !entry.row.isConnected) continue;
+    const target =
+      (held.role && entry.row.querySelector(`[data-focus="${held.role}"]`)) || entry.row.querySelector("[data-focus]");
+    if (target) {
+      target.focus({ preventScroll: true });
+      return;
+    }
+  }
+}
+
+function placeRows(body, rows, items, fill) {
   const seen = new Set();
   let previous = null;
   for (const item of items) {
@@ -456,8 +651,10 @@ function reconcile(body, rows, items, fill) {
   }
 }
 
+/** The listing without poll statistics, with the last statistics fetched (none yet for a new row). */
 function renderRequests(requests) {
-  page.requests = new Map(requests.map((request) => [request.username, request]));
+  const merged = requests.map((request) => ({ ...request, ...page.polls.get(request.username) }));
+  page.requests = new Map(merged.map((request) => [request.username, request]));
   page.position = new Map(requests.map((request, index) => [request.username, index]));
   noteArrivals(requests);
   showRequests();
@@ -497,20 +694,45 @@ function newestFirst(a, b) {
   return age || page.position.get(b.username) - page.position.get(a.username);
 }
 
-/** The requests that the filter and the search let through, in the chosen order, as rows. */
+/** Everything of a request that the search looks in: names, pairing id, context, rights, address, key, reason. */
+function searchText(request) {
+  const rights = (list) => list.flatMap((p) => [p.resource, p.operation, p.context]);
+  return [
+    request.username,
+    request.pairingId,
+    request.context,
+    request.clientAddress,
+    request.reason,
+    request.state,
+    request.method,
+    request.publicKey?.type,
+    request.publicKey?.sha256,
+    ...request.roles,
+    ...rights(request.permissions),
+    ...(request.granted ? [...request.granted.roles, ...rights(request.granted.permissions)] : []),
+  ]
+    .filter(Boolean)
+    .join("\n")
+    .toLowerCase();
+}
+
+/** The requests that the filter and the search let through, in the chosen order: a page of them as rows. */
 function showRequests() {
   const all = [...page.requests.values()];
   const query = page.search.trim().toLowerCase();
-  const shown = all
+  const matching = all
     .filter((request) => page.filter === "all" || request.state === "pending")
-    .filter(
-      (request) =>
-        !query || request.username.toLowerCase().includes(query) || request.pairingId.toLowerCase().includes(query),
-    )
-    .sort(ORDERS[page.sort])
+    .filter((request) => !query || searchText(request).includes(query))
+    .sort(ORDERS[page.sort]);
+  const shown = matching
+    .slice(0, page.shownLimit)
     .map((request) => ({ ...request, isNew: page.fresh.has(request.username) }));
   reconcile($("requests-body"), page.requestRows, shown, fillRequestRow);
   updateFilterCounts(all);
+  const more = $("requests-more");
+  const hidden = matching.length - shown.length;
+  more.hidden = hidden <= 0;
+  more.textContent = `Show ${Math.min(hidden, PAGE_SIZE)} more (${hidden} not shown)`;
   const empty = $("requests-empty");
   empty.hidden = shown.length > 0;
   if (!all.length) {
@@ -526,6 +748,16 @@ function showRequests() {
 function updateFilterCounts(all) {
   $("filter-all-count").textContent = String(all.length);
   $("filter-pending-count").textContent = String(all.filter((request) => request.state === "pending").length);
+}
+
+function showMore() {
+  const before = $("requests-body").lastElementChild;
+  page.shownLimit += PAGE_SIZE;
+  showRequests();
+  // The focus goes to the first row just shown, so that the keyboard carries on from there.
+  const first = before ? before.nextElementSibling : $("requests-body").firstElementChild;
+  const target = first?.querySelector("[data-focus]") || (!$("requests-more").hidden && $("requests-more"));
+  if (target) target.focus();
 }
 
 function setFilter(filter) {
@@ -547,6 +779,7 @@ function fillRequestRow(row, request) {
     // A real button, so that the row is announced and reached as a control.
     const open = element("button", "open-request");
     open.type = "button";
+    open.dataset.focus = "open";
     open.append(element("span", "visually-hidden", "Review the request of "), request.username);
     client.append(open);
   } else {
@@ -562,7 +795,7 @@ function fillRequestRow(row, request) {
 
   const badge = element("span", `badge ${request.state}`, STATE_LABELS[request.state] || request.state);
   const state = cell("State", null, badge);
-  if (request.reason) state.append(element("span", "reason", request.reason));
+  if (request.reason) state.append(clientText("span", "reason", request.reason));
   if (request.state === "approved") {
     const collected = request.collectedAt
       ? element("span", "collected yes", `Collected ${formatTime(request.collectedAt)}`)
@@ -574,21 +807,26 @@ function fillRequestRow(row, request) {
   }
   if (request.decidedAt) state.append(element("span", "sub", `Decided ${formatTime(request.decidedAt)}`));
 
-  const context = element("div", "clamp", request.context || "");
+  const context = clientText("div", "clamp", request.context || "");
   if (request.context) context.title = request.context;
+  // The poll statistics of a row that just arrived come with the next full listing.
+  const counted = request.pollCount !== undefined;
   const seen = cell(
     "Seen",
     null,
     timeLine("First", request.createdAt),
-    timeLine("Last", request.lastPollAt),
-    element("span", "sub", polls(request.pollCount)),
+    counted ? timeLine("Last", request.lastPollAt) : element("span", "line", "Last: counting…"),
+    element("span", "sub", counted ? polls(request.pollCount) : "polls: counting…"),
   );
+  // A card on a phone shows no label over an empty context.
+  const contextCell = cell(request.context ? "Context" : null, "context-cell", context);
+  contextCell.classList.toggle("is-empty", !request.context);
   row.replaceChildren(
     client,
     state,
     cell(null, "rights", ...rightsCell(request)),
-    cell("Context", "context-cell", context),
-    cell("Address", "mono", request.clientAddress),
+    contextCell,
+    cell("Address", "mono", request.clientAddress ?? "…"),
     seen,
   );
 }
@@ -644,22 +882,40 @@ async function openGrantDialog(username) {
   $("grant-username").textContent = username;
   $("grant-pairing").textContent = request.pairingId;
   $("grant-method").textContent = request.method === "csr" ? "Certificate signing request (CSR)" : "Password";
-  $("grant-address").textContent = request.clientAddress;
+  $("grant-address").textContent = request.clientAddress ?? "…";
   $("grant-created").textContent = formatTime(request.createdAt);
   $("grant-requested-roles").replaceChildren(...chips(request.roles, "chip", "none"));
   $("grant-requested-permissions").replaceChildren(...permissionNodes(request.permissions));
-  $("grant-context").textContent = request.context || "(none)";
+  $("grant-context").replaceChildren(...clientText("span", null, request.context || "(none)").childNodes);
+  $("grant-context").dir = "auto";
   $("grant-context").classList.toggle("none", !request.context);
+  showKey(request);
   fillRoleChoices(catalog, request.roles);
   $("grant-permissions").replaceChildren(...request.permissions.map(permissionItem));
   renumberPermissions();
   $("grant-reason").value = page.drafts.get(username) || "";
   clearGrantErrors();
   updateGrantDialog(request);
-  $("grant-body").scrollTop = 0;
   $("grant-dialog").showModal();
+  // After showModal: a closed dialog has no layout, and a scroll set before it would not hold.
+  $("grant-body").scrollTop = 0;
+  $("grant-dialog").scrollTop = 0;
   // Not on Allow: a second Enter must not approve what was not reviewed.
-  $("grant-heading").focus();
+  $("grant-heading").focus({ preventScroll: true });
+}
+
+/** A CSR's key beside the pairing id: its type and the SHA-256 of its public key, as the device's label shows them. */
+function showKey(request) {
+  const key = request.publicKey;
+  $("grant-key").hidden = !key;
+  if (!key) return;
+  $("grant-key-type").textContent = key.type;
+  $("grant-key-sha256").textContent = fingerprint(key.sha256);
+}
+
+/** A hex digest in pairs, as openssl and browsers print fingerprints: "AB:CD:…". */
+function fingerprint(hex) {
+  return hex.toUpperCase().match(/../g).join(":");
 }
 
 function fillRoleChoices(catalog, requested) {
@@ -758,8 +1014,10 @@ function updateGrantDialog(request) {
     notice.textContent = "This request is gone: it was forgotten, or it expired.";
   } else if (!decidable) {
     notice.textContent = `This request was ${request.state} meanwhile, by another administrator.`;
-  } else {
+  } else if (request.pollCount !== undefined) {
     $("grant-polled").textContent = `${formatTime(request.lastPollAt)} (${polls(request.pollCount)})`;
+  } else {
+    $("grant-polled").textContent = "counting…";
   }
   notice.hidden = decidable;
   $("grant-allow").disabled = !decidable;
@@ -900,6 +1158,13 @@ async function decide(action) {
     const verb = action === "approve" ? "grant" : "denial";
     if (error.status === 400 || error.status === 422) {
       showGrantProblems(`The server refused this ${verb}.`, serverProblems(error));
+    } else if (error.status === 0) {
+      const button = action === "approve" ? "Allow" : "Deny";
+      showGrantProblems(
+        `The ${verb} was not sent: the server cannot be reached. Nothing was changed; press ${button} again once it answers.`,
+        [],
+      );
+      setReachable(false);
     } else {
       showGrantProblems(`The ${verb} did not go through: ${describe(error)}`, []);
     }
@@ -972,6 +1237,7 @@ function fillUserRow(row, user) {
   const remove = element("button", "button small danger-outline", "Delete");
   remove.type = "button";
   remove.dataset.username = user.username;
+  remove.dataset.focus = "delete";
   remove.setAttribute("aria-label", `Delete ${user.username}`);
   row.dataset.username = user.username;
   row.replaceChildren(
@@ -1078,6 +1344,7 @@ function start() {
     showRequests();
   });
   $("requests-body").addEventListener("click", onRequestActivated);
+  $("requests-more").addEventListener("click", showMore);
   $("users-body").addEventListener("click", onUserAction);
   $("grant-form").addEventListener("submit", (event) => event.preventDefault());
   $("grant-close").addEventListener("click", () => $("grant-dialog").close());
@@ -1090,8 +1357,9 @@ function start() {
     if (!document.hidden) refresh();
   });
 
+  // A tab in the background refreshes too, at a slower pace: its title counts what waits.
   setInterval(() => {
-    if (!document.hidden) refresh();
+    if (!document.hidden || performance.now() - page.lastRefreshAt >= HIDDEN_REFRESH_MS) refresh();
   }, REFRESH_MS);
   setInterval(tick, 500);
   tick();
