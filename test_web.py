@@ -14,6 +14,7 @@ Content-Security-Policy does not govern, so the policy stays as it is served.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import time
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 import server
-from conftest import call, make_csr, serve
+from conftest import call, make_csr, make_key, serve
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed: pip install playwright"
@@ -1160,3 +1163,105 @@ def test_api_answers_are_not_sniffed(page: sync_api.Page, base: str) -> None:
     sign_in(page, base)
     answer = page.request.get(base + "/api/client-registry", headers={"Authorization": f"Bearer {TOKEN}"})
     assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+# --- Issue 27, what was missing ------------------------------------------------------------------
+
+
+def test_the_dialog_shows_the_csr_s_key_and_users_show_the_certificate_s_fingerprint(
+    page: sync_api.Page, base: str
+) -> None:
+    """Missing 1: key type and SHA-256 of the public key beside the pairing id; serial and fingerprint in Users."""
+    key = make_key("p384")
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    sign_in(page, base)
+    unlock(page)
+    csr = make_csr("edge-0001", key)
+    assert call(base, "POST", "/api/client-registry/register", {"username": "edge-0001", "csr": csr})[0] == 202
+    open_request(page, "edge-0001")
+    expect(page.locator("#grant-key-type")).to_have_text("EC secp384r1")
+    digest = hashlib.sha256(spki).hexdigest().upper()
+    expect(page.locator("#grant-key-sha256")).to_have_text(":".join(digest[i : i + 2] for i in range(0, 64, 2)))
+    page.click("#grant-allow")
+    expect(page.locator("#grant-dialog")).to_be_hidden()
+
+    answer = call(base, "POST", "/api/client-registry/register", {"username": "edge-0001", "csr": csr})[1]
+    certificate = x509.load_pem_x509_certificate(answer["certificate"].encode())
+    page.click("#tab-users")
+    row = page.locator("#users-body tr")
+    expect(row).to_contain_text(format(certificate.serial_number, "x"))
+    expect(row.locator(".fingerprint")).to_have_text(certificate.fingerprint(hashes.SHA256()).hex(":").upper())
+
+
+def test_the_search_looks_in_context_roles_topics_and_address(page: sync_api.Page, base: str) -> None:
+    """Missing 2."""
+    sign_in(page, base)
+    unlock(page)
+    topic = [{"resource": "plant/boiler-7/#", "operation": "read", "context": "mqtt"}]
+    assert register(base, "dev-a", context="cabinet 4 by the loading dock")[0] == 202
+    assert register(base, "dev-b", roles=["operator"])[0] == 202
+    assert register(base, "dev-c", permissions=topic)[0] == 202
+    expect(page.locator("#requests-body tr")).to_have_count(3)
+    for query, expected in (("loading dock", ["dev-a"]), ("OPERATOR", ["dev-b"]), ("boiler-7", ["dev-c"])):
+        page.fill("#search", query)
+        expect(page.locator("#requests-body tr")).to_have_count(len(expected))
+        assert shown_usernames(page) == expected, query
+    page.fill("#search", "127.0.0.1")
+    expect(page.locator("#requests-body tr")).to_have_count(3)
+
+
+def test_a_fleet_is_approved_or_denied_at_once_after_a_confirmation(page: sync_api.Page, base: str) -> None:
+    """Missing 3: select, confirm a list of names and rights, one call each, each failure reported."""
+    sign_in(page, base)
+    unlock(page)
+    for number in range(1, 6):
+        assert register(base, f"fleet-{number:04d}", roles=["minimum"])[0] == 202
+    assert register(base, "other-0001")[0] == 202
+    expect(page.locator("#requests-body tr")).to_have_count(6)
+    page.fill("#search", "fleet-")
+    expect(page.locator("#requests-body tr")).to_have_count(5)
+    page.click("#bulk-select-all")
+    expect(page.locator("#bulk-count")).to_have_text("5 selected")
+    page.get_by_role("checkbox", name="Select fleet-0005").uncheck()
+    expect(page.locator("#bulk-count")).to_have_text("4 selected")
+    approve(base, "fleet-0004")  # another administrator is quicker for one of them
+
+    page.click("#bulk-approve")
+    dialog = page.locator("#bulk-dialog")
+    expect(dialog).to_contain_text("Approve 4 requests?")
+    expect(page.locator("#bulk-list li")).to_have_count(4)
+    expect(page.locator('#bulk-list li[data-username="fleet-0001"]')).to_contain_text("roles minimum")
+    page.click("#bulk-ok")
+    expect(page.locator("#banner")).to_contain_text("3 of 4 approved")
+    expect(page.locator("#banner")).to_contain_text("fleet-0004")
+    for number in (1, 2, 3):
+        assert register(base, f"fleet-{number:04d}", roles=["minimum"])[0] == 201
+    assert register(base, "fleet-0005", roles=["minimum"])[0] == 202
+
+    page.fill("#search", "")
+    page.get_by_role("checkbox", name="Select other-0001").check()
+    page.get_by_role("checkbox", name="Select fleet-0005").check()
+    page.click("#bulk-deny")
+    page.fill("#bulk-reason", "not in the asset list")
+    page.click("#bulk-ok")
+    expect(page.locator("#toast")).to_contain_text("2 requests denied")
+    for name in ("other-0001", "fleet-0005"):
+        status, body = register(base, name, roles=["minimum"] if name.startswith("fleet") else [])
+        assert (status, body["reason"]) == (403, "not in the asset list")
+
+
+def test_a_denial_is_forgotten_so_the_device_may_ask_again(page: sync_api.Page, base: str) -> None:
+    """Missing 4: DELETE .../requests/{u}, after asking."""
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "mistake-0001")[0] == 202
+    denial = {"reason": "oops"}
+    assert call(base, "POST", "/api/client-registry/requests/mistake-0001/deny", denial, token=TOKEN)[0] == 200
+    row = request_row(page, "mistake-0001")
+    forget = row.get_by_role("button", name="Forget the denial of mistake-0001")
+    forget.click()
+    expect(page.locator("#confirm-dialog")).to_contain_text("Forget the denial of mistake-0001?")
+    page.click("#confirm-ok")
+    expect(row).to_have_count(0)
+    assert register(base, "mistake-0001")[0] == 202  # a new request, at once
+    expect(request_row(page, "mistake-0001")).to_contain_text("Pending")

@@ -70,6 +70,8 @@ const page = {
   pollsFetchedAt: -Infinity, // performance.now() of the last full listing
   lastRefreshAt: -Infinity,
   shownLimit: PAGE_SIZE,
+  selected: new Set(), // pending requests chosen for one approval or denial of them all
+  matching: [], // the requests the filter and the search let through, in order
   pending: 0,
   lists: new Map(), // API path -> { etag, text, data } of its last answer
   requests: new Map(), // username -> the request as the server last listed it
@@ -404,7 +406,10 @@ function forgetSession({ keepWork = false } = {}) {
   page.requests.clear();
   page.known = null;
   page.fresh.clear();
-  if (!keepWork) page.drafts.clear();
+  if (!keepWork) {
+    page.drafts.clear();
+    page.selected.clear();
+  }
   page.polls.clear();
   page.pollsFetchedAt = -Infinity;
   page.statusKnown = false;
@@ -655,6 +660,9 @@ function placeRows(body, rows, items, fill) {
 function renderRequests(requests) {
   const merged = requests.map((request) => ({ ...request, ...page.polls.get(request.username) }));
   page.requests = new Map(merged.map((request) => [request.username, request]));
+  for (const name of page.selected) {
+    if (page.requests.get(name)?.state !== "pending") page.selected.delete(name);
+  }
   page.position = new Map(requests.map((request, index) => [request.username, index]));
   noteArrivals(requests);
   showRequests();
@@ -724,11 +732,13 @@ function showRequests() {
     .filter((request) => page.filter === "all" || request.state === "pending")
     .filter((request) => !query || searchText(request).includes(query))
     .sort(ORDERS[page.sort]);
+  page.matching = matching;
   const shown = matching
     .slice(0, page.shownLimit)
     .map((request) => ({ ...request, isNew: page.fresh.has(request.username) }));
   reconcile($("requests-body"), page.requestRows, shown, fillRequestRow);
   updateFilterCounts(all);
+  updateBulkBar();
   const more = $("requests-more");
   const hidden = matching.length - shown.length;
   more.hidden = hidden <= 0;
@@ -743,6 +753,105 @@ function showRequests() {
   } else {
     empty.textContent = "No pending request. Choose All to see the decided ones.";
   }
+}
+
+// --- A fleet at a time: several pending requests, one approval or one denial ----
+
+function onSelect(event) {
+  const box = event.target.closest(".select-request");
+  if (!box) return;
+  const username = box.closest("tr").dataset.username;
+  if (box.checked) page.selected.add(username);
+  else page.selected.delete(username);
+  updateBulkBar();
+}
+
+function selectAllMatching() {
+  for (const request of page.matching) if (request.state === "pending") page.selected.add(request.username);
+  syncSelectBoxes();
+}
+
+function clearSelection() {
+  page.selected.clear();
+  syncSelectBoxes();
+  $("bulk-select-all").focus();
+}
+
+function syncSelectBoxes() {
+  for (const box of $("requests-body").querySelectorAll(".select-request")) {
+    box.checked = page.selected.has(box.closest("tr").dataset.username);
+  }
+  updateBulkBar();
+}
+
+function updateBulkBar() {
+  const count = page.selected.size;
+  $("bulk-count").textContent = count ? `${count} selected` : "No request selected";
+  const pending = page.matching.filter((request) => request.state === "pending").length;
+  $("bulk-select-all").textContent = `Select all ${pending} pending that match`;
+  $("bulk-select-all").hidden = pending === 0;
+  for (const id of ["bulk-clear", "bulk-approve", "bulk-deny"]) $(id).hidden = count === 0;
+}
+
+/** What an approval as requested gives one request, in a line: its roles and permissions. */
+function grantSummary(request) {
+  const roles = request.roles.length ? `roles ${request.roles.join(", ")}` : "no roles";
+  const permissions = request.permissions.map((p) => `${p.context} ${p.resource} ${p.operation}`);
+  return `${roles}; ${permissions.length ? `permissions ${permissions.join(", ")}` : "no permissions"}`;
+}
+
+/** Ask first, listing each request and what it will get; then one call per request, each failure said. */
+async function decideSelected(action) {
+  const requests = [...page.selected].map((name) => page.requests.get(name)).filter(Boolean);
+  const approving = action === "approve";
+  const dialog = $("bulk-dialog");
+  const count = `${requests.length} ${requests.length === 1 ? "request" : "requests"}`;
+  $("bulk-heading").textContent = approving ? `Approve ${count}?` : `Deny ${count}?`;
+  $("bulk-text").textContent = approving
+    ? "Each gets what it asked for, as listed. Compare their pairing ids with the devices' first."
+    : "Each client's next poll is refused (403), with the reason below.";
+  $("bulk-list").replaceChildren(
+    ...requests.map((request) => {
+      const item = element("li");
+      item.dataset.username = request.username;
+      item.append(element("span", "username", request.username), element("span", "mono", `pairing ${request.pairingId}`));
+      if (approving) item.append(element("span", "line", grantSummary(request)));
+      return item;
+    }),
+  );
+  $("bulk-reason-field").hidden = approving;
+  $("bulk-reason").value = "";
+  $("bulk-ok").textContent = approving ? `Approve ${count}` : `Deny ${count}`;
+  $("bulk-ok").className = `button ${approving ? "primary" : "danger"}`;
+  dialog.returnValue = "";
+  dialog.showModal();
+  $("bulk-heading").focus();
+  const sure = await new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
+  });
+  if (!sure) return;
+  const reason = $("bulk-reason").value.trim();
+  const failed = [];
+  for (const request of requests) {
+    try {
+      await api("POST", registryPath(request.username, action), approving ? undefined : reason ? { reason } : {});
+      page.selected.delete(request.username);
+      page.drafts.delete(request.username);
+    } catch (error) {
+      if (error.status === 401) break;
+      failed.push(`${request.username} (${describe(error)})`);
+    }
+  }
+  const done = requests.length - failed.length;
+  const verb = approving ? "approved" : "denied";
+  if (failed.length) {
+    showBanner(`${done} of ${requests.length} ${verb}. Not ${verb}: ${failed.join("; ")}. They stay selected.`, "bulk");
+  } else {
+    clearBanner("bulk");
+    showToast(`${done} ${done === 1 ? "request" : "requests"} ${verb}.`);
+  }
+  syncSelectBoxes();
+  refresh();
 }
 
 function updateFilterCounts(all) {
@@ -781,7 +890,12 @@ function fillRequestRow(row, request) {
     open.type = "button";
     open.dataset.focus = "open";
     open.append(element("span", "visually-hidden", "Review the request of "), request.username);
-    client.append(open);
+    const select = element("input", "select-request");
+    select.type = "checkbox";
+    select.dataset.focus = "select";
+    select.checked = page.selected.has(request.username);
+    select.setAttribute("aria-label", `Select ${request.username}`);
+    client.append(select, open);
   } else {
     client.append(element("span", "username", request.username));
   }
@@ -796,6 +910,14 @@ function fillRequestRow(row, request) {
   const badge = element("span", `badge ${request.state}`, STATE_LABELS[request.state] || request.state);
   const state = cell("State", null, badge);
   if (request.reason) state.append(clientText("span", "reason", request.reason));
+  if (request.state === "denied") {
+    // Undo a denial: forgotten, the device may ask again at once rather than after the retention period.
+    const forget = element("button", "button small forget", "Forget");
+    forget.type = "button";
+    forget.dataset.focus = "forget";
+    forget.setAttribute("aria-label", `Forget the denial of ${request.username}`);
+    state.append(forget);
+  }
   if (request.state === "approved") {
     const collected = request.collectedAt
       ? element("span", "collected yes", `Collected ${formatTime(request.collectedAt)}`)
@@ -850,10 +972,37 @@ function rightsCell(request) {
 }
 
 function onRequestActivated(event) {
+  if (event.target.closest(".select-request")) return; // its change event selects
+  if (event.target.closest("button.forget")) {
+    forgetDenial(event.target.closest("tr").dataset.username);
+    return;
+  }
   const row = event.target.closest("tr");
   if (!row || row.dataset.state !== "pending") return;
   if (event.target.closest("a")) return;
   openGrantDialog(row.dataset.username);
+}
+
+/** DELETE the denied request, after asking: its client may then register again without waiting. */
+async function forgetDenial(username) {
+  const sure = await confirmAction(
+    `Forget the denial of ${username}?`,
+    `The denied request of ${username} is removed. Its device may then ask again at once, ` +
+      "and its new request waits here for a decision.",
+    "Forget denial",
+  );
+  if (!sure) return;
+  try {
+    await api("DELETE", `/client-registry/requests/${encodeURIComponent(username)}`);
+    showToast(`The denial of ${username} is forgotten: its device may ask again.`);
+  } catch (error) {
+    if (error.status === 404 || error.status === 409) {
+      showBanner(`${username} was already forgotten or changed by someone else: nothing was changed.`, "decision");
+    } else {
+      report(error, "decision");
+    }
+  }
+  refresh();
 }
 
 // --- The Grant Access dialog -------------------------------------------------
@@ -1224,7 +1373,13 @@ function certificateCell(user) {
   node.append(element("span", `badge ${status}`, CERTIFICATE_LABELS[status] || status));
   const serial = element("span", "line");
   serial.append("Serial ", element("span", "serial", user.certificateSerial));
-  node.append(serial, timeLine(status === "expired" ? "Expired" : "Expires", user.certificateNotAfter));
+  node.append(serial);
+  if (user.certificateSha256) {
+    const digest = element("span", "line");
+    digest.append("SHA-256 ", element("span", "fingerprint", fingerprint(user.certificateSha256)));
+    node.append(digest);
+  }
+  node.append(timeLine(status === "expired" ? "Expired" : "Expires", user.certificateNotAfter));
   node.append(timeLine("Renew from", user.certificateRenewAfter));
   return node;
 }
@@ -1345,6 +1500,11 @@ function start() {
   });
   $("requests-body").addEventListener("click", onRequestActivated);
   $("requests-more").addEventListener("click", showMore);
+  $("requests-body").addEventListener("change", onSelect);
+  $("bulk-select-all").addEventListener("click", selectAllMatching);
+  $("bulk-clear").addEventListener("click", clearSelection);
+  $("bulk-approve").addEventListener("click", () => decideSelected("approve"));
+  $("bulk-deny").addEventListener("click", () => decideSelected("deny"));
   $("users-body").addEventListener("click", onUserAction);
   $("grant-form").addEventListener("submit", (event) => event.preventDefault());
   $("grant-close").addEventListener("click", () => $("grant-dialog").close());
