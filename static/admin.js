@@ -69,6 +69,7 @@ const page = {
   polls: new Map(), // username -> { lastPollAt, pollCount, clientAddress } from the last full listing
   pollsFetchedAt: -Infinity, // performance.now() of the last full listing
   lastRefreshAt: -Infinity,
+  clockOffset: 0, // the server's clock minus the browser's, from the Date of the last answer
   shownLimit: PAGE_SIZE,
   selected: new Set(), // pending requests chosen for one approval or denial of them all
   matching: [], // the requests the filter and the search let through, in order
@@ -169,18 +170,43 @@ function polls(count) {
   return `${count} ${count === 1 ? "poll" : "polls"}`;
 }
 
+/** The server's time now, as far as the page knows it: the browser's clock set right by the last Date header. */
+function serverNow() {
+  return Date.now() + page.clockOffset;
+}
+
+/** A moment in the browser's zone, the zone named: "14:03:22 GMT+1", with the date when it is not today. */
 function formatTime(iso) {
   if (!iso) return "";
   const moment = new Date(iso);
-  const sameDay = moment.toDateString() === new Date().toDateString();
-  const options = { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false };
+  const sameDay = moment.toDateString() === new Date(serverNow()).toDateString();
+  const options = { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false, timeZoneName: "short" };
   if (!sameDay) Object.assign(options, { year: "numeric", month: "short", day: "numeric" });
   return moment.toLocaleString(undefined, options);
 }
 
-function formatDate(iso) {
-  if (!iso) return "";
-  return new Date(iso).toLocaleDateString(undefined, { year: "numeric", month: "short", day: "numeric" });
+/** The exact moment in UTC, for a title: "2026-12-06 04:03:22 UTC". */
+function exactUtc(iso) {
+  return `${new Date(iso).toISOString().slice(0, 19).replace("T", " ")} UTC`;
+}
+
+/** How long ago, by the server's clock: "less than a minute ago", "3 min ago", "2 h ago", "4 days ago". */
+function ago(iso) {
+  const seconds = (serverNow() - Date.parse(iso)) / 1000;
+  if (seconds < 60) return "less than a minute ago";
+  const minutes = Math.floor(seconds / 60);
+  if (minutes < 60) return `${minutes} min ago`;
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) return `${hours} h ago`;
+  return `${Math.floor(hours / 24)} days ago`;
+}
+
+/** Every "… ago" on the page, brought up to date (text only where it changed). */
+function refreshAgo() {
+  for (const node of document.querySelectorAll(".ago[data-at]")) {
+    const text = ago(node.dataset.at);
+    if (node.textContent !== text) node.textContent = text;
+  }
 }
 
 function formatCountdown(milliseconds) {
@@ -191,9 +217,14 @@ function formatCountdown(milliseconds) {
   return hours ? `${hours}:${String(minutes).padStart(2, "0")}:${seconds}` : `${minutes}:${seconds}`;
 }
 
-function timeLine(prefix, iso) {
-  const line = element("span", "line time", prefix ? `${prefix} ${formatTime(iso)}` : formatTime(iso));
-  if (iso) line.title = new Date(iso).toString();
+/** "First 3 min ago", with the moment and its zone beside it and the exact UTC time on hover. */
+function timeLine(prefix, iso, className = "line time") {
+  const line = element("span", className, prefix ? `${prefix} ` : "");
+  if (!iso) return line;
+  const relative = element("span", "ago", ago(iso));
+  relative.dataset.at = iso;
+  line.append(relative, element("span", "at", ` · ${formatTime(iso)}`));
+  line.title = exactUtc(iso);
   return line;
 }
 
@@ -270,6 +301,8 @@ async function send(method, path, body, headers = {}) {
     throw new ApiError(0, null);
   }
   clearBanner("network"); // the server answered
+  const date = Date.parse(response.headers.get("Date"));
+  if (Number.isFinite(date)) page.clockOffset = date + 500 - Date.now(); // a Date has whole seconds
   setReachable(true);
   // A 401 to a token that was replaced meanwhile (a call sent before signing in again) says nothing of the new one.
   if (response.status === 401 && sent === token()) {
@@ -920,14 +953,14 @@ function fillRequestRow(row, request) {
   }
   if (request.state === "approved") {
     const collected = request.collectedAt
-      ? element("span", "collected yes", `Collected ${formatTime(request.collectedAt)}`)
+      ? timeLine("Collected", request.collectedAt, "collected yes")
       : element("span", "collected no", "Not collected yet");
     collected.title = request.collectedAt
-      ? "The client fetched its credentials after the approval."
+      ? `The client fetched its credentials after the approval, at ${exactUtc(request.collectedAt)}.`
       : "The client has not polled since the approval: it does not have its credentials yet.";
     state.append(collected);
   }
-  if (request.decidedAt) state.append(element("span", "sub", `Decided ${formatTime(request.decidedAt)}`));
+  if (request.decidedAt) state.append(timeLine("Decided", request.decidedAt, "sub"));
 
   const context = clientText("div", "clamp", request.context || "");
   if (request.context) context.title = request.context;
@@ -1032,7 +1065,7 @@ async function openGrantDialog(username) {
   $("grant-pairing").textContent = request.pairingId;
   $("grant-method").textContent = request.method === "csr" ? "Certificate signing request (CSR)" : "Password";
   $("grant-address").textContent = request.clientAddress ?? "…";
-  $("grant-created").textContent = formatTime(request.createdAt);
+  $("grant-created").textContent = `${formatTime(request.createdAt)} (${ago(request.createdAt)})`;
   $("grant-requested-roles").replaceChildren(...chips(request.roles, "chip", "none"));
   $("grant-requested-permissions").replaceChildren(...permissionNodes(request.permissions));
   $("grant-context").replaceChildren(...clientText("span", null, request.context || "(none)").childNodes);
@@ -1164,7 +1197,8 @@ function updateGrantDialog(request) {
   } else if (!decidable) {
     notice.textContent = `This request was ${request.state} meanwhile, by another administrator.`;
   } else if (request.pollCount !== undefined) {
-    $("grant-polled").textContent = `${formatTime(request.lastPollAt)} (${polls(request.pollCount)})`;
+    $("grant-polled").textContent =
+      `${formatTime(request.lastPollAt)} (${ago(request.lastPollAt)}, ${polls(request.pollCount)})`;
   } else {
     $("grant-polled").textContent = "counting…";
   }
@@ -1522,6 +1556,7 @@ function start() {
     if (!document.hidden || performance.now() - page.lastRefreshAt >= HIDDEN_REFRESH_MS) refresh();
   }, REFRESH_MS);
   setInterval(tick, 500);
+  setInterval(refreshAgo, 20000);
   tick();
   if (token()) $("sign-out").hidden = false;
   else askForToken();
