@@ -1286,3 +1286,39 @@ def test_times_say_how_long_ago_by_the_server_s_clock_with_their_zone(browser: s
         expect(page.locator("#lock-detail")).to_contain_text("GMT+5:30")
     finally:
         context.close()
+
+
+def test_users_are_searched_filtered_by_certificate_and_revoked_serials_listed(page: sync_api.Page, base: str) -> None:
+    """Missing 7: search, a filter by certificate status with counts, and the CRL's revoked serials."""
+    sign_in(page, base)
+    unlock(page)
+    serials = {}
+    for name in ("cam-0001", "cam-0002"):
+        csr = make_csr(name)
+        assert call(base, "POST", "/api/client-registry/register", {"username": name, "csr": csr})[0] == 202
+        approve(base, name)
+        answer = call(base, "POST", "/api/client-registry/register", {"username": name, "csr": csr})[1]
+        serials[name] = format(x509.load_pem_x509_certificate(answer["certificate"].encode()).serial_number, "x")
+    assert register(base, "panel-0001", roles=["operator"])[0] == 202
+    approve(base, "panel-0001")
+    page.click("#tab-users")
+    rows = page.locator("#users-body tr")
+    expect(rows).to_have_count(3)
+    expect(page.locator("#users-filter-valid-count")).to_have_text("2")
+    expect(page.locator("#users-filter-password-count")).to_have_text("1")
+    page.click('[data-user-filter="password"]')
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("panel-0001")
+    page.click('[data-user-filter="all"]')
+    page.fill("#users-search", serials["cam-0002"][:12])
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("cam-0002")
+    page.fill("#users-search", "operator")
+    expect(rows).to_have_count(1)
+    page.fill("#users-search", "")
+
+    page.get_by_role("button", name="Delete cam-0001").click()
+    page.click("#confirm-ok")
+    revoked = page.locator("#revoked")
+    expect(revoked).to_contain_text("Revoked certificates (1)")
+    expect(revoked.locator(".revoked-serial")).to_have_text(serials["cam-0001"])

@@ -71,6 +71,8 @@ const page = {
   lastRefreshAt: -Infinity,
   clockOffset: 0, // the server's clock minus the browser's, from the Date of the last answer
   shownLimit: PAGE_SIZE,
+  users: null, // the users as the server last listed them
+  userFilter: "all",
   selected: new Set(), // pending requests chosen for one approval or denial of them all
   matching: [], // the requests the filter and the search let through, in order
   pending: 0,
@@ -452,6 +454,9 @@ function forgetSession({ keepWork = false } = {}) {
   $("pending-count").hidden = true;
   $("crl").hidden = true;
   delete $("crl").dataset.key;
+  $("revoked").hidden = true;
+  delete $("revoked").dataset.number;
+  page.users = null;
   updateFilterCounts([]);
   $("requests-empty").hidden = true;
   $("users-empty").hidden = true;
@@ -488,6 +493,7 @@ async function refresh() {
         const users = await getList("/users");
         if (session !== page.session) return;
         if (users.changed) renderUsers(users.data);
+        await showRevoked(status.crl);
       }
       clearBanner("refresh");
     } while (page.refreshAgain);
@@ -1393,9 +1399,109 @@ function nextToReview(username) {
 
 // --- The Users view ----------------------------------------------------------
 
+const USER_FILTERS = {
+  all: () => true,
+  valid: (user) => user.certificateStatus === "valid",
+  renew: (user) => user.certificateStatus === "renew",
+  expired: (user) => user.certificateStatus === "expired",
+  password: (user) => user.method === "password",
+};
+
 function renderUsers(users) {
-  reconcile($("users-body"), page.userRows, users, fillUserRow);
-  $("users-empty").hidden = users.length > 0;
+  page.users = users;
+  showUsers();
+}
+
+/** The users that the certificate filter and the search let through, with each filter's count. */
+function showUsers() {
+  const users = page.users || [];
+  const query = $("users-search").value.trim().toLowerCase();
+  const text = (user) =>
+    [
+      user.username,
+      user.method,
+      user.certificateSerial,
+      user.certificateSha256,
+      ...user.roles,
+      ...user.permissions.flatMap((p) => [p.resource, p.operation, p.context]),
+    ]
+      .filter(Boolean)
+      .join("\n")
+      .toLowerCase();
+  for (const [name, test] of Object.entries(USER_FILTERS)) {
+    $(`users-filter-${name}-count`).textContent = String(users.filter(test).length);
+  }
+  const shown = users.filter(USER_FILTERS[page.userFilter]).filter((user) => !query || text(user).includes(query));
+  reconcile($("users-body"), page.userRows, shown, fillUserRow);
+  const empty = $("users-empty");
+  empty.hidden = shown.length > 0;
+  empty.textContent = users.length
+    ? "No user matches this filter and search."
+    : "No users yet: approve a request to create one.";
+}
+
+function setUserFilter(filter) {
+  page.userFilter = filter;
+  for (const button of document.querySelectorAll("[data-user-filter]")) {
+    button.setAttribute("aria-pressed", String(button.dataset.userFilter === filter));
+  }
+  showUsers();
+}
+
+/**
+ * The serial numbers the current CRL lists (RFC 5280 section 5.1), read from
+ * its DER for display: CertificateList, TBSCertList, then each revoked
+ * certificate's first field. Nothing is decided on it; the server signs it.
+ */
+function crlSerials(bytes) {
+  const read = (at) => {
+    let length = bytes[at + 1];
+    let start = at + 2;
+    if (length & 0x80) {
+      const count = length & 0x7f;
+      length = 0;
+      for (let i = 0; i < count; i += 1) length = length * 256 + bytes[start + i];
+      start += count;
+    }
+    return { tag: bytes[at], start, end: start + length };
+  };
+  const tbs = read(read(0).start);
+  let field = read(tbs.start);
+  if (field.tag === 0x02) field = read(field.end); // version
+  for (let i = 0; i < 3; i += 1) field = read(field.end); // signature, issuer, thisUpdate
+  const isTime = (tag) => tag === 0x17 || tag === 0x18; // UTCTime, GeneralizedTime
+  if (isTime(field.tag)) field = field.end < tbs.end ? read(field.end) : null; // nextUpdate
+  if (!field || field.tag !== 0x30) return [];
+  const serials = [];
+  for (let at = field.start; at < field.end; ) {
+    const entry = read(at);
+    const serial = read(entry.start);
+    const hex = [...bytes.slice(serial.start, serial.end)].map((b) => b.toString(16).padStart(2, "0")).join("");
+    serials.push(hex.replace(/^0+(?=.)/, ""));
+    at = entry.end;
+  }
+  return serials;
+}
+
+/** The revoked serials, fetched again only when the CRL's number changed. */
+async function showRevoked(crl) {
+  const line = $("revoked");
+  if (!crl) {
+    line.hidden = true;
+    return;
+  }
+  if (line.dataset.number === String(crl.number)) return;
+  const response = await fetch("/api/client-registry/crl", { cache: "no-store" });
+  if (!response.ok) return;
+  const serials = crlSerials(new Uint8Array(await response.arrayBuffer()));
+  line.dataset.number = String(crl.number);
+  line.hidden = false;
+  line.replaceChildren(
+    element("span", "label", `Revoked certificates (${serials.length})`),
+    ...(serials.length ? serials.map((serial) => element("span", "serial revoked-serial", serial)) : [
+      element("span", "none", "none"),
+    ]),
+  );
 }
 
 function certificateCell(user) {
@@ -1540,6 +1646,10 @@ function start() {
   $("bulk-approve").addEventListener("click", () => decideSelected("approve"));
   $("bulk-deny").addEventListener("click", () => decideSelected("deny"));
   $("users-body").addEventListener("click", onUserAction);
+  $("users-search").addEventListener("input", showUsers);
+  for (const button of document.querySelectorAll("[data-user-filter]")) {
+    button.addEventListener("click", () => setUserFilter(button.dataset.userFilter));
+  }
   $("grant-form").addEventListener("submit", (event) => event.preventDefault());
   $("grant-close").addEventListener("click", () => $("grant-dialog").close());
   $("grant-dialog").addEventListener("cancel", onGrantCancel);
