@@ -1322,3 +1322,25 @@ def test_users_are_searched_filtered_by_certificate_and_revoked_serials_listed(p
     revoked = page.locator("#revoked")
     expect(revoked).to_contain_text("Revoked certificates (1)")
     expect(revoked.locator(".revoked-serial")).to_have_text(serials["cam-0001"])
+
+
+def test_the_audit_view_says_who_did_what(page: sync_api.Page, base: str) -> None:
+    """Missing 5: the audit, newest first, with its actor; a decidedBy or a named actor is shown when given."""
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "audited-0001")[0] == 202
+    approve(base, "audited-0001")
+    page.click("#tab-audit")
+    rows = page.locator("#audit-body tr")
+    expect(rows.first).to_contain_text("approved audited-0001")
+    expect(rows.first).to_contain_text("administrator")
+    expect(page.locator("#audit-body")).to_contain_text("unlocked the registry")
+    expect(page.locator("#audit-body")).to_contain_text("asked to be registered")
+    assert axe_violations(page) == []
+
+    # A server with named administrators: the page shows the names it is given.
+    listing = call(base, "GET", "/api/client-registry/requests", token=TOKEN)[1]
+    named = [entry | {"decidedBy": "alice"} for entry in listing]
+    page.route(LISTING, lambda route: route.fulfill(json=named))
+    page.click("#tab-registry")
+    expect(request_row(page, "audited-0001")).to_contain_text("by alice")

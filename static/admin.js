@@ -456,6 +456,8 @@ function forgetSession({ keepWork = false } = {}) {
   delete $("crl").dataset.key;
   $("revoked").hidden = true;
   delete $("revoked").dataset.number;
+  page.auditText = null;
+  $("audit-body").replaceChildren();
   page.users = null;
   updateFilterCounts([]);
   $("requests-empty").hidden = true;
@@ -494,6 +496,11 @@ async function refresh() {
         if (session !== page.session) return;
         if (users.changed) renderUsers(users.data);
         await showRevoked(status.crl);
+      }
+      if (page.view === "audit") {
+        const audit = await api("GET", "/client-registry/audit?limit=100");
+        if (session !== page.session) return;
+        renderAudit(audit);
       }
       clearBanner("refresh");
     } while (page.refreshAgain);
@@ -966,7 +973,12 @@ function fillRequestRow(row, request) {
       : "The client has not polled since the approval: it does not have its credentials yet.";
     state.append(collected);
   }
-  if (request.decidedAt) state.append(timeLine("Decided", request.decidedAt, "sub"));
+  if (request.decidedAt) {
+    const decided = timeLine("Decided", request.decidedAt, "sub");
+    // Named administrators (the operations issue): who decided, when the server says it.
+    if (request.decidedBy) decided.append(" by ", clientText("span", "decided-by", request.decidedBy));
+    state.append(decided);
+  }
 
   const context = clientText("div", "clamp", request.context || "");
   if (request.context) context.title = request.context;
@@ -1599,11 +1611,60 @@ function dropUserRow(username) {
   target.focus();
 }
 
+// --- The Audit view: who did what ----------------------------------------------
+
+const AUDIT_ACTIONS = {
+  request: "asked to be registered",
+  unlock: "unlocked the registry",
+  lock: "locked the registry",
+  approve: "approved",
+  deny: "denied",
+  forget: "forgot the request of",
+  "remove user": "removed the user",
+  renew: "renewed its certificate",
+};
+
+/** The newest page of the audit, rewritten only when it changed; older pages stay below it. */
+function renderAudit(audit) {
+  const text = JSON.stringify(audit.entries);
+  if (page.auditText === text) return;
+  page.auditText = text;
+  $("audit-body").replaceChildren(...audit.entries.map(auditRow));
+  page.auditNext = audit.next;
+  $("audit-older").hidden = audit.next === null;
+  $("audit-empty").hidden = audit.entries.length > 0;
+}
+
+async function showOlderAudit() {
+  try {
+    const audit = await api("GET", `/client-registry/audit?limit=100&before=${page.auditNext}`);
+    $("audit-body").append(...audit.entries.map(auditRow));
+    page.auditNext = audit.next;
+    $("audit-older").hidden = audit.next === null;
+  } catch (error) {
+    report(error, "audit");
+  }
+}
+
+/** One entry: when, who (the named administrator, or the client), what, on which request, and its details. */
+function auditRow(entry) {
+  const row = element("tr");
+  const who = cell("Who", null, clientText("span", "username", entry.actor));
+  if (entry.address) who.append(element("span", "sub mono", entry.address));
+  const what = cell("What", null, element("span", null, AUDIT_ACTIONS[entry.action] || entry.action));
+  if (entry.username) what.append(" ", clientText("span", "username", entry.username));
+  const details = entry.details ? clientText("code", "audit-details", JSON.stringify(entry.details)) : "";
+  row.append(cell("When", null, timeLine(null, entry.at)), who, what, cell("Details", null, details));
+  return row;
+}
+
 // --- Views and start -----------------------------------------------------------
 
+const VIEWS = { "#users": "users", "#audit": "audit" };
+
 function showView() {
-  page.view = location.hash === "#users" ? "users" : "registry";
-  for (const view of ["registry", "users"]) {
+  page.view = VIEWS[location.hash] || "registry";
+  for (const view of ["registry", "users", "audit"]) {
     $(`view-${view}`).hidden = view !== page.view;
     const tab = $(`tab-${view}`);
     if (view === page.view) tab.setAttribute("aria-current", "page");
@@ -1621,7 +1682,7 @@ function start() {
   $("banner-close").addEventListener("click", () => clearBanner());
   for (const tab of document.querySelectorAll(".tab")) {
     tab.addEventListener("click", () => {
-      location.hash = tab.dataset.view === "users" ? "#users" : "";
+      location.hash = tab.dataset.view === "registry" ? "" : `#${tab.dataset.view}`;
     });
   }
   window.addEventListener("hashchange", showView);
@@ -1647,6 +1708,7 @@ function start() {
   $("bulk-deny").addEventListener("click", () => decideSelected("deny"));
   $("users-body").addEventListener("click", onUserAction);
   $("users-search").addEventListener("input", showUsers);
+  $("audit-older").addEventListener("click", showOlderAudit);
   for (const button of document.querySelectorAll("[data-user-filter]")) {
     button.addEventListener("click", () => setUserFilter(button.dataset.userFilter));
   }
