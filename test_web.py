@@ -1234,6 +1234,7 @@ def test_a_fleet_is_approved_or_denied_at_once_after_a_confirmation(page: sync_a
     expect(dialog).to_contain_text("Approve 4 requests?")
     expect(page.locator("#bulk-list li")).to_have_count(4)
     expect(page.locator('#bulk-list li[data-username="fleet-0001"]')).to_contain_text("roles minimum")
+    assert axe_violations(page) == []
     page.click("#bulk-ok")
     expect(page.locator("#banner")).to_contain_text("3 of 4 approved")
     expect(page.locator("#banner")).to_contain_text("fleet-0004")
