@@ -71,6 +71,9 @@ const page = {
   lastRefreshAt: -Infinity,
   clockOffset: 0, // the server's clock minus the browser's, from the Date of the last answer
   shownLimit: PAGE_SIZE,
+  signInHint: null, // where the server keeps its token, as it said
+  auditText: null, // the newest audit page shown, as text
+  auditNext: null, // the id to ask entries before, for Older entries
   users: null, // the users as the server last listed them
   userFilter: "all",
   selected: new Set(), // pending requests chosen for one approval or denial of them all
