@@ -200,6 +200,10 @@ class CA:
         algorithm, size, curve = _describe(key)
         return CsrInfo(_common_name(csr), algorithm, size, curve, spki)
 
+    def inspect_public_key(self, public_key: bytes) -> CsrInfo:
+        """What a verified key (SPKI DER, as ``inspect_csr`` gave it) is: its algorithm, size and curve."""
+        return _key_info(public_key)
+
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> IssuedCertificate:
         """Sign a client certificate for ``username`` and the verified key ``public_key`` (SPKI DER).
 
@@ -336,6 +340,13 @@ def _describe(key: object) -> tuple[str, int, str | None]:
 def _algorithm_name(csr: x509.CertificateSigningRequest) -> str:
     """A CSR's key algorithm that cryptography cannot load, named by its OID (RFC 5280 section 4.1.2.7)."""
     return f"OID {csr.public_key_algorithm_oid.dotted_string}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_info(public_key: bytes) -> CsrInfo:
+    # Cached: the administrator's listing describes every stored key at each refresh.
+    algorithm, size, curve = _describe(serialization.load_der_public_key(public_key))
+    return CsrInfo(None, algorithm, size, curve, public_key)
 
 
 def _common_name(csr: x509.CertificateSigningRequest) -> str | None:

@@ -186,6 +186,12 @@ SCHEMAS: dict[str, Schema] = {
         {
             "locked": {"type": "boolean"},
             "unlockedUntil": MAYBE_TIME,
+            "unlockedForMs": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "While unlocked: the milliseconds left, by the registry's clock",
+            },
+            "serverTime": {**TIME, "description": "While unlocked: the registry's own time"},
             "pending": {"type": "integer"},
             "crl": {
                 "oneOf": [
@@ -230,7 +236,37 @@ SCHEMAS: dict[str, Schema] = {
             },
             "collectedAt": {**MAYBE_TIME, "description": "When the client first fetched its 201"},
             "via": {"enum": ["api", "est"], "description": "How the request came: this JSON API, or EST (RFC 7030)"},
-        }
+            "publicKey": {
+                "oneOf": [
+                    _closed(
+                        {
+                            "type": {"type": "string", "description": "Such as 'EC secp256r1' or 'RSA 2048-bit'"},
+                            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        }
+                    ),
+                    {"type": "null"},
+                ],
+                "description": "A CSR's verified key and the SHA-256 of its SubjectPublicKeyInfo (null for a password)",
+            },
+        },
+        required=(
+            "username",
+            "state",
+            "pairingId",
+            "method",
+            "roles",
+            "permissions",
+            "context",
+            "createdAt",
+            "decidedAt",
+            "reason",
+            "granted",
+            "collectedAt",
+            "decidedBy",
+            "via",
+            "publicKey",
+        ),
+        description="With ?polls=omit, lastPollAt, pollCount and clientAddress are left out",
     ),
     "User": _closed(
         {
@@ -245,6 +281,10 @@ SCHEMAS: dict[str, Schema] = {
             "certificateStatus": {
                 "enum": ["valid", "renew", "expired", None],
                 "description": "'renew' from renewAfter on (it expires soon); null for a password user",
+            },
+            "certificateSha256": {
+                "type": ["string", "null"],
+                "description": "The SHA-256 fingerprint of the current certificate's DER",
             },
         }
     ),
@@ -271,6 +311,13 @@ SCHEMAS: dict[str, Schema] = {
             "entries": _list("AuditEntry"),
             "next": {"type": ["integer", "null"], "description": "Pass as 'before' for the next page"},
         }
+    ),
+    "SignIn": _closed(
+        {
+            "tokenFrom": {"enum": ["file", "flag", "environment"]},
+            "file": {**MAYBE_TEXT, "description": "The token's file, as the server was started (tokenFrom 'file')"},
+        },
+        description="Where the administrator token is kept; never the token",
     ),
     "Removal": _closed({"status": {"enum": ["forgotten", "removed"]}, "username": TEXT}),
     "ClientReport": _closed(
@@ -358,6 +405,7 @@ SUCCESS: dict[str, dict[int, Schema]] = {
     "deny": {200: _json(_ref("Request"))},
     "forget": {200: _json(_ref("Removal"))},
     "roles": {200: _json(_list("Role"))},
+    "sign_in": {200: _json(_ref("SignIn"))},
     "audit": {200: _json(_ref("AuditPage"))},
     "users": {200: _json(_list("User"))},
     "remove_user": {200: _json(_ref("Removal"))},
@@ -389,6 +437,7 @@ NOTES: dict[str, dict[int, str]] = {
     },
     "approve": {409: "not_pending: the request was already decided", 422: "A role outside the catalog, or no CA"},
     "deny": {409: "not_pending: the request was already decided"},
+    "requests": {400: "'polls' is neither 'include' nor 'omit'"},
     "forget": {409: "not_pending: the request is approved (remove its user instead)"},
     "whoami": {401: "Not a registered client", 429: "Too many failed sign-ins for this username"},
     "renew": {
@@ -429,6 +478,14 @@ BY_USERNAME = {"username": "$response.body#/username"}
 
 AUDIT_LARGEST_ID = 2**62  # server.App.audit refuses more
 QUERIES: dict[str, list[Schema]] = {
+    "requests": [
+        {
+            "name": "polls",
+            "in": "query",
+            "description": "'omit' leaves the poll statistics out, so that the ETag changes with decisions only",
+            "schema": {"enum": ["include", "omit"], "default": "include"},
+        }
+    ],
     "audit": [
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
         {

@@ -563,6 +563,9 @@ class Provisioner(Protocol):
         already from a new one.
         """
 
+    def inspect_public_key(self, public_key: bytes) -> CsrInfo:
+        """What a verified key (SPKI DER, as ``inspect_csr`` gave it) is: its algorithm, size and curve."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -669,8 +672,13 @@ class LockWindow:
         return self.until is not None and now < self.until
 
     def to_json(self, now: int) -> dict[str, Any]:
-        is_open = self.is_open(now)
-        return {"locked": not is_open, "unlockedUntil": _iso(self.until) if is_open else None}
+        if not self.is_open(now):
+            return {"locked": True, "unlockedUntil": None}
+        # SPEC ADMIN-4.10-PAGE-FIELDS: what is left and the registry's own time,
+        # so that a page counts down without trusting its own clock.
+        assert self.until is not None
+        left = (self.until - now) // 1000
+        return {"locked": False, "unlockedUntil": _iso(self.until), "unlockedForMs": left, "serverTime": _iso(now)}
 
 
 class Decision(enum.Enum):
@@ -1125,9 +1133,13 @@ CREATE TABLE IF NOT EXISTS audit (
 # What the administrator's listings show: no hash, no key, no certificate.
 REQUEST_COLUMNS = (
     "requests.username, state, pairing_id, requests.method, requested, context, requests.created_at, last_poll_at,"
-    " poll_count, client_address, decided_at, decided_by, reason, collected_at, users.granted, via"
+    " poll_count, client_address, decided_at, decided_by, reason, collected_at, users.granted, via,"
+    " requests.public_key, requests.key_sha256"
 )
-USER_COLUMNS = "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before"
+USER_COLUMNS = (
+    "users.username, method, granted, created_at, users.serial, users.not_after, certificates.not_before,"
+    " certificates.sha256 AS certificate_sha256"
+)
 
 
 class Store:
@@ -1532,6 +1544,7 @@ def _user_json(user: Mapping[str, Any], now: int) -> dict[str, Any]:
         "certificateNotAfter": None,
         "certificateRenewAfter": None,
         "certificateStatus": None,
+        "certificateSha256": user["certificate_sha256"],  # SPEC ADMIN-4.10-PAGE-FIELDS
     }
     if user["serial"]:
         not_before, not_after = user["not_before"], user["not_after"]
@@ -2051,7 +2064,7 @@ class Registry:
     # --- The administrator (SPEC section 4) -------------------------------
 
     def requests(self) -> list[dict[str, Any]]:
-        """Every stored request, oldest first."""
+        """Every stored request, oldest first; a CSR's with what its key is (SPEC ADMIN-4.10-PAGE-FIELDS)."""
         now = self._now()
         with self._lock:
             # STORE-6.2-FULL-DISK: the purge is housekeeping; on a full disk
@@ -2060,7 +2073,18 @@ class Registry:
                 self._store.purge(self._cutoff(now))
             rows = self._store.requests()
         cutoff = self._cutoff(now)  # what a skipped purge left is not shown
-        return [_request_json(row) for row in rows if not expired(State(row["state"]), row, cutoff)]
+        return [
+            _request_json(row) | {"publicKey": self._key_json(row)}
+            for row in rows
+            if not expired(State(row["state"]), row, cutoff)
+        ]
+
+    def _key_json(self, row: sqlite3.Row) -> dict[str, str] | None:
+        """ADMIN-4.10-PAGE-FIELDS: the verified key a CSR request holds, as the administrator compares it with the
+        device's label."""
+        if row["public_key"] is None or self.ca is None:
+            return None
+        return {"type": describe_key(self.ca.inspect_public_key(row["public_key"])), "sha256": row["key_sha256"]}
 
     def approve(self, username: str, body: object = None, *, actor: str = ADMIN, address: str = "") -> dict[str, Any]:
         """Approve a pending request, granting the body's rights or the requested ones; sign its CSR's key.
@@ -2104,7 +2128,10 @@ class Registry:
                 if certificate:
                     self._store.add_certificate(**certificate)
                 self._audit(now, actor, address, "approve", username, details)
-        return _user_json(user | {"not_before": certificate and certificate["not_before"]}, now)
+        facts = {"not_before": certificate and certificate["not_before"], "certificate_sha256": None}
+        if certificate:
+            facts["certificate_sha256"] = certificate["sha256"]
+        return _user_json(user | facts, now)
 
     def _issue(
         self, username: str, public_key: bytes, key_sha256: str, moment: datetime, renewed_from: str | None = None
@@ -2137,7 +2164,8 @@ class Registry:
             with self._writing():
                 self._store.set_state(username, state, now, reason, decided_by=actor)
                 self._audit(now, actor, address, "deny", username, {"reason": reason})
-            return _request_json(self._store.requests(username)[0])
+            row = self._store.requests(username)[0]
+        return _request_json(row) | {"publicKey": self._key_json(row)}
 
     def forget(self, username: str, *, actor: str = ADMIN, address: str = "") -> None:
         """Forget a pending or denied request."""

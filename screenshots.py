@@ -1,11 +1,12 @@
 """Take the screenshots of docs/admin-page.md with the browser tests' harness.
 
-    python3 screenshots.py   # writes docs/registry-view.png, grant-access.png, users-view.png, registry-phone.png
+    python3 screenshots.py   # writes docs/registry-view.png, grant-access.png, users-view.png, audit-view.png,
+                             # registry-phone.png
 
 It starts a registry in a temporary folder, lets a few clients ask to be
 registered, and photographs the Client Registry view, the Grant Access
-dialog and the Users view at 1440x860, and the Client Registry view on a
-phone (390x844), in Debian's headless Chromium.
+dialog, the Users view and the Audit view at 1440x860, and the Client
+Registry view on a phone (390x844), in Debian's headless Chromium.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def populate(base: str) -> None:
     )
     call(base, "POST", "/api/client-registry/register", agent_request())
     call(base, "POST", "/api/client-registry/register", agent_request())  # a poll
+    retired = {"username": "plc-0003", "csr": make_csr("plc-0003"), "roles": ["minimum"], "context": "PLC, retired"}
+    call(base, "POST", "/api/client-registry/register", retired)
+    call(base, "POST", "/api/client-registry/requests/plc-0003/approve", **ADMIN)
+    call(base, "DELETE", "/api/users/plc-0003", **ADMIN)  # its certificate is revoked
 
 
 def agent_request() -> dict[str, object]:
@@ -83,7 +88,12 @@ def main() -> None:
 
         page.click("#tab-users")
         page.locator("#users-body tr").nth(1).wait_for()
+        page.locator("#revoked").wait_for()
         page.screenshot(path=DOCS / "users-view.png")
+
+        page.click("#tab-audit")
+        page.locator("#audit-body tr").nth(5).wait_for()
+        page.screenshot(path=DOCS / "audit-view.png")
         context.close()
 
         context = browser.new_context(viewport=PHONE, device_scale_factor=1)
@@ -93,7 +103,7 @@ def main() -> None:
         page.mouse.move(0, 0)
         page.screenshot(path=DOCS / "registry-phone.png")
         context.close()
-    print(f"wrote registry-view.png, grant-access.png, users-view.png and registry-phone.png in {DOCS}")
+    print(f"wrote registry-view.png, grant-access.png, users-view.png, audit-view.png and registry-phone.png in {DOCS}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,12 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# SPEC HTTP-8.7-SECURITY-HEADERS: no answer is sniffed into another type, and
+# a browser that reached the registry over HTTPS keeps to HTTPS (RFC 6797).
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
+HSTS = {"Strict-Transport-Security": "max-age=31536000"}
+# The poll statistics (SPEC ADMIN-4.7-POLL-STATS), which ?polls=omit leaves out of the requests listing.
+POLL_STATISTICS = ("lastPollAt", "pollCount", "clientAddress")
 DRAINABLE = 1 << 20  # an over-long body up to this size is read and dropped, keeping the connection
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends
 ACCESS_LOG_SECONDS = 0.2  # the longest an access line waits to be written
@@ -255,13 +261,15 @@ ROUTES = (
     Route("GET", "/api/client-registry", "status", "admin", "The lock state and the pending count"),
     Route("POST", "/api/client-registry/unlock", "unlock", "admin", "Open the registry for new requests", (200, 400)),
     Route("POST", "/api/client-registry/lock", "lock", "admin", "Close the registry at once"),
-    Route("GET", "/api/client-registry/requests", "requests", "admin", "Every stored request", (200, 304)),
+    Route("GET", "/api/client-registry/requests", "requests", "admin", "Every stored request", (200, 304, 400)),
     Route("POST", "/api/client-registry/requests/{username}/approve", "approve", "admin",
           "Approve a pending request, optionally granting other rights", (200, 400, 404, 409, 422)),
     Route("POST", "/api/client-registry/requests/{username}/deny", "deny", "admin",
           "Deny a pending request", (200, 400, 404, 409)),
     Route("DELETE", "/api/client-registry/requests/{username}", "forget", "admin",
           "Forget a pending or denied request", (200, 404, 409)),
+    Route("GET", "/api/client-registry/sign-in", "sign_in", "public",
+          "Where the administrator token is kept, for the page's sign-in"),
     Route("GET", "/api/client-registry/roles", "roles", "admin", "The role catalog"),
     Route("GET", "/api/client-registry/audit", "audit", "admin", "The audit trail, newest first", (200, 400)),
     Route("GET", "/api/users", "users", "admin", "Every registered user", (200, 304)),
@@ -296,10 +304,13 @@ class App:
         broker: broker_module.Reconciler | None = None,
         over_tls: bool = False,
         administrators: admins_module.Administrators | None = None,
+        token_kept: dict[str, str | None] | None = None,
     ) -> None:
         self.core = core
         self.broker = broker  # --mosquitto: a broker.Reconciler, kicked after every change of a user
         self.est = est.Est(core, over_tls=over_tls)  # SPEC section 10, on the HTTPS listener only
+        # SPEC ADMIN-4.10-PAGE-FIELDS: where the token is kept, for the page's sign-in hint.
+        self.token_kept = token_kept or {"tokenFrom": "file", "file": None}
         self.max_body = max_body
         self.check = check  # --test-clients: registrations varied, their clients watched
         # ``admin_token`` is the administrator ``admin``; the named ones come with ``administrators``.
@@ -419,7 +430,15 @@ class App:
         return Response.json(HTTPStatus.OK, self.core.lock(**_actor(request)))
 
     def requests(self, request: Request) -> Response:
-        return _validated(request, self.core.requests())
+        listing = self.core.requests()
+        # SPEC ADMIN-4.10-PAGE-FIELDS: without what every poll changes, the
+        # listing's ETag changes with decisions and arrivals only.
+        polls = request.query.get("polls", ["include"])[-1]
+        if polls not in ("include", "omit"):
+            raise registry.MalformedRequest("'polls' must be 'include' or 'omit'")
+        if polls == "omit":
+            listing = [{k: v for k, v in entry.items() if k not in POLL_STATISTICS} for entry in listing]
+        return _validated(request, listing)
 
     def approve(self, request: Request, username: str) -> Response:
         user = self.core.approve(username, _json_body(request), **_actor(request))
@@ -433,6 +452,9 @@ class App:
     def forget(self, request: Request, username: str) -> Response:
         self.core.forget(username, **_actor(request))
         return Response.json(HTTPStatus.OK, {"status": "forgotten", "username": username})
+
+    def sign_in(self, request: Request) -> Response:
+        return Response.json(HTTPStatus.OK, self.token_kept)
 
     def roles(self, request: Request) -> Response:
         catalog = [{"name": name, "description": text} for name, text in self.core.roles.items()]
@@ -835,7 +857,9 @@ class Handler(BaseHTTPRequestHandler):
         if status in (HTTPStatus.NOT_MODIFIED, HTTPStatus.NO_CONTENT):
             # RFC 9110 sections 15.4.5 and 8.6: no content, and no length of none.
             headers = {"Date": headers["Date"]}
-        headers |= {"Cache-Control": "no-store", **response.headers}
+        headers |= {"Cache-Control": "no-store", **NOSNIFF, **response.headers}
+        if self.server.tls is not None:
+            headers |= HSTS
         if self.close_connection:
             headers["Connection"] = "close"
         # The status line and the headers in one piece, as send_response_only
@@ -1195,6 +1219,7 @@ def _build(
         broker=reconciler,
         over_tls=not config.http,
         administrators=administrators,
+        token_kept=token_kept(config),
     )
     names = server_names([config.host, *config.server_names])
     # TLS-6.5-HTTPS: HTTPS unless --http is given.
@@ -1234,6 +1259,18 @@ def check_token(config: Config) -> None:
         problem = None
     if problem:
         raise ValueError(problem)
+
+
+def token_kept(config: Config) -> dict[str, str | None]:
+    """Where the administrator token comes from, as the page's sign-in says it: a file, a flag or a variable.
+
+    It names a place, never the token; the data folder's path is what the
+    server prints at its start.
+    """
+    if config.admin_token:
+        source = "environment" if config.token_source == "$REGISTRY_ADMIN_TOKEN" else "flag"
+        return {"tokenFrom": source, "file": None}
+    return {"tokenFrom": "file", "file": str(config.data_dir / "admin-token")}
 
 
 def check_port(host: str, port: int) -> None:

@@ -59,6 +59,7 @@ class DerivedCA:
         self.certificate_pem = authority.certificate_pem
         self.not_after = authority.not_after
         self.inspect_csr = authority.inspect_csr
+        self.inspect_public_key = authority.inspect_public_key
         self.issued = 0
 
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> ca.IssuedCertificate:

@@ -1309,6 +1309,7 @@ class FailingCA:
         self.certificate_pem = authority.certificate_pem
         self.not_after = authority.not_after
         self.inspect_csr = authority.inspect_csr
+        self.inspect_public_key = authority.inspect_public_key
 
     def issue_client_certificate(self, public_key: bytes, username: str, now: datetime) -> ca.IssuedCertificate:
         raise RuntimeError(f"the signing device refused {username}")

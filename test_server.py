@@ -29,6 +29,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import ca
 import server
-from conftest import FakeClock, assert_issued_from, make_csr, make_key
+from conftest import FakeClock, assert_issued_from, make_csr, make_key, serve
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -1957,3 +1958,83 @@ def test_the_help_shows_only_defaults_that_read_right() -> None:
     assert "it starts locked" in options["--test-clients"] and "unlock for 30 s" not in options["--test-clients"]
     # A default that means something stays.
     assert options["--port"] == "port; 0 picks a free one (0 to 65535) (default: 8443)"
+
+
+# --- What the administrator's page needs (issue 27) -------------------------------
+
+
+def test_while_unlocked_the_status_says_how_long_is_left_by_the_server_s_clock(live: Running, client: Client) -> None:
+    """Proves ADMIN-4.10-PAGE-FIELDS: unlockedForMs and serverTime come from the registry's clock, not the caller's."""
+    opened = client.admin("POST", UNLOCK, {"duration": 60_000}).body
+    assert opened["unlockedForMs"] == 60_000 and datetime.fromisoformat(opened["serverTime"]) == live.clock()
+    live.clock.advance(seconds=15.25)
+    status = client.admin("GET", STATUS).body
+    assert status["locked"] is False and status["unlockedForMs"] == 44_750
+    assert datetime.fromisoformat(status["serverTime"]) == live.clock()
+    assert datetime.fromisoformat(status["unlockedUntil"]) - live.clock() == timedelta(milliseconds=44_750)
+    locked = client.admin("POST", LOCK).body
+    assert "unlockedForMs" not in locked and "serverTime" not in locked
+
+
+def test_the_listing_describes_a_csr_s_key_and_users_carry_their_certificate_s_fingerprint(client: Client) -> None:
+    """Proves ADMIN-4.10-PAGE-FIELDS: the key's type and the SHA-256 of its SubjectPublicKeyInfo; the certificate's."""
+    key = make_key("p384")
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    unlocked(client)
+    assert client.register({"username": "agent-0001", "csr": make_csr("agent-0001", key)}).status == 202
+    assert client.register(SENSOR).status == 202
+    listing = {entry["username"]: entry for entry in client.admin("GET", REQUESTS).body}
+    assert listing["agent-0001"]["publicKey"] == {"type": "EC secp384r1", "sha256": hashlib.sha256(spki).hexdigest()}
+    assert listing["sensor-0003"]["publicKey"] is None
+
+    assert client.admin("POST", f"{REQUESTS}/agent-0001/approve").status == 200
+    answer = client.register({"username": "agent-0001", "csr": make_csr("agent-0001", key)}).body
+    der = x509.load_pem_x509_certificate(answer["certificate"].encode()).public_bytes(serialization.Encoding.DER)
+    [user] = client.admin("GET", USERS).body
+    assert user["certificateSha256"] == hashlib.sha256(der).hexdigest()
+    assert user["certificateSerial"] == format(x509.load_der_x509_certificate(der).serial_number, "x")
+
+
+def test_a_listing_without_poll_statistics_keeps_its_etag_while_clients_poll(client: Client) -> None:
+    """Proves ADMIN-4.10-PAGE-FIELDS: ?polls=omit changes with arrivals and decisions, not with polls."""
+    admin = {"Authorization": f"Bearer {client.token}"}
+    unlocked(client)
+    assert client.register(SENSOR).status == 202
+    light = client.admin("GET", f"{REQUESTS}?polls=omit")
+    assert set(light.body[0]).isdisjoint(server.POLL_STATISTICS)
+    full_tag = client.admin("GET", REQUESTS).headers["ETag"]
+    for _ in range(3):
+        assert client.register(SENSOR).status == 202  # a poll
+    assert client.admin("GET", REQUESTS).headers["ETag"] != full_tag
+    client.connection.request("GET", f"{REQUESTS}?polls=omit", headers=admin | {"If-None-Match": light.headers["ETag"]})
+    response = client.connection.getresponse()
+    assert (response.status, response.read()) == (304, b"")
+    assert client.admin("POST", f"{REQUESTS}/sensor-0003/deny").status == 200
+    assert client.admin("GET", f"{REQUESTS}?polls=omit").headers["ETag"] != light.headers["ETag"]
+
+
+def test_an_unknown_polls_value_is_a_bad_request(client: Client) -> None:
+    reply = client.admin("GET", f"{REQUESTS}?polls=sometimes")
+    assert assert_error(reply, 400, "malformed_request")["message"] == "'polls' must be 'include' or 'omit'"
+
+
+def test_the_sign_in_says_where_the_token_is_kept_and_never_the_token(start: Start, tmp_path: Path) -> None:
+    """Proves ADMIN-4.10-PAGE-FIELDS: the file of --data-dir, or the flag or variable that gave it."""
+    folder = tmp_path / "elsewhere"
+    kept = start(data_dir=folder, admin_token=None).client()
+    reply = kept.call("GET", "/api/client-registry/sign-in")
+    assert reply.body == {"tokenFrom": "file", "file": str(folder / "admin-token")}
+    given = start(data_dir=tmp_path / "given", token_source="--admin-token").client()
+    reply = given.call("GET", "/api/client-registry/sign-in")
+    assert reply.body == {"tokenFrom": "flag", "file": None}
+    assert given.token not in reply.raw.decode()
+
+
+def test_every_answer_is_nosniff_and_https_answers_carry_hsts(client: Client, tmp_path: Path) -> None:
+    """Proves HTTP-8.7-SECURITY-HEADERS: on the API's answers, its refusals and the page; HSTS over HTTPS alone."""
+    for reply in (client.admin("GET", STATUS), client.call("GET", STATUS), client.call("GET", "/nothing-here")):
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
+        assert reply.headers["Strict-Transport-Security"] == "max-age=31536000"
+    with serve(tmp_path / "plain") as plain, urllib.request.urlopen(plain.url + CA_PATH, timeout=10) as response:
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Strict-Transport-Security"] is None

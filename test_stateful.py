@@ -310,14 +310,21 @@ class RegistryMachine(RuleBasedStateMachine):
     # --- The lock and the clock -------------------------------------------
 
     def check_status(self, status: dict[str, Any]) -> None:
-        """SPEC 4: ``{"locked", "unlockedUntil", "pending"}`` as the model has them."""
+        """SPEC 4 and ADMIN-4.10-PAGE-FIELDS: ``{"locked", "unlockedUntil", "pending"}`` as the model has them.
+
+        While unlocked, also the time left and the registry's time.
+        """
         self.expire()
-        assert set(status) == {"locked", "unlockedUntil", "pending", "crl"}
         assert status["locked"] is self.locked
         if self.locked:
+            assert set(status) == {"locked", "unlockedUntil", "pending", "crl"}
             assert status["unlockedUntil"] is None
         else:
+            assert set(status) == {"locked", "unlockedUntil", "unlockedForMs", "serverTime", "pending", "crl"}
             assert datetime.fromisoformat(status["unlockedUntil"]) == self.model["unlocked_until"]
+            left = self.model["unlocked_until"] - self.clock.now
+            assert status["unlockedForMs"] == left // timedelta(milliseconds=1)
+            assert datetime.fromisoformat(status["serverTime"]) == self.clock.now
         pending = [u for u, stored in self.model["requests"].items() if stored["state"] == "pending"]
         assert status["pending"] == len(pending)
 

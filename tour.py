@@ -78,6 +78,9 @@ PARTICIPANTS = {
 
 # Times as the registry writes them (ISO 8601) and as the tour shows a certificate's.
 TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2}| UTC)?")
+# What a key or a certificate hashes to, and the milliseconds a window has left (issue 27): new at every run.
+SHA256_HEX = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+MILLISECONDS_LEFT = re.compile(r'"unlockedForMs": \d+')
 CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 # KeyUsage's bits but encipher_only and decipher_only, which cryptography reads only beside key_agreement.
 KEY_USAGES = tuple(bit for bit in ca.KEY_USAGE_BITS if bit not in ("encipher_only", "decipher_only"))
@@ -105,6 +108,8 @@ class Masker:
 
     def __call__(self, text: str) -> str:
         text = TIME.sub("<time>", text)
+        text = SHA256_HEX.sub("<sha-256>", text)
+        text = MILLISECONDS_LEFT.sub('"unlockedForMs": <ms>', text)
         # Longest first, and whole words only, so that no value is replaced inside another.
         for value in sorted(self._labels, key=len, reverse=True):
             text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", self._labels[value], text)

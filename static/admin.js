@@ -12,11 +12,31 @@
 // Refreshing cheaply: a list is fetched with the ETag of its last answer in
 // If-None-Match (RFC 9110 section 13.1.2). A 304 keeps what is shown; so does
 // an answer whose text is the one already shown, for a server that sends no
-// ETag. Only a list that changed is rendered again.
+// ETag. Only a list that changed is rendered again. Every few seconds the page
+// asks for the requests without their poll statistics (?polls=omit), whose tag
+// changes only with arrivals and decisions; the statistics, which every poll
+// changes, come at a slower pace. The list shows a page of rows at a time.
+//
+// The server's clock: the lock's countdown starts from the time the server
+// says is left (unlockedForMs) and runs on this page's monotonic clock, so a
+// browser whose clock is wrong still shows the server's window.
+//
+// Focus stays: a refresh that moves or rewrites the row holding the focus puts
+// it back on the same control of the same request (or of its next neighbour).
 "use strict";
 
 const TOKEN_KEY = "clientRegistry.adminToken"; // sessionStorage: this browser tab only
 const REFRESH_MS = 3000;
+const HIDDEN_REFRESH_MS = 15000; // a tab in the background: slower, but its title still counts what waits
+const POLL_STATS_MS = 30000; // the poll statistics, which every poll changes
+const POLL_STATS_SOONEST_MS = 10000; // after an arrival, the statistics of the new rows, at most this often
+const PAGE_SIZE = 50; // rows shown at a time
+const PERMISSIONS_SHOWN = 3; // a longer list of permissions is a count that expands
+const REQUESTS_PATH = "/client-registry/requests";
+const DECISIONS_PATH = "/client-registry/requests?polls=omit";
+// Characters that reorder or hide text (Unicode bidi controls, zero-width marks) and C0/C1 controls
+// but tab and newline: shown as "⟨U+202E⟩" rather than obeyed.
+const HIDDEN_CHARACTERS = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
 const TOAST_MS = 5000;
 const TITLE = "Client Registry";
 const OPERATIONS = ["read", "write", "readWrite"];
@@ -42,7 +62,22 @@ const page = {
   view: "registry",
   session: 0, // grows at each sign-out, so that an answer to an older session is dropped
   statusKnown: false, // the lock state is unknown until a signed-in call answers
-  unlockedUntil: null, // milliseconds since the epoch, or null when locked
+  reachable: true, // false from a call that did not reach the server until one does
+  unlockedUntil: null, // the server's ISO time, or null when locked
+  lockDeadline: null, // performance.now() at which the server's window ends, or null when locked
+  lockBusy: false, // an Unlock or Lock call is under way
+  polls: new Map(), // username -> { lastPollAt, pollCount, clientAddress } from the last full listing
+  pollsFetchedAt: -Infinity, // performance.now() of the last full listing
+  lastRefreshAt: -Infinity,
+  clockOffset: 0, // the server's clock minus the browser's, from the Date of the last answer
+  shownLimit: PAGE_SIZE,
+  signInHint: null, // where the server keeps its token, as it said
+  auditText: null, // the newest audit page shown, as text
+  auditNext: null, // the id to ask entries before, for Older entries
+  users: null, // the users as the server last listed them
+  userFilter: "all",
+  selected: new Set(), // pending requests chosen for one approval or denial of them all
+  matching: [], // the requests the filter and the search let through, in order
   pending: 0,
   lists: new Map(), // API path -> { etag, text, data } of its last answer
   requests: new Map(), // username -> the request as the server last listed it
@@ -76,6 +111,28 @@ function element(tag, className, text) {
   return node;
 }
 
+/**
+ * Text a client sent, isolated from the text around it (dir="auto", as <bdi>)
+ * and with its invisible controls shown: a right-to-left override cannot
+ * reverse what the administrator reads.
+ */
+function clientText(tag, className, text) {
+  const node = element(tag, className);
+  node.dir = "auto";
+  const value = text === undefined || text === null ? "" : String(text);
+  let last = 0;
+  for (const match of value.matchAll(HIDDEN_CHARACTERS)) {
+    node.append(value.slice(last, match.index));
+    const code = match[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    const mark = element("span", "control-char", `⟨U+${code}⟩`);
+    mark.title = "An invisible control character the client sent";
+    node.append(mark);
+    last = match.index + match[0].length;
+  }
+  node.append(value.slice(last));
+  return node;
+}
+
 function cell(label, className, ...children) {
   const node = element("td", className);
   if (label) node.dataset.label = label;
@@ -88,24 +145,29 @@ function chips(values, className, emptyText) {
   return values.map((value) => element("span", className, value));
 }
 
-function permissionNodes(permissions) {
+function permissionNodes(permissions, { collapse = false } = {}) {
   if (!permissions.length) return [element("span", "none", "no permissions")];
-  return permissions.map((permission) => {
+  const lines = permissions.map((permission) => {
     const line = element("span", "perm");
     line.append(
       element("span", `perm-context ${permission.context}`, permission.context),
-      element("code", "perm-resource", permission.resource),
+      clientText("code", "perm-resource", permission.resource),
       element("span", "perm-operation", permission.operation),
     );
     return line;
   });
+  if (!collapse || permissions.length <= PERMISSIONS_SHOWN) return lines;
+  // A long list is a count that expands: a 200-row page stays short.
+  const details = element("details", "permissions");
+  details.append(element("summary", null, `${permissions.length} permissions`), ...lines);
+  return [details];
 }
 
 function rightsNodes(label, rights) {
   return [
     element("span", "rights-label", label),
     ...chips(rights.roles, "chip", "no roles"),
-    ...permissionNodes(rights.permissions),
+    ...permissionNodes(rights.permissions, { collapse: true }),
   ];
 }
 
@@ -113,18 +175,43 @@ function polls(count) {
   return `${count} ${count === 1 ? "poll" : "polls"}`;
 }
 
+/** The server's time now, as far as the page knows it: the browser's clock set right by the last Date header. */
+function serverNow() {
+  return Date.now() + page.clockOffset;
+}
+
+/** A moment in the browser's zone, the zone named: "14:03:22 GMT+1", with the date when it is not today. */
 function formatTime(iso) {
   if (!iso) return "";
   const moment = new Date(iso);
-  const sameDay = moment.toDateString() === new Date().toDateString();
-  const options = { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false };
+  const sameDay = moment.toDateString() === new Date(serverNow()).toDateString();
+  const options = { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false, timeZoneName: "short" };
   if (!sameDay) Object.assign(options, { year: "numeric", month: "short", day: "numeric" });
   return moment.toLocaleString(undefined, options);
 }
 
-function formatDate(iso) {
-  if (!iso) return "";
-  return new Date(iso).toLocaleDateString(undefined, { year: "numeric", month: "short", day: "numeric" });
+/** The exact moment in UTC, for a title: "2026-12-06 04:03:22 UTC". */
+function exactUtc(iso) {
+  return `${new Date(iso).toISOString().slice(0, 19).replace("T", " ")} UTC`;
+}
+
+/** How long ago, by the server's clock: "less than a minute ago", "3 min ago", "2 h ago", "4 days ago". */
+function ago(iso) {
+  const seconds = (serverNow() - Date.parse(iso)) / 1000;
+  if (seconds < 60) return "less than a minute ago";
+  const minutes = Math.floor(seconds / 60);
+  if (minutes < 60) return `${minutes} min ago`;
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) return `${hours} h ago`;
+  return `${Math.floor(hours / 24)} days ago`;
+}
+
+/** Every "… ago" on the page, brought up to date (text only where it changed). */
+function refreshAgo() {
+  for (const node of document.querySelectorAll(".ago[data-at]")) {
+    const text = ago(node.dataset.at);
+    if (node.textContent !== text) node.textContent = text;
+  }
 }
 
 function formatCountdown(milliseconds) {
@@ -135,9 +222,14 @@ function formatCountdown(milliseconds) {
   return hours ? `${hours}:${String(minutes).padStart(2, "0")}:${seconds}` : `${minutes}:${seconds}`;
 }
 
-function timeLine(prefix, iso) {
-  const line = element("span", "line time", prefix ? `${prefix} ${formatTime(iso)}` : formatTime(iso));
-  if (iso) line.title = new Date(iso).toString();
+/** "First 3 min ago", with the moment and its zone beside it and the exact UTC time on hover. */
+function timeLine(prefix, iso, className = "line time") {
+  const line = element("span", className, prefix ? `${prefix} ` : "");
+  if (!iso) return line;
+  const relative = element("span", "ago", ago(iso));
+  relative.dataset.at = iso;
+  line.append(relative, element("span", "at", ` · ${formatTime(iso)}`));
+  line.title = exactUtc(iso);
   return line;
 }
 
@@ -168,7 +260,7 @@ function showToast(message) {
 
 function describe(error) {
   if (!(error instanceof ApiError)) return `Something went wrong in the page: ${error.message}`;
-  if (error.status === 0) return "The server cannot be reached. Is it running? The page keeps trying.";
+  if (error.status === 0) return "The server cannot be reached. Is it running? The page asks again every few seconds.";
   const details = Array.isArray(error.body.details) ? ` (${error.body.details.join("; ")})` : "";
   return `${error.message}${details}`;
 }
@@ -180,7 +272,17 @@ function describe(error) {
  */
 function report(error, source) {
   if (error instanceof ApiError && error.status === 401) return;
-  showBanner(describe(error), error instanceof ApiError && error.status === 0 ? "network" : source);
+  const unreachable = error instanceof ApiError && error.status === 0;
+  if (unreachable) setReachable(false);
+  showBanner(describe(error), unreachable ? "network" : source);
+}
+
+/** Whether the last call reached the server: while it does not, the lock's state is unknown. */
+function setReachable(reachable) {
+  if (page.reachable === reachable) return;
+  page.reachable = reachable;
+  tick();
+  if (reachable) refresh();
 }
 
 // --- The API ---------------------------------------------------------------
@@ -191,7 +293,8 @@ function token() {
 
 /** One call to the API: its response, whatever its status; a refused token asks for the token again. */
 async function send(method, path, body, headers = {}) {
-  const init = { method, headers: { Authorization: `Bearer ${token() || ""}`, ...headers }, cache: "no-store" };
+  const sent = token();
+  const init = { method, headers: { Authorization: `Bearer ${sent || ""}`, ...headers }, cache: "no-store" };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -203,12 +306,18 @@ async function send(method, path, body, headers = {}) {
     throw new ApiError(0, null);
   }
   clearBanner("network"); // the server answered
-  if (response.status === 401) {
+  const date = Date.parse(response.headers.get("Date"));
+  if (Number.isFinite(date)) page.clockOffset = date + 500 - Date.now(); // a Date has whole seconds
+  setReachable(true);
+  // A 401 to a token that was replaced meanwhile (a call sent before signing in again) says nothing of the new one.
+  if (response.status === 401 && sent === token()) {
     sessionStorage.removeItem(TOKEN_KEY);
+    // A refused token keeps the open dialog and what was typed in it: signing in again goes on from there.
     askForToken(
       page.signingIn
         ? "The server refused this token: check it and try again."
         : "Your administrator token was refused: it may have been changed. Enter it again.",
+      { keepWork: true },
     );
   }
   return response;
@@ -251,19 +360,52 @@ const registryPath = (username, action) =>
 
 // --- Signing in --------------------------------------------------------------
 
-function askForToken(message) {
+/**
+ * Ask for the token. After a sign-out everything shown is forgotten; after a
+ * refused token (``keepWork``) the Grant Access dialog stays open under the
+ * sign-in with its ticks, edits and reason, and the typed reasons are kept.
+ */
+function askForToken(message, { keepWork = false } = {}) {
   const dialog = $("token-dialog");
   $("token-error").textContent = message || "";
   $("token-error").hidden = !message;
   $("sign-out").hidden = true;
-  forgetSession();
+  forgetSession({ keepWork });
+  showSignInHint();
   if (!dialog.open) {
     if (message) showBanner(message, "auth");
     $("token-input").value = "";
-    for (const open of document.querySelectorAll("dialog[open]")) open.close();
+    for (const open of document.querySelectorAll("dialog[open]")) {
+      if (!(keepWork && open.id === "grant-dialog")) open.close();
+    }
     dialog.showModal();
   }
   $("token-input").focus();
+}
+
+/** Where this server keeps its token, as it says (GET /api/client-registry/sign-in, no token needed). */
+async function showSignInHint() {
+  if (page.signInHint) return;
+  try {
+    const response = await fetch("/api/client-registry/sign-in", { cache: "no-store" });
+    if (!response.ok) return;
+    page.signInHint = await response.json();
+  } catch {
+    return; // the hint stays general
+  }
+  const hint = $("token-hint");
+  const { tokenFrom, file } = page.signInHint;
+  if (tokenFrom === "file" && file) {
+    hint.replaceChildren("The server prints it on its first start and keeps it in ", element("code", null, file), ".");
+  } else if (tokenFrom === "flag") {
+    hint.replaceChildren("It is the token the server was given with ", element("code", null, "--admin-token"), ".");
+  } else if (tokenFrom === "environment") {
+    hint.replaceChildren(
+      "It is the token the server was given in ",
+      element("code", null, "$REGISTRY_ADMIN_TOKEN"),
+      ".",
+    );
+  }
 }
 
 async function signIn(event) {
@@ -292,7 +434,7 @@ async function signIn(event) {
 }
 
 /** Everything this tab learned while signed in, forgotten: the lists, the lock state, the countdown. */
-function forgetSession() {
+function forgetSession({ keepWork = false } = {}) {
   page.session += 1;
   for (const rows of [page.requestRows, page.userRows]) {
     for (const { row } of rows.values()) row.remove();
@@ -302,13 +444,24 @@ function forgetSession() {
   page.requests.clear();
   page.known = null;
   page.fresh.clear();
-  page.drafts.clear();
+  if (!keepWork) {
+    page.drafts.clear();
+    page.selected.clear();
+  }
+  page.polls.clear();
+  page.pollsFetchedAt = -Infinity;
   page.statusKnown = false;
   page.unlockedUntil = null;
+  page.lockDeadline = null;
   page.pending = 0;
   $("pending-count").hidden = true;
   $("crl").hidden = true;
   delete $("crl").dataset.key;
+  $("revoked").hidden = true;
+  delete $("revoked").dataset.number;
+  page.auditText = null;
+  $("audit-body").replaceChildren();
+  page.users = null;
   updateFilterCounts([]);
   $("requests-empty").hidden = true;
   $("users-empty").hidden = true;
@@ -330,21 +483,27 @@ async function refresh() {
     return;
   }
   page.refreshing = true;
+  page.lastRefreshAt = performance.now();
   const session = page.session;
   try {
     do {
       page.refreshAgain = false;
-      const [status, requests] = await Promise.all([
-        api("GET", "/client-registry"),
-        getList("/client-registry/requests"),
-      ]);
+      const [status, requests] = await Promise.all([api("GET", "/client-registry"), getList(DECISIONS_PATH)]);
       if (session !== page.session) return;
       renderStatus(status);
-      if (requests.changed) renderRequests(requests.data);
+      const polls = await refreshPolls(requests);
+      if (session !== page.session) return;
+      if (requests.changed || polls) renderRequests(requests.data);
       if (page.view === "users") {
         const users = await getList("/users");
         if (session !== page.session) return;
         if (users.changed) renderUsers(users.data);
+        await showRevoked(status.crl);
+      }
+      if (page.view === "audit") {
+        const audit = await api("GET", "/client-registry/audit?limit=100");
+        if (session !== page.session) return;
+        renderAudit(audit);
       }
       clearBanner("refresh");
     } while (page.refreshAgain);
@@ -355,9 +514,38 @@ async function refresh() {
   }
 }
 
+/**
+ * The poll statistics, which every poll changes, at a slower pace than the
+ * rest; sooner when rows arrived that have none. Whether they changed.
+ */
+async function refreshPolls(requests) {
+  const since = performance.now() - page.pollsFetchedAt;
+  const missing = requests.data.some((request) => !page.polls.has(request.username));
+  const pace = document.hidden ? POLL_STATS_MS * 2 : POLL_STATS_MS;
+  if (since < pace && !(missing && since >= POLL_STATS_SOONEST_MS)) return false;
+  page.pollsFetchedAt = performance.now();
+  const full = await getList(REQUESTS_PATH);
+  if (!full.changed) return false;
+  page.polls = new Map(
+    full.data.map(({ username, lastPollAt, pollCount, clientAddress }) => [
+      username,
+      { lastPollAt, pollCount, clientAddress },
+    ]),
+  );
+  return true;
+}
+
 function renderStatus(status) {
   page.statusKnown = true;
-  page.unlockedUntil = status.locked || !status.unlockedUntil ? null : Date.parse(status.unlockedUntil);
+  page.unlockedUntil = status.locked ? null : status.unlockedUntil;
+  // The server's time left, counted down on this page's monotonic clock: the browser's own clock may be wrong.
+  // A server without unlockedForMs: from unlockedUntil and the browser's clock, as before.
+  const left = status.locked
+    ? null
+    : Number.isFinite(status.unlockedForMs)
+      ? status.unlockedForMs
+      : Date.parse(status.unlockedUntil) - Date.now();
+  page.lockDeadline = left === null ? null : performance.now() + left;
   page.pending = status.pending;
   const count = $("pending-count");
   count.textContent = String(status.pending);
@@ -381,55 +569,116 @@ function renderCrl(crl) {
   );
 }
 
+/**
+ * A button that cannot act now, yet keeps the focus: aria-disabled rather than
+ * disabled, which would drop the focus to <body> (its clicks are ignored).
+ */
+function setUsable(button, usable) {
+  if (usable) button.removeAttribute("aria-disabled");
+  else button.setAttribute("aria-disabled", "true");
+}
+
+const usable = (button) => button.getAttribute("aria-disabled") !== "true";
+
 /** The lock panel, with its live countdown, and the tab's title. */
 function tick() {
   document.title = page.statusKnown && page.pending ? `(${page.pending} pending) ${TITLE}` : TITLE;
   const panel = $("lock-panel");
-  if (!page.statusKnown) {
+  if (!page.statusKnown || !page.reachable) {
     panel.dataset.state = "unknown";
     $("lock-state").textContent = "Unknown";
-    $("lock-detail").textContent = "Locked or unlocked: unknown until you sign in.";
-    $("unlock").textContent = "Unlock";
-    $("unlock").disabled = $("lock").disabled = true;
+    $("lock-detail").textContent = page.statusKnown
+      ? "The server cannot be reached: whether it is locked is unknown until it answers again."
+      : "Locked or unlocked: unknown until you sign in.";
+    if (!page.statusKnown) $("unlock").textContent = "Unlock";
+    setUsable($("unlock"), false);
+    setUsable($("lock"), false);
     return;
   }
-  const left = page.unlockedUntil === null ? 0 : page.unlockedUntil - Date.now();
+  const left = page.lockDeadline === null ? 0 : page.lockDeadline - performance.now();
   const unlocked = left > 0;
   panel.dataset.state = unlocked ? "unlocked" : "locked";
   $("lock-state").textContent = unlocked ? "Unlocked" : "Locked";
   if (unlocked) {
-    const until = formatTime(new Date(page.unlockedUntil).toISOString());
+    const until = formatTime(page.unlockedUntil);
     $("lock-detail").textContent = `Accepting new requests for ${formatCountdown(left)} more (until ${until}).`;
   } else {
     $("lock-detail").textContent =
       "New requests are refused. Clients already pending can still poll, and you can still decide them.";
   }
   $("unlock").textContent = unlocked ? "Restart window" : "Unlock";
-  $("unlock").disabled = false;
-  $("lock").disabled = !unlocked;
-  if (page.unlockedUntil !== null && !unlocked) {
-    page.unlockedUntil = null; // the window ended on its own: confirm with the server
+  setUsable($("unlock"), !page.lockBusy);
+  setUsable($("lock"), unlocked && !page.lockBusy);
+  if (page.lockDeadline !== null && !unlocked) {
+    // The server's window ended: ask it once. Its answer says locked, or how long is left.
+    page.lockDeadline = null;
     refresh();
   }
 }
 
 async function setLock(action) {
-  const button = $(action);
-  button.disabled = true;
+  if (!usable($(action)) || page.lockBusy) return;
+  page.lockBusy = true;
+  tick();
   try {
     renderStatus(await api("POST", `/client-registry/${action}`));
     clearBanner("lock");
   } catch (error) {
     report(error, "lock");
   } finally {
+    page.lockBusy = false;
     tick();
   }
 }
 
 // --- The requests table ------------------------------------------------------
 
-/** Put rows in ``body`` in the order of ``items``, creating, rewriting or dropping only what changed. */
+/**
+ * Put rows in ``body`` in the order of ``items``, creating, rewriting or
+ * dropping only what changed. Moving or rewriting the row that holds the
+ * focus would drop it to <body>: it goes back to the same control of the same
+ * row, or of the nearest row that follows it, or that preceded it.
+ */
 function reconcile(body, rows, items, fill) {
+  const held = heldFocus(body);
+  placeRows(body, rows, items, fill);
+  if (held) restoreFocus(rows, held);
+}
+
+/** The focus within ``body``, by meaning: its row's username, the control's role, the rows around. */
+function heldFocus(body) {
+  const active = document.activeElement;
+  const row = active && body.contains(active) ? active.closest("tr") : null;
+  if (!row) return null;
+  const names = (step) => {
+    const found = [];
+    for (let next = row[step]; next; next = next[step]) found.push(next.dataset.username);
+    return found;
+  };
+  return {
+    control: active,
+    role: active.dataset.focus || null,
+    names: [row.dataset.username, ...names("nextElementSibling"), ...names("previousElementSibling")],
+  };
+}
+
+function restoreFocus(rows, held) {
+  const active = document.activeElement;
+  if (active === held.control && held.control.isConnected) return;
+  if (active && active !== document.body) return; // the administrator moved it elsewhere meanwhile
+  for (const name of held.names) {
+    const entry = rows.get(name);
+    if (!entry || !entry.row.isConnected) continue;
+    const target =
+      (held.role && entry.row.querySelector(`[data-focus="${held.role}"]`)) || entry.row.querySelector("[data-focus]");
+    if (target) {
+      target.focus({ preventScroll: true });
+      return;
+    }
+  }
+}
+
+function placeRows(body, rows, items, fill) {
   const seen = new Set();
   let previous = null;
   for (const item of items) {
@@ -456,8 +705,13 @@ function reconcile(body, rows, items, fill) {
   }
 }
 
+/** The listing without poll statistics, with the last statistics fetched (none yet for a new row). */
 function renderRequests(requests) {
-  page.requests = new Map(requests.map((request) => [request.username, request]));
+  const merged = requests.map((request) => ({ ...request, ...page.polls.get(request.username) }));
+  page.requests = new Map(merged.map((request) => [request.username, request]));
+  for (const name of page.selected) {
+    if (page.requests.get(name)?.state !== "pending") page.selected.delete(name);
+  }
   page.position = new Map(requests.map((request, index) => [request.username, index]));
   noteArrivals(requests);
   showRequests();
@@ -497,20 +751,47 @@ function newestFirst(a, b) {
   return age || page.position.get(b.username) - page.position.get(a.username);
 }
 
-/** The requests that the filter and the search let through, in the chosen order, as rows. */
+/** Everything of a request that the search looks in: names, pairing id, context, rights, address, key, reason. */
+function searchText(request) {
+  const rights = (list) => list.flatMap((p) => [p.resource, p.operation, p.context]);
+  return [
+    request.username,
+    request.pairingId,
+    request.context,
+    request.clientAddress,
+    request.reason,
+    request.state,
+    request.method,
+    request.publicKey?.type,
+    request.publicKey?.sha256,
+    ...request.roles,
+    ...rights(request.permissions),
+    ...(request.granted ? [...request.granted.roles, ...rights(request.granted.permissions)] : []),
+  ]
+    .filter(Boolean)
+    .join("\n")
+    .toLowerCase();
+}
+
+/** The requests that the filter and the search let through, in the chosen order: a page of them as rows. */
 function showRequests() {
   const all = [...page.requests.values()];
   const query = page.search.trim().toLowerCase();
-  const shown = all
+  const matching = all
     .filter((request) => page.filter === "all" || request.state === "pending")
-    .filter(
-      (request) =>
-        !query || request.username.toLowerCase().includes(query) || request.pairingId.toLowerCase().includes(query),
-    )
-    .sort(ORDERS[page.sort])
+    .filter((request) => !query || searchText(request).includes(query))
+    .sort(ORDERS[page.sort]);
+  page.matching = matching;
+  const shown = matching
+    .slice(0, page.shownLimit)
     .map((request) => ({ ...request, isNew: page.fresh.has(request.username) }));
   reconcile($("requests-body"), page.requestRows, shown, fillRequestRow);
   updateFilterCounts(all);
+  updateBulkBar();
+  const more = $("requests-more");
+  const hidden = matching.length - shown.length;
+  more.hidden = hidden <= 0;
+  more.textContent = `Show ${Math.min(hidden, PAGE_SIZE)} more (${hidden} not shown)`;
   const empty = $("requests-empty");
   empty.hidden = shown.length > 0;
   if (!all.length) {
@@ -523,9 +804,118 @@ function showRequests() {
   }
 }
 
+// --- A fleet at a time: several pending requests, one approval or one denial ----
+
+function onSelect(event) {
+  const box = event.target.closest(".select-request");
+  if (!box) return;
+  const username = box.closest("tr").dataset.username;
+  if (box.checked) page.selected.add(username);
+  else page.selected.delete(username);
+  updateBulkBar();
+}
+
+function selectAllMatching() {
+  for (const request of page.matching) if (request.state === "pending") page.selected.add(request.username);
+  syncSelectBoxes();
+}
+
+function clearSelection() {
+  page.selected.clear();
+  syncSelectBoxes();
+  $("bulk-select-all").focus();
+}
+
+function syncSelectBoxes() {
+  for (const box of $("requests-body").querySelectorAll(".select-request")) {
+    box.checked = page.selected.has(box.closest("tr").dataset.username);
+  }
+  updateBulkBar();
+}
+
+function updateBulkBar() {
+  const count = page.selected.size;
+  $("bulk-count").textContent = count ? `${count} selected` : "No request selected";
+  const pending = page.matching.filter((request) => request.state === "pending").length;
+  $("bulk-select-all").textContent = `Select all ${pending} pending that match`;
+  $("bulk-select-all").hidden = pending === 0;
+  for (const id of ["bulk-clear", "bulk-approve", "bulk-deny"]) $(id).hidden = count === 0;
+}
+
+/** What an approval as requested gives one request, in a line: its roles and permissions. */
+function grantSummary(request) {
+  const roles = request.roles.length ? `roles ${request.roles.join(", ")}` : "no roles";
+  const permissions = request.permissions.map((p) => `${p.context} ${p.resource} ${p.operation}`);
+  return `${roles}; ${permissions.length ? `permissions ${permissions.join(", ")}` : "no permissions"}`;
+}
+
+/** Ask first, listing each request and what it will get; then one call per request, each failure said. */
+async function decideSelected(action) {
+  const requests = [...page.selected].map((name) => page.requests.get(name)).filter(Boolean);
+  const approving = action === "approve";
+  const dialog = $("bulk-dialog");
+  const count = `${requests.length} ${requests.length === 1 ? "request" : "requests"}`;
+  $("bulk-heading").textContent = approving ? `Approve ${count}?` : `Deny ${count}?`;
+  $("bulk-text").textContent = approving
+    ? "Each gets what it asked for, as listed. Compare their pairing ids with the devices' first."
+    : "Each client's next poll is refused (403), with the reason below.";
+  $("bulk-list").replaceChildren(
+    ...requests.map((request) => {
+      const item = element("li");
+      item.dataset.username = request.username;
+      item.append(element("span", "username", request.username), element("span", "mono", `pairing ${request.pairingId}`));
+      if (approving) item.append(element("span", "line", grantSummary(request)));
+      return item;
+    }),
+  );
+  $("bulk-reason-field").hidden = approving;
+  $("bulk-reason").value = "";
+  $("bulk-ok").textContent = approving ? `Approve ${count}` : `Deny ${count}`;
+  $("bulk-ok").className = `button ${approving ? "primary" : "danger"}`;
+  dialog.returnValue = "";
+  dialog.showModal();
+  $("bulk-heading").focus();
+  const sure = await new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
+  });
+  if (!sure) return;
+  const reason = $("bulk-reason").value.trim();
+  const failed = [];
+  for (const request of requests) {
+    try {
+      await api("POST", registryPath(request.username, action), approving ? undefined : reason ? { reason } : {});
+      page.selected.delete(request.username);
+      page.drafts.delete(request.username);
+    } catch (error) {
+      if (error.status === 401) break;
+      failed.push(`${request.username} (${describe(error)})`);
+    }
+  }
+  const done = requests.length - failed.length;
+  const verb = approving ? "approved" : "denied";
+  if (failed.length) {
+    showBanner(`${done} of ${requests.length} ${verb}. Not ${verb}: ${failed.join("; ")}. They stay selected.`, "bulk");
+  } else {
+    clearBanner("bulk");
+    showToast(`${done} ${done === 1 ? "request" : "requests"} ${verb}.`);
+  }
+  syncSelectBoxes();
+  refresh();
+}
+
 function updateFilterCounts(all) {
   $("filter-all-count").textContent = String(all.length);
   $("filter-pending-count").textContent = String(all.filter((request) => request.state === "pending").length);
+}
+
+function showMore() {
+  const before = $("requests-body").lastElementChild;
+  page.shownLimit += PAGE_SIZE;
+  showRequests();
+  // The focus goes to the first row just shown, so that the keyboard carries on from there.
+  const first = before ? before.nextElementSibling : $("requests-body").firstElementChild;
+  const target = first?.querySelector("[data-focus]") || (!$("requests-more").hidden && $("requests-more"));
+  if (target) target.focus();
 }
 
 function setFilter(filter) {
@@ -547,8 +937,14 @@ function fillRequestRow(row, request) {
     // A real button, so that the row is announced and reached as a control.
     const open = element("button", "open-request");
     open.type = "button";
+    open.dataset.focus = "open";
     open.append(element("span", "visually-hidden", "Review the request of "), request.username);
-    client.append(open);
+    const select = element("input", "select-request");
+    select.type = "checkbox";
+    select.dataset.focus = "select";
+    select.checked = page.selected.has(request.username);
+    select.setAttribute("aria-label", `Select ${request.username}`);
+    client.append(select, open);
   } else {
     client.append(element("span", "username", request.username));
   }
@@ -563,33 +959,51 @@ function fillRequestRow(row, request) {
 
   const badge = element("span", `badge ${request.state}`, STATE_LABELS[request.state] || request.state);
   const state = cell("State", null, badge);
-  if (request.reason) state.append(element("span", "reason", request.reason));
+  if (request.reason) state.append(clientText("span", "reason", request.reason));
+  if (request.state === "denied") {
+    // Undo a denial: forgotten, the device may ask again at once rather than after the retention period.
+    const forget = element("button", "button small forget", "Forget");
+    forget.type = "button";
+    forget.dataset.focus = "forget";
+    forget.setAttribute("aria-label", `Forget the denial of ${request.username}`);
+    state.append(forget);
+  }
   if (request.state === "approved") {
     const collected = request.collectedAt
-      ? element("span", "collected yes", `Collected ${formatTime(request.collectedAt)}`)
+      ? timeLine("Collected", request.collectedAt, "collected yes")
       : element("span", "collected no", "Not collected yet");
     collected.title = request.collectedAt
-      ? "The client fetched its credentials after the approval."
+      ? `The client fetched its credentials after the approval, at ${exactUtc(request.collectedAt)}.`
       : "The client has not polled since the approval: it does not have its credentials yet.";
     state.append(collected);
   }
-  if (request.decidedAt) state.append(element("span", "sub", `Decided ${formatTime(request.decidedAt)}`));
+  if (request.decidedAt) {
+    const decided = timeLine("Decided", request.decidedAt, "sub");
+    // Named administrators (the operations issue): who decided, when the server says it.
+    if (request.decidedBy) decided.append(" by ", clientText("span", "decided-by", request.decidedBy));
+    state.append(decided);
+  }
 
-  const context = element("div", "clamp", request.context || "");
+  const context = clientText("div", "clamp", request.context || "");
   if (request.context) context.title = request.context;
+  // The poll statistics of a row that just arrived come with the next full listing.
+  const counted = request.pollCount !== undefined;
   const seen = cell(
     "Seen",
     null,
     timeLine("First", request.createdAt),
-    timeLine("Last", request.lastPollAt),
-    element("span", "sub", polls(request.pollCount)),
+    counted ? timeLine("Last", request.lastPollAt) : element("span", "line", "Last: counting…"),
+    element("span", "sub", counted ? polls(request.pollCount) : "polls: counting…"),
   );
+  // A card on a phone shows no label over an empty context.
+  const contextCell = cell(request.context ? "Context" : null, "context-cell", context);
+  contextCell.classList.toggle("is-empty", !request.context);
   row.replaceChildren(
     client,
     state,
     cell(null, "rights", ...rightsCell(request)),
-    cell("Context", "context-cell", context),
-    cell("Address", "mono", request.clientAddress),
+    contextCell,
+    cell("Address", "mono", request.clientAddress ?? "…"),
     seen,
   );
 }
@@ -613,10 +1027,37 @@ function rightsCell(request) {
 }
 
 function onRequestActivated(event) {
+  if (event.target.closest(".select-request")) return; // its change event selects
+  if (event.target.closest("button.forget")) {
+    forgetDenial(event.target.closest("tr").dataset.username);
+    return;
+  }
   const row = event.target.closest("tr");
   if (!row || row.dataset.state !== "pending") return;
   if (event.target.closest("a")) return;
   openGrantDialog(row.dataset.username);
+}
+
+/** DELETE the denied request, after asking: its client may then register again without waiting. */
+async function forgetDenial(username) {
+  const sure = await confirmAction(
+    `Forget the denial of ${username}?`,
+    `The denied request of ${username} is removed. Its device may then ask again at once, ` +
+      "and its new request waits here for a decision.",
+    "Forget denial",
+  );
+  if (!sure) return;
+  try {
+    await api("DELETE", `/client-registry/requests/${encodeURIComponent(username)}`);
+    showToast(`The denial of ${username} is forgotten: its device may ask again.`);
+  } catch (error) {
+    if (error.status === 404 || error.status === 409) {
+      showBanner(`${username} was already forgotten or changed by someone else: nothing was changed.`, "decision");
+    } else {
+      report(error, "decision");
+    }
+  }
+  refresh();
 }
 
 // --- The Grant Access dialog -------------------------------------------------
@@ -647,22 +1088,40 @@ async function openGrantDialog(username) {
   $("grant-method").textContent =
     (request.method === "csr" ? "Certificate signing request (CSR)" : "Password") +
     (request.via === "est" ? ", by EST (RFC 7030)" : "");
-  $("grant-address").textContent = request.clientAddress;
-  $("grant-created").textContent = formatTime(request.createdAt);
+  $("grant-address").textContent = request.clientAddress ?? "…";
+  $("grant-created").textContent = `${formatTime(request.createdAt)} (${ago(request.createdAt)})`;
   $("grant-requested-roles").replaceChildren(...chips(request.roles, "chip", "none"));
   $("grant-requested-permissions").replaceChildren(...permissionNodes(request.permissions));
-  $("grant-context").textContent = request.context || "(none)";
+  $("grant-context").replaceChildren(...clientText("span", null, request.context || "(none)").childNodes);
+  $("grant-context").dir = "auto";
   $("grant-context").classList.toggle("none", !request.context);
+  showKey(request);
   fillRoleChoices(catalog, request.roles);
   $("grant-permissions").replaceChildren(...request.permissions.map(permissionItem));
   renumberPermissions();
   $("grant-reason").value = page.drafts.get(username) || "";
   clearGrantErrors();
   updateGrantDialog(request);
-  $("grant-body").scrollTop = 0;
   $("grant-dialog").showModal();
+  // After showModal: a closed dialog has no layout, and a scroll set before it would not hold.
+  $("grant-body").scrollTop = 0;
+  $("grant-dialog").scrollTop = 0;
   // Not on Allow: a second Enter must not approve what was not reviewed.
-  $("grant-heading").focus();
+  $("grant-heading").focus({ preventScroll: true });
+}
+
+/** A CSR's key beside the pairing id: its type and the SHA-256 of its public key, as the device's label shows them. */
+function showKey(request) {
+  const key = request.publicKey;
+  $("grant-key").hidden = !key;
+  if (!key) return;
+  $("grant-key-type").textContent = key.type;
+  $("grant-key-sha256").textContent = fingerprint(key.sha256);
+}
+
+/** A hex digest in pairs, as openssl and browsers print fingerprints: "AB:CD:…". */
+function fingerprint(hex) {
+  return hex.toUpperCase().match(/../g).join(":");
 }
 
 function fillRoleChoices(catalog, requested) {
@@ -761,8 +1220,11 @@ function updateGrantDialog(request) {
     notice.textContent = "This request is gone: it was forgotten, or it expired.";
   } else if (!decidable) {
     notice.textContent = `This request was ${request.state} meanwhile, by another administrator.`;
+  } else if (request.pollCount !== undefined) {
+    $("grant-polled").textContent =
+      `${formatTime(request.lastPollAt)} (${ago(request.lastPollAt)}, ${polls(request.pollCount)})`;
   } else {
-    $("grant-polled").textContent = `${formatTime(request.lastPollAt)} (${polls(request.pollCount)})`;
+    $("grant-polled").textContent = "counting…";
   }
   notice.hidden = decidable;
   $("grant-allow").disabled = !decidable;
@@ -903,6 +1365,13 @@ async function decide(action) {
     const verb = action === "approve" ? "grant" : "denial";
     if (error.status === 400 || error.status === 422) {
       showGrantProblems(`The server refused this ${verb}.`, serverProblems(error));
+    } else if (error.status === 0) {
+      const button = action === "approve" ? "Allow" : "Deny";
+      showGrantProblems(
+        `The ${verb} was not sent: the server cannot be reached. Nothing was changed; press ${button} again once it answers.`,
+        [],
+      );
+      setReachable(false);
     } else {
       showGrantProblems(`The ${verb} did not go through: ${describe(error)}`, []);
     }
@@ -948,9 +1417,109 @@ function nextToReview(username) {
 
 // --- The Users view ----------------------------------------------------------
 
+const USER_FILTERS = {
+  all: () => true,
+  valid: (user) => user.certificateStatus === "valid",
+  renew: (user) => user.certificateStatus === "renew",
+  expired: (user) => user.certificateStatus === "expired",
+  password: (user) => user.method === "password",
+};
+
 function renderUsers(users) {
-  reconcile($("users-body"), page.userRows, users, fillUserRow);
-  $("users-empty").hidden = users.length > 0;
+  page.users = users;
+  showUsers();
+}
+
+/** The users that the certificate filter and the search let through, with each filter's count. */
+function showUsers() {
+  const users = page.users || [];
+  const query = $("users-search").value.trim().toLowerCase();
+  const text = (user) =>
+    [
+      user.username,
+      user.method,
+      user.certificateSerial,
+      user.certificateSha256,
+      ...user.roles,
+      ...user.permissions.flatMap((p) => [p.resource, p.operation, p.context]),
+    ]
+      .filter(Boolean)
+      .join("\n")
+      .toLowerCase();
+  for (const [name, test] of Object.entries(USER_FILTERS)) {
+    $(`users-filter-${name}-count`).textContent = String(users.filter(test).length);
+  }
+  const shown = users.filter(USER_FILTERS[page.userFilter]).filter((user) => !query || text(user).includes(query));
+  reconcile($("users-body"), page.userRows, shown, fillUserRow);
+  const empty = $("users-empty");
+  empty.hidden = shown.length > 0;
+  empty.textContent = users.length
+    ? "No user matches this filter and search."
+    : "No users yet: approve a request to create one.";
+}
+
+function setUserFilter(filter) {
+  page.userFilter = filter;
+  for (const button of document.querySelectorAll("[data-user-filter]")) {
+    button.setAttribute("aria-pressed", String(button.dataset.userFilter === filter));
+  }
+  showUsers();
+}
+
+/**
+ * The serial numbers the current CRL lists (RFC 5280 section 5.1), read from
+ * its DER for display: CertificateList, TBSCertList, then each revoked
+ * certificate's first field. Nothing is decided on it; the server signs it.
+ */
+function crlSerials(bytes) {
+  const read = (at) => {
+    let length = bytes[at + 1];
+    let start = at + 2;
+    if (length & 0x80) {
+      const count = length & 0x7f;
+      length = 0;
+      for (let i = 0; i < count; i += 1) length = length * 256 + bytes[start + i];
+      start += count;
+    }
+    return { tag: bytes[at], start, end: start + length };
+  };
+  const tbs = read(read(0).start);
+  let field = read(tbs.start);
+  if (field.tag === 0x02) field = read(field.end); // version
+  for (let i = 0; i < 3; i += 1) field = read(field.end); // signature, issuer, thisUpdate
+  const isTime = (tag) => tag === 0x17 || tag === 0x18; // UTCTime, GeneralizedTime
+  if (isTime(field.tag)) field = field.end < tbs.end ? read(field.end) : null; // nextUpdate
+  if (!field || field.tag !== 0x30) return [];
+  const serials = [];
+  for (let at = field.start; at < field.end; ) {
+    const entry = read(at);
+    const serial = read(entry.start);
+    const hex = [...bytes.slice(serial.start, serial.end)].map((b) => b.toString(16).padStart(2, "0")).join("");
+    serials.push(hex.replace(/^0+(?=.)/, ""));
+    at = entry.end;
+  }
+  return serials;
+}
+
+/** The revoked serials, fetched again only when the CRL's number changed. */
+async function showRevoked(crl) {
+  const line = $("revoked");
+  if (!crl) {
+    line.hidden = true;
+    return;
+  }
+  if (line.dataset.number === String(crl.number)) return;
+  const response = await fetch("/api/client-registry/crl", { cache: "no-store" });
+  if (!response.ok) return;
+  const serials = crlSerials(new Uint8Array(await response.arrayBuffer()));
+  line.dataset.number = String(crl.number);
+  line.hidden = false;
+  line.replaceChildren(
+    element("span", "label", `Revoked certificates (${serials.length})`),
+    ...(serials.length ? serials.map((serial) => element("span", "serial revoked-serial", serial)) : [
+      element("span", "none", "none"),
+    ]),
+  );
 }
 
 function certificateCell(user) {
@@ -962,7 +1531,13 @@ function certificateCell(user) {
   node.append(element("span", `badge ${status}`, CERTIFICATE_LABELS[status] || status));
   const serial = element("span", "line");
   serial.append("Serial ", element("span", "serial", user.certificateSerial));
-  node.append(serial, timeLine(status === "expired" ? "Expired" : "Expires", user.certificateNotAfter));
+  node.append(serial);
+  if (user.certificateSha256) {
+    const digest = element("span", "line");
+    digest.append("SHA-256 ", element("span", "fingerprint", fingerprint(user.certificateSha256)));
+    node.append(digest);
+  }
+  node.append(timeLine(status === "expired" ? "Expired" : "Expires", user.certificateNotAfter));
   node.append(timeLine("Renew from", user.certificateRenewAfter));
   return node;
 }
@@ -975,6 +1550,7 @@ function fillUserRow(row, user) {
   const remove = element("button", "button small danger-outline", "Delete");
   remove.type = "button";
   remove.dataset.username = user.username;
+  remove.dataset.focus = "delete";
   remove.setAttribute("aria-label", `Delete ${user.username}`);
   row.dataset.username = user.username;
   row.replaceChildren(
@@ -1041,11 +1617,60 @@ function dropUserRow(username) {
   target.focus();
 }
 
+// --- The Audit view: who did what ----------------------------------------------
+
+const AUDIT_ACTIONS = {
+  request: "asked to be registered",
+  unlock: "unlocked the registry",
+  lock: "locked the registry",
+  approve: "approved",
+  deny: "denied",
+  forget: "forgot the request of",
+  "remove user": "removed the user",
+  renew: "renewed its certificate",
+};
+
+/** The newest page of the audit, rewritten only when it changed; older pages stay below it. */
+function renderAudit(audit) {
+  const text = JSON.stringify(audit.entries);
+  if (page.auditText === text) return;
+  page.auditText = text;
+  $("audit-body").replaceChildren(...audit.entries.map(auditRow));
+  page.auditNext = audit.next;
+  $("audit-older").hidden = audit.next === null;
+  $("audit-empty").hidden = audit.entries.length > 0;
+}
+
+async function showOlderAudit() {
+  try {
+    const audit = await api("GET", `/client-registry/audit?limit=100&before=${page.auditNext}`);
+    $("audit-body").append(...audit.entries.map(auditRow));
+    page.auditNext = audit.next;
+    $("audit-older").hidden = audit.next === null;
+  } catch (error) {
+    report(error, "audit");
+  }
+}
+
+/** One entry: when, who (the named administrator, or the client), what, on which request, and its details. */
+function auditRow(entry) {
+  const row = element("tr");
+  const who = cell("Who", null, clientText("span", "username", entry.actor));
+  if (entry.address) who.append(element("span", "sub mono", entry.address));
+  const what = cell("What", null, element("span", null, AUDIT_ACTIONS[entry.action] || entry.action));
+  if (entry.username) what.append(" ", clientText("span", "username", entry.username));
+  const details = entry.details ? clientText("code", "audit-details", JSON.stringify(entry.details)) : "";
+  row.append(cell("When", null, timeLine(null, entry.at)), who, what, cell("Details", null, details));
+  return row;
+}
+
 // --- Views and start -----------------------------------------------------------
 
+const VIEWS = { "#users": "users", "#audit": "audit" };
+
 function showView() {
-  page.view = location.hash === "#users" ? "users" : "registry";
-  for (const view of ["registry", "users"]) {
+  page.view = VIEWS[location.hash] || "registry";
+  for (const view of ["registry", "users", "audit"]) {
     $(`view-${view}`).hidden = view !== page.view;
     const tab = $(`tab-${view}`);
     if (view === page.view) tab.setAttribute("aria-current", "page");
@@ -1063,7 +1688,7 @@ function start() {
   $("banner-close").addEventListener("click", () => clearBanner());
   for (const tab of document.querySelectorAll(".tab")) {
     tab.addEventListener("click", () => {
-      location.hash = tab.dataset.view === "users" ? "#users" : "";
+      location.hash = tab.dataset.view === "registry" ? "" : `#${tab.dataset.view}`;
     });
   }
   window.addEventListener("hashchange", showView);
@@ -1081,7 +1706,18 @@ function start() {
     showRequests();
   });
   $("requests-body").addEventListener("click", onRequestActivated);
+  $("requests-more").addEventListener("click", showMore);
+  $("requests-body").addEventListener("change", onSelect);
+  $("bulk-select-all").addEventListener("click", selectAllMatching);
+  $("bulk-clear").addEventListener("click", clearSelection);
+  $("bulk-approve").addEventListener("click", () => decideSelected("approve"));
+  $("bulk-deny").addEventListener("click", () => decideSelected("deny"));
   $("users-body").addEventListener("click", onUserAction);
+  $("users-search").addEventListener("input", showUsers);
+  $("audit-older").addEventListener("click", showOlderAudit);
+  for (const button of document.querySelectorAll("[data-user-filter]")) {
+    button.addEventListener("click", () => setUserFilter(button.dataset.userFilter));
+  }
   $("grant-form").addEventListener("submit", (event) => event.preventDefault());
   $("grant-close").addEventListener("click", () => $("grant-dialog").close());
   $("grant-dialog").addEventListener("cancel", onGrantCancel);
@@ -1093,10 +1729,12 @@ function start() {
     if (!document.hidden) refresh();
   });
 
+  // A tab in the background refreshes too, at a slower pace: its title counts what waits.
   setInterval(() => {
-    if (!document.hidden) refresh();
+    if (!document.hidden || performance.now() - page.lastRefreshAt >= HIDDEN_REFRESH_MS) refresh();
   }, REFRESH_MS);
   setInterval(tick, 500);
+  setInterval(refreshAgo, 20000);
   tick();
   if (token()) $("sign-out").hidden = false;
   else askForToken();
