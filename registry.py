@@ -1679,13 +1679,14 @@ class SignInThrottle:
         limits = [((username, address), self.per_address)]
         if not self.is_known(username, address, now):
             limits.append((username, self.per_username))
+        waits = []
         for key, most in limits:
             failures = self._failures.get(key)
-            # The limit is reached while the ``most``-th last failure is
-            # within the window (older ones are dropped at the next failure).
+            # A limit holds while the ``most``-th last failure is within the
+            # window (older ones are dropped at the next failure).
             if failures is not None and len(failures) >= most and failures[-most] > now - self.window:
-                return _seconds_until(failures[-most] + self.window, now)
-        return None
+                waits.append(_seconds_until(failures[-most] + self.window, now))
+        return max(waits, default=None)  # when every limit lets the attempt through
 
     def fail(self, username: str, address: str, now: int) -> None:
         """Count a failed sign-in (or one whose check is under way: ``forgive`` takes it back)."""
