@@ -1039,3 +1039,188 @@ def test_a_rejected_command_changes_nothing(authority: ca.CA, data: st.DataObjec
             command(reg)
         note(f"refused with {refusal.value.status}: {refusal.value.body()}")
         assert snapshot(reg) == before
+
+
+# --- Trust: only the current certificate renews (issue 22) --------------------
+
+LIFE_NAME = "sensor-0003"
+LIFE_KEYS = tuple(ACCEPTED[name] for name in ("P-256", "another P-256", "Ed25519"))
+LIFE_CSRS = tuple(csr_for(LIFE_NAME, key) for key in LIFE_KEYS)
+
+
+def der_of(pem: str) -> bytes:
+    """A certificate's DER, as mutual TLS presents it."""
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+
+
+class CertificateLife:
+    """One user's certificates as SPEC section 7 tells them apart, beside a real registry.
+
+    ``certificates`` maps each certificate the client was given (PEM) to its
+    key (an index into ``LIFE_KEYS``), its notAfter, whether it was revoked
+    and the certificate it replaced; ``current`` is the user's credential.
+    """
+
+    def __init__(self, reg: registry.Registry, clock: FakeClock) -> None:
+        self.reg, self.clock = reg, clock
+        self.certificates: dict[str, dict[str, Any]] = {}
+        self.current: str | None = None
+
+    def admit(self, key: int) -> None:
+        """Register with ``key``, be approved, fetch the 201: the first certificate of a user."""
+        request = {"username": LIFE_NAME, "csr": LIFE_CSRS[key]}
+        self.reg.unlock()
+        assert self.reg.register(request).status == HTTPStatus.ACCEPTED
+        self.reg.approve(LIFE_NAME)
+        self.keep(self.reg.register(request).body, key, None)
+
+    def keep(self, body: dict[str, Any], key: int, replaced: str | None) -> None:
+        assert body["certificate"] not in self.certificates, "a new certificate every time one is issued"
+        not_after = datetime.fromisoformat(body["notAfter"])
+        self.certificates[body["certificate"]] = {"key": key, "notAfter": not_after, "revoked": False, "from": replaced}
+        self.current = body["certificate"]
+
+    def standing(self, pem: str) -> str:
+        """LIFE-7.2-RENEW, LIFE-7.3-REVOKE: revoked, then expired, then current or superseded."""
+        certificate = self.certificates[pem]
+        if certificate["revoked"]:
+            return "revoked"
+        if self.clock.now >= certificate["notAfter"]:
+            return "expired"
+        return "current" if pem == self.current else "superseded"
+
+    def is_repeat(self, pem: str, key: int) -> bool:
+        """Whether renewing from ``pem`` with ``key`` repeats the renewal that made the current certificate."""
+        if self.current is None:
+            return False
+        current = self.certificates[self.current]
+        return current["from"] == pem and current["key"] == key
+
+    def renew(self, pem: str, key: int) -> tuple[HTTPStatus, dict[str, Any]]:
+        """The registry's answer to a renewal from ``pem`` with a CSR for ``key``: status and body."""
+        try:
+            outcome = self.reg.renew(der_of(pem), {"csr": LIFE_CSRS[key]}, address="10.0.0.9")
+        except registry.RegistryError as error:
+            assert_error_body(error.body())
+            return error.status, error.body()
+        return outcome.status, outcome.body
+
+    def step(self, pem: str, key: int) -> None:
+        """Renew from ``pem`` with ``key`` and check the answer against the table of LIFE-7.2-RENEW."""
+        standing, repeat = self.standing(pem), self.is_repeat(pem, key)
+        before = snapshot(self.reg)
+        status, body = self.renew(pem, key)
+        note(f"renew from a {standing} certificate with key {key}: {status}")
+        if standing == "current":
+            assert status == HTTPStatus.CREATED
+            assert_issued_from(LIFE_CSRS[key], body["certificate"], self.reg.ca)
+            self.keep(body, key, pem)
+        elif standing == "superseded" and repeat:
+            assert status == HTTPStatus.CREATED
+            assert body["certificate"] == self.current
+            assert snapshot(self.reg) == before
+        else:
+            assert status == HTTPStatus.UNAUTHORIZED
+            assert snapshot(self.reg) == before
+
+    def remove(self) -> None:
+        """LIFE-7.3-REVOKE: removing the user revokes every certificate of it that has not expired."""
+        self.reg.remove_user(LIFE_NAME)
+        for certificate in self.certificates.values():
+            certificate["revoked"] = certificate["revoked"] or self.clock.now < certificate["notAfter"]
+        self.current = None
+
+
+certificate_life = st.lists(
+    st.one_of(
+        st.tuples(st.just("renew"), st.integers(0, 9), st.integers(0, len(LIFE_KEYS) - 1)),
+        st.tuples(st.just("advance"), st.sampled_from([1, 100, 200, 366])),
+        st.tuples(st.just("remove and admit again"), st.integers(0, len(LIFE_KEYS) - 1)),
+    ),
+    max_size=7,
+)
+
+
+def live(authority: ca.CA, steps: list[tuple], after_each: Callable[[CertificateLife], None]) -> None:
+    """Admit ``LIFE_NAME``, go through ``steps`` (renewals from any certificate it was given, time, removal), and
+    call ``after_each`` with the life after the admission and after every step."""
+    clock = FakeClock()
+    with opened(authority, clock=clock) as reg:
+        life = CertificateLife(reg, clock)
+        life.admit(0)
+        after_each(life)
+        for step in steps:
+            note(f"{step}")
+            if step[0] == "renew":
+                issued = list(life.certificates)
+                life.step(issued[step[1] % len(issued)], step[2])
+            elif step[0] == "advance":
+                clock.advance(days=step[1])
+            elif life.current is not None:
+                life.remove()
+                life.admit(step[1])
+            after_each(life)
+
+
+@given(steps=certificate_life)
+def test_only_the_current_certificate_starts_a_renewal(authority: ca.CA, steps: list[tuple]) -> None:
+    """At any moment, a renewal from any certificate the user was given but its current one is 401 and changes
+    nothing, unless it repeats the renewal that made the current one; from the current one it issues.
+
+    Proves LIFE-7.2-RENEW, LIFE-7.3-REVOKE.
+    """
+
+    def no_other_certificate_renews(life: CertificateLife) -> None:
+        for pem in life.certificates:
+            for key in range(len(LIFE_KEYS)):
+                if pem != life.current and not life.is_repeat(pem, key):
+                    before = snapshot(life.reg)
+                    status, body = life.renew(pem, key)
+                    assert status == HTTPStatus.UNAUTHORIZED, f"a {life.standing(pem)} certificate renewed"
+                    assert body["error"] == "unauthorized"
+                    assert snapshot(life.reg) == before
+
+    live(authority, steps, no_other_certificate_renews)
+
+
+@given(steps=certificate_life)
+def test_a_replaced_or_revoked_certificate_is_never_answered_as_current(authority: ca.CA, steps: list[tuple]) -> None:
+    """A superseded certificate only fetches the current one again and still says who it is until its notAfter;
+    a revoked one authenticates nothing; a registration with a key the user no longer holds is 409.
+
+    Proves LIFE-7.2-RENEW, LIFE-7.3-REVOKE.
+    """
+
+    def only_the_current_one_counts(life: CertificateLife) -> None:
+        reg = life.reg
+        for pem in life.certificates:
+            standing = life.standing(pem)
+            if standing in ("revoked", "expired"):
+                with pytest.raises(registry.Unauthorized):
+                    reg.authenticate_certificate(der_of(pem))
+            else:
+                assert reg.authenticate_certificate(der_of(pem)).username == LIFE_NAME
+            current_key = life.current and life.certificates[life.current]["key"]
+            if standing == "superseded" and life.is_repeat(pem, current_key):
+                # The lost answer fetched again: the current certificate, and nothing new.
+                before = snapshot(reg)
+                status, body = life.renew(pem, current_key)
+                assert (status, body["certificate"]) == (HTTPStatus.CREATED, life.current)
+                assert snapshot(reg) == before
+        if life.current is None:
+            return
+        [user] = reg.users()
+        assert user["certificateSerial"] == format(
+            x509.load_pem_x509_certificate(life.current.encode()).serial_number, "x"
+        )
+        current_key = life.certificates[life.current]["key"]
+        for key in range(len(LIFE_KEYS)):
+            request = {"username": LIFE_NAME, "csr": LIFE_CSRS[key]}
+            if key == current_key:
+                assert reg.register(request).body["certificate"] == life.current
+            else:
+                with pytest.raises(registry.Conflict) as refusal:
+                    reg.register(request)
+                assert refusal.value.body()["error"] == "username_taken"
+
+    live(authority, steps, only_the_current_one_counts)
