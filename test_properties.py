@@ -19,6 +19,7 @@ with one of them is fast enough to do inside an example.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -1224,3 +1225,151 @@ def test_a_replaced_or_revoked_certificate_is_never_answered_as_current(authorit
                 assert refusal.value.body()["error"] == "username_taken"
 
     live(authority, steps, only_the_current_one_counts)
+
+
+# --- Trust: a password is tested only as often as the throttle allows (issue 22) ----
+
+# Small limits, so that a few dozen guesses cross them; the rules are the same at 5 and 50.
+THROTTLED = dataclasses.replace(FAST, max_auth_failures=3, max_auth_failures_per_username=5)
+GUESSERS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+guesses = st.lists(
+    st.tuples(
+        st.sampled_from(["register", "whoami"]),
+        st.sampled_from(GUESSERS),
+        st.booleans(),  # the right password
+        st.sampled_from([0, 0, 0, 1, 30, 59, 60, 61]),  # seconds before the guess
+    ),
+    max_size=40,
+)
+
+
+def over_the_limit(tests: list[tuple[str, datetime, bool]], window: timedelta, most: int, *, per_address: bool) -> list:
+    """The tests (address, time, whether from a stranger) that came while ``most`` earlier ones were within
+    ``window`` before them: from the same address, or (``per_address`` false) from anywhere, for a stranger."""
+    return [
+        (address, at)
+        for index, (address, at, stranger) in enumerate(tests)
+        if (per_address or stranger)
+        and sum(1 for other, then, _ in tests[:index] if then > at - window and (other == address or not per_address))
+        >= most
+    ]
+
+
+@given(state=st.sampled_from(["pending", "approved"]), fast_path=st.booleans(), guesses=guesses)
+def test_a_password_is_tested_no_more_often_than_the_throttle_allows(
+    state: str, fast_path: bool, guesses: list[tuple[str, str, bool, int]]
+) -> None:
+    """Whatever the guesses (by registration or by whoami, right or wrong, from several addresses), a wrong
+    password is verified, and answered otherwise than 429, at most ``max_auth_failures`` times a window from
+    one address, and, for an address that has not signed in as the username lately, only while fewer than
+    ``max_auth_failures_per_username`` failures from all addresses are within the window.
+
+    Proves AUTH-5.2-THROTTLE, REG-2.4-THROTTLE, AUTH-5.2-KNOWN-ADDRESS.
+    """
+    settings = dataclasses.replace(THROTTLED, fast_path=fast_path)
+    clock = FakeClock()
+    guess: dict[str, Any] = {}  # the guess under way: its address, and whether it comes from a stranger
+    verified: list[tuple[str, datetime, bool]] = []  # every wrong password verified (scrypt)
+    answered: list[tuple[str, datetime, bool]] = []  # every wrong guess answered otherwise than 429
+    signed_in: dict[str, datetime] = {}  # each address's last successful sign-in as the username
+    check_password = registry.check_password
+
+    def counted_check(password: str, stored: str) -> bool:
+        matches = check_password(password, stored)
+        if not matches:
+            verified.append((guess["address"], clock.now, guess["stranger"]))
+        return matches
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "check_password", counted_check)
+        reg = registry.Registry(clock=clock, roles=CATALOG, settings=settings)
+        try:
+            reg.unlock()
+            store(reg, A_REQUEST, state)
+            for via, address, right, seconds in guesses:
+                clock.advance(seconds=seconds)
+                since = signed_in.get(address)
+                stranger = since is None or since <= clock.now - settings.known_address_period
+                guess.update(address=address, stranger=stranger)
+                password = GOOD_PASSWORD if right else OTHER_PASSWORD
+                try:
+                    if via == "register":
+                        reg.register(A_REQUEST | {"password": password}, address)
+                    else:
+                        reg.authenticate_password(A_REQUEST["username"], password, address)
+                    status = HTTPStatus.OK
+                except registry.RegistryError as error:
+                    status = error.status
+                note(f"{via} from {address}, {'right' if right else 'wrong'}: {status}")
+                throttled = status == HTTPStatus.TOO_MANY_REQUESTS
+                if right and state == "approved" and not throttled:
+                    signed_in[address] = clock.now
+                # Whoami for a pending request tests nothing: there is no user yet.
+                if not right and not throttled and (via == "register" or state == "approved"):
+                    answered.append((address, clock.now, stranger))
+        finally:
+            reg.close()
+
+    window = settings.auth_failure_window
+    for tests in (verified, answered):
+        assert not over_the_limit(tests, window, settings.max_auth_failures, per_address=True)
+        assert not over_the_limit(tests, window, settings.max_auth_failures_per_username, per_address=False)
+
+
+def failed_sign_in(reg: registry.Registry, address: str) -> HTTPStatus:
+    """The status of a wrong password for ``A_REQUEST``'s user, by whoami from ``address``: 401, or 429."""
+    with pytest.raises(registry.RegistryError) as refusal:
+        reg.authenticate_password(A_REQUEST["username"], OTHER_PASSWORD, address)
+    return refusal.value.status
+
+
+def test_the_device_signing_in_takes_back_none_of_a_strangers_failures(authority: ca.CA) -> None:
+    """Once a username has its all-addresses limit of failures within the window, a stranger's next guess is 429
+    however often the device signs in meanwhile from its known address: its success frees no slot.
+
+    Proves AUTH-5.2-THROTTLE, AUTH-5.2-KNOWN-ADDRESS.
+    """
+    settings = FAST
+    strangers = [f"192.0.2.{n}" for n in range(settings.max_auth_failures_per_username // settings.max_auth_failures)]
+    with opened(authority) as reg:
+        store(reg, A_REQUEST, "approved")
+        reg.authenticate_password(A_REQUEST["username"], GOOD_PASSWORD, "10.0.0.1")  # the device: a known address
+        for address in strangers:
+            for _ in range(settings.max_auth_failures):
+                assert failed_sign_in(reg, address) == HTTPStatus.UNAUTHORIZED
+        assert failed_sign_in(reg, "198.51.100.1") == HTTPStatus.TOO_MANY_REQUESTS
+
+        reg.authenticate_password(A_REQUEST["username"], GOOD_PASSWORD, "10.0.0.1")  # spared the all-addresses limit
+
+        assert failed_sign_in(reg, "198.51.100.1") == HTTPStatus.TOO_MANY_REQUESTS
+
+
+def test_retry_after_is_when_every_limit_lets_the_attempt_through(authority: ca.CA) -> None:
+    """An address over its own limit, while the username is over the all-addresses one for longer, is told to
+    wait until both let it through: a Retry-After is never early.
+
+    Proves AUTH-5.2-THROTTLE.
+    """
+    settings, clock = FAST, FakeClock()
+    window = int(settings.auth_failure_window.total_seconds())
+    devices = [f"10.0.0.{n}" for n in range(settings.max_auth_failures_per_username // settings.max_auth_failures)]
+    with opened(authority, clock=clock) as reg:
+        store(reg, A_REQUEST, "approved")
+        for address in devices:  # each signs in: known addresses, spared the all-addresses limit
+            reg.authenticate_password(A_REQUEST["username"], GOOD_PASSWORD, address)
+        for _ in range(settings.max_auth_failures):
+            assert failed_sign_in(reg, "192.0.2.1") == HTTPStatus.UNAUTHORIZED  # the stranger's own limit, now
+        clock.advance(seconds=30)
+        for address in devices:  # the username's limit, 30 s later: it holds 30 s longer
+            for _ in range(settings.max_auth_failures):
+                assert failed_sign_in(reg, address) == HTTPStatus.UNAUTHORIZED
+        clock.advance(seconds=1)
+
+        with pytest.raises(registry.TooManyRequests) as refusal:
+            reg.authenticate_password(A_REQUEST["username"], OTHER_PASSWORD, "192.0.2.1")
+        assert refusal.value.headers["Retry-After"] == str(window - 1)
+
+        clock.advance(seconds=window - 2)
+        assert failed_sign_in(reg, "192.0.2.1") == HTTPStatus.TOO_MANY_REQUESTS
+        clock.advance(seconds=1)
+        assert failed_sign_in(reg, "192.0.2.1") == HTTPStatus.UNAUTHORIZED
