@@ -177,10 +177,13 @@ def opened(authority: ca.CA, *, locked: bool = False, clock: FakeClock | None = 
         instance.close()
 
 
-def answer(reg: registry.Registry, payload: object) -> tuple[HTTPStatus, dict[str, Any], dict[str, str]]:
-    """What the server would answer to ``payload`` (parsed JSON, or the raw body): status, JSON body and headers."""
+def answer(
+    reg: registry.Registry, payload: object, address: str = ""
+) -> tuple[HTTPStatus, dict[str, Any], dict[str, str]]:
+    """What the server would answer to ``payload`` (parsed JSON, or the raw body) from ``address``: status, JSON
+    body and headers."""
     try:
-        outcome = reg.register_body(payload) if isinstance(payload, bytes) else reg.register(payload)
+        outcome = reg.register_body(payload, address) if isinstance(payload, bytes) else reg.register(payload, address)
     except registry.RegistryError as error:
         assert_error_body(error.body())
         return error.status, error.body(), error.headers
