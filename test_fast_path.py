@@ -145,7 +145,12 @@ def outcome_of(call: Callable[[], Any]) -> tuple[str, Any]:
 
 
 class FastPathMachine(RuleBasedStateMachine):
-    """Two registries, one fast and one reference, fed the same commands."""
+    """Two registries, one fast and one reference, fed the same commands.
+
+    Proves that the fast path keeps AUTH-5.2-THROTTLE, REG-2.4-THROTTLE,
+    AUTH-5.2-KNOWN-ADDRESS, LIFE-7.2-RENEW and LIFE-7.3-REVOKE as the
+    reference path does, restarts included.
+    """
 
     def __init__(self) -> None:
         super().__init__()
