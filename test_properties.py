@@ -19,6 +19,7 @@ with one of them is fast enough to do inside an example.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import ca
+import fastpath
 import registry
 from conftest import FAST, START, FakeClock, assert_issued_from, make_key
 
@@ -176,10 +178,13 @@ def opened(authority: ca.CA, *, locked: bool = False, clock: FakeClock | None = 
         instance.close()
 
 
-def answer(reg: registry.Registry, payload: object) -> tuple[HTTPStatus, dict[str, Any], dict[str, str]]:
-    """What the server would answer to ``payload`` (parsed JSON, or the raw body): status, JSON body and headers."""
+def answer(
+    reg: registry.Registry, payload: object, address: str = ""
+) -> tuple[HTTPStatus, dict[str, Any], dict[str, str]]:
+    """What the server would answer to ``payload`` (parsed JSON, or the raw body) from ``address``: status, JSON
+    body and headers."""
     try:
-        outcome = reg.register_body(payload) if isinstance(payload, bytes) else reg.register(payload)
+        outcome = reg.register_body(payload, address) if isinstance(payload, bytes) else reg.register(payload, address)
     except registry.RegistryError as error:
         assert_error_body(error.body())
         return error.status, error.body(), error.headers
@@ -1039,3 +1044,337 @@ def test_a_rejected_command_changes_nothing(authority: ca.CA, data: st.DataObjec
             command(reg)
         note(f"refused with {refusal.value.status}: {refusal.value.body()}")
         assert snapshot(reg) == before
+
+
+# --- Trust: only the current certificate renews (issue 22) --------------------
+
+LIFE_NAME = "sensor-0003"
+LIFE_KEYS = tuple(ACCEPTED[name] for name in ("P-256", "another P-256", "Ed25519"))
+LIFE_CSRS = tuple(csr_for(LIFE_NAME, key) for key in LIFE_KEYS)
+
+
+def der_of(pem: str) -> bytes:
+    """A certificate's DER, as mutual TLS presents it."""
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+
+
+class CertificateLife:
+    """One user's certificates as SPEC section 7 tells them apart, beside a real registry.
+
+    ``certificates`` maps each certificate the client was given (PEM) to its
+    key (an index into ``LIFE_KEYS``), its notAfter, whether it was revoked
+    and the certificate it replaced; ``current`` is the user's credential.
+    """
+
+    def __init__(self, reg: registry.Registry, clock: FakeClock) -> None:
+        self.reg, self.clock = reg, clock
+        self.certificates: dict[str, dict[str, Any]] = {}
+        self.current: str | None = None
+
+    def admit(self, key: int) -> None:
+        """Register with ``key``, be approved, fetch the 201: the first certificate of a user."""
+        request = {"username": LIFE_NAME, "csr": LIFE_CSRS[key]}
+        self.reg.unlock()
+        assert self.reg.register(request).status == HTTPStatus.ACCEPTED
+        self.reg.approve(LIFE_NAME)
+        self.keep(self.reg.register(request).body, key, None)
+
+    def keep(self, body: dict[str, Any], key: int, replaced: str | None) -> None:
+        assert body["certificate"] not in self.certificates, "a new certificate every time one is issued"
+        not_after = datetime.fromisoformat(body["notAfter"])
+        self.certificates[body["certificate"]] = {"key": key, "notAfter": not_after, "revoked": False, "from": replaced}
+        self.current = body["certificate"]
+
+    def standing(self, pem: str) -> str:
+        """LIFE-7.2-RENEW, LIFE-7.3-REVOKE: revoked, then expired, then current or superseded."""
+        certificate = self.certificates[pem]
+        if certificate["revoked"]:
+            return "revoked"
+        if self.clock.now >= certificate["notAfter"]:
+            return "expired"
+        return "current" if pem == self.current else "superseded"
+
+    def is_repeat(self, pem: str, key: int) -> bool:
+        """Whether renewing from ``pem`` with ``key`` repeats the renewal that made the current certificate."""
+        if self.current is None:
+            return False
+        current = self.certificates[self.current]
+        return current["from"] == pem and current["key"] == key
+
+    def renew(self, pem: str, key: int) -> tuple[HTTPStatus, dict[str, Any]]:
+        """The registry's answer to a renewal from ``pem`` with a CSR for ``key``: status and body."""
+        try:
+            outcome = self.reg.renew(der_of(pem), {"csr": LIFE_CSRS[key]}, address="10.0.0.9")
+        except registry.RegistryError as error:
+            assert_error_body(error.body())
+            return error.status, error.body()
+        return outcome.status, outcome.body
+
+    def step(self, pem: str, key: int) -> None:
+        """Renew from ``pem`` with ``key`` and check the answer against the table of LIFE-7.2-RENEW."""
+        standing, repeat = self.standing(pem), self.is_repeat(pem, key)
+        before = snapshot(self.reg)
+        status, body = self.renew(pem, key)
+        note(f"renew from a {standing} certificate with key {key}: {status}")
+        if standing == "current":
+            assert status == HTTPStatus.CREATED
+            assert_issued_from(LIFE_CSRS[key], body["certificate"], self.reg.ca)
+            self.keep(body, key, pem)
+        elif standing == "superseded" and repeat:
+            assert status == HTTPStatus.CREATED
+            assert body["certificate"] == self.current
+            assert snapshot(self.reg) == before
+        else:
+            assert status == HTTPStatus.UNAUTHORIZED
+            assert snapshot(self.reg) == before
+
+    def remove(self) -> None:
+        """LIFE-7.3-REVOKE: removing the user revokes every certificate of it that has not expired."""
+        self.reg.remove_user(LIFE_NAME)
+        for certificate in self.certificates.values():
+            certificate["revoked"] = certificate["revoked"] or self.clock.now < certificate["notAfter"]
+        self.current = None
+
+
+certificate_life = st.lists(
+    st.one_of(
+        st.tuples(st.just("renew"), st.integers(0, 9), st.integers(0, len(LIFE_KEYS) - 1)),
+        st.tuples(st.just("advance"), st.sampled_from([1, 100, 200, 366])),
+        st.tuples(st.just("remove and admit again"), st.integers(0, len(LIFE_KEYS) - 1)),
+    ),
+    max_size=7,
+)
+
+
+def live(authority: ca.CA, steps: list[tuple], after_each: Callable[[CertificateLife], None]) -> None:
+    """Admit ``LIFE_NAME``, go through ``steps`` (renewals from any certificate it was given, time, removal), and
+    call ``after_each`` with the life after the admission and after every step."""
+    clock = FakeClock()
+    with opened(authority, clock=clock) as reg:
+        life = CertificateLife(reg, clock)
+        life.admit(0)
+        after_each(life)
+        for step in steps:
+            note(f"{step}")
+            if step[0] == "renew":
+                issued = list(life.certificates)
+                life.step(issued[step[1] % len(issued)], step[2])
+            elif step[0] == "advance":
+                clock.advance(days=step[1])
+            elif life.current is not None:
+                life.remove()
+                life.admit(step[1])
+            after_each(life)
+
+
+@given(steps=certificate_life)
+def test_only_the_current_certificate_starts_a_renewal(authority: ca.CA, steps: list[tuple]) -> None:
+    """At any moment, a renewal from any certificate the user was given but its current one is 401 and changes
+    nothing, unless it repeats the renewal that made the current one; from the current one it issues.
+
+    Proves LIFE-7.2-RENEW, LIFE-7.3-REVOKE.
+    """
+
+    def no_other_certificate_renews(life: CertificateLife) -> None:
+        for pem in life.certificates:
+            for key in range(len(LIFE_KEYS)):
+                if pem != life.current and not life.is_repeat(pem, key):
+                    before = snapshot(life.reg)
+                    status, body = life.renew(pem, key)
+                    assert status == HTTPStatus.UNAUTHORIZED, f"a {life.standing(pem)} certificate renewed"
+                    assert body["error"] == "unauthorized"
+                    assert snapshot(life.reg) == before
+
+    live(authority, steps, no_other_certificate_renews)
+
+
+@given(steps=certificate_life)
+def test_a_replaced_or_revoked_certificate_is_never_answered_as_current(authority: ca.CA, steps: list[tuple]) -> None:
+    """A superseded certificate only fetches the current one again and still says who it is until its notAfter;
+    a revoked one authenticates nothing; a registration with a key the user no longer holds is 409.
+
+    Proves LIFE-7.2-RENEW, LIFE-7.3-REVOKE.
+    """
+
+    def only_the_current_one_counts(life: CertificateLife) -> None:
+        reg = life.reg
+        for pem in life.certificates:
+            standing = life.standing(pem)
+            if standing in ("revoked", "expired"):
+                with pytest.raises(registry.Unauthorized):
+                    reg.authenticate_certificate(der_of(pem))
+            else:
+                assert reg.authenticate_certificate(der_of(pem)).username == LIFE_NAME
+            current_key = life.current and life.certificates[life.current]["key"]
+            if standing == "superseded" and life.is_repeat(pem, current_key):
+                # The lost answer fetched again: the current certificate, and nothing new.
+                before = snapshot(reg)
+                status, body = life.renew(pem, current_key)
+                assert (status, body["certificate"]) == (HTTPStatus.CREATED, life.current)
+                assert snapshot(reg) == before
+        if life.current is None:
+            return
+        [user] = reg.users()
+        assert user["certificateSerial"] == format(
+            x509.load_pem_x509_certificate(life.current.encode()).serial_number, "x"
+        )
+        current_key = life.certificates[life.current]["key"]
+        for key in range(len(LIFE_KEYS)):
+            request = {"username": LIFE_NAME, "csr": LIFE_CSRS[key]}
+            if key == current_key:
+                assert reg.register(request).body["certificate"] == life.current
+            else:
+                with pytest.raises(registry.Conflict) as refusal:
+                    reg.register(request)
+                assert refusal.value.body()["error"] == "username_taken"
+
+    live(authority, steps, only_the_current_one_counts)
+
+
+# --- Trust: a password is tested only as often as the throttle allows (issue 22) ----
+
+# Small limits, so that a few dozen guesses cross them; the rules are the same at 5 and 50.
+THROTTLED = dataclasses.replace(FAST, max_auth_failures=3, max_auth_failures_per_username=5)
+GUESSERS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+guesses = st.lists(
+    st.tuples(
+        st.sampled_from(["register", "whoami"]),
+        st.sampled_from(GUESSERS),
+        st.booleans(),  # the right password
+        st.sampled_from([0, 0, 0, 1, 30, 59, 60, 61]),  # seconds before the guess
+    ),
+    max_size=40,
+)
+
+
+def over_the_limit(tests: list[tuple[str, datetime, bool]], window: timedelta, most: int, *, per_address: bool) -> list:
+    """The tests (address, time, whether from a stranger) that came while ``most`` earlier ones were within
+    ``window`` before them: from the same address, or (``per_address`` false) from anywhere, for a stranger."""
+    return [
+        (address, at)
+        for index, (address, at, stranger) in enumerate(tests)
+        if (per_address or stranger)
+        and sum(1 for other, then, _ in tests[:index] if then > at - window and (other == address or not per_address))
+        >= most
+    ]
+
+
+@given(state=st.sampled_from(["pending", "approved"]), fast_path=st.booleans(), guesses=guesses)
+def test_a_password_is_tested_no_more_often_than_the_throttle_allows(
+    state: str, fast_path: bool, guesses: list[tuple[str, str, bool, int]]
+) -> None:
+    """Whatever the guesses (by registration or by whoami, right or wrong, from several addresses), a wrong
+    password is verified, and answered otherwise than 429, at most ``max_auth_failures`` times a window from
+    one address, and, for an address that has not signed in as the username lately, only while fewer than
+    ``max_auth_failures_per_username`` failures from all addresses are within the window.
+
+    Proves AUTH-5.2-THROTTLE, REG-2.4-THROTTLE, AUTH-5.2-KNOWN-ADDRESS.
+    """
+    kind = fastpath.FastRegistry if fast_path else registry.Registry
+    settings = THROTTLED
+    clock = FakeClock()
+    guess: dict[str, Any] = {}  # the guess under way: its address, and whether it comes from a stranger
+    verified: list[tuple[str, datetime, bool]] = []  # every wrong password verified (scrypt)
+    answered: list[tuple[str, datetime, bool]] = []  # every wrong guess answered otherwise than 429
+    signed_in: dict[str, datetime] = {}  # each address's last successful sign-in as the username
+    check_password = registry.check_password
+
+    def counted_check(password: str, stored: str) -> bool:
+        matches = check_password(password, stored)
+        if not matches:
+            verified.append((guess["address"], clock.now, guess["stranger"]))
+        return matches
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "check_password", counted_check)
+        reg = kind(clock=clock, roles=CATALOG, settings=settings)
+        try:
+            reg.unlock()
+            store(reg, A_REQUEST, state)
+            for via, address, right, seconds in guesses:
+                clock.advance(seconds=seconds)
+                since = signed_in.get(address)
+                stranger = since is None or since <= clock.now - settings.known_address_period
+                guess.update(address=address, stranger=stranger)
+                password = GOOD_PASSWORD if right else OTHER_PASSWORD
+                try:
+                    if via == "register":
+                        reg.register(A_REQUEST | {"password": password}, address)
+                    else:
+                        reg.authenticate_password(A_REQUEST["username"], password, address)
+                    status = HTTPStatus.OK
+                except registry.RegistryError as error:
+                    status = error.status
+                note(f"{via} from {address}, {'right' if right else 'wrong'}: {status}")
+                throttled = status == HTTPStatus.TOO_MANY_REQUESTS
+                if right and state == "approved" and not throttled:
+                    signed_in[address] = clock.now
+                # Whoami for a pending request tests nothing: there is no user yet.
+                if not right and not throttled and (via == "register" or state == "approved"):
+                    answered.append((address, clock.now, stranger))
+        finally:
+            reg.close()
+
+    window = settings.auth_failure_window
+    for tests in (verified, answered):
+        assert not over_the_limit(tests, window, settings.max_auth_failures, per_address=True)
+        assert not over_the_limit(tests, window, settings.max_auth_failures_per_username, per_address=False)
+
+
+def failed_sign_in(reg: registry.Registry, address: str) -> HTTPStatus:
+    """The status of a wrong password for ``A_REQUEST``'s user, by whoami from ``address``: 401, or 429."""
+    with pytest.raises(registry.RegistryError) as refusal:
+        reg.authenticate_password(A_REQUEST["username"], OTHER_PASSWORD, address)
+    return refusal.value.status
+
+
+def test_the_device_signing_in_takes_back_none_of_a_strangers_failures(authority: ca.CA) -> None:
+    """Once a username has its all-addresses limit of failures within the window, a stranger's next guess is 429
+    however often the device signs in meanwhile from its known address: its success frees no slot.
+
+    Proves AUTH-5.2-THROTTLE, AUTH-5.2-KNOWN-ADDRESS.
+    """
+    settings = FAST
+    strangers = [f"192.0.2.{n}" for n in range(settings.max_auth_failures_per_username // settings.max_auth_failures)]
+    with opened(authority) as reg:
+        store(reg, A_REQUEST, "approved")
+        reg.authenticate_password(A_REQUEST["username"], GOOD_PASSWORD, "10.0.0.1")  # the device: a known address
+        for address in strangers:
+            for _ in range(settings.max_auth_failures):
+                assert failed_sign_in(reg, address) == HTTPStatus.UNAUTHORIZED
+        assert failed_sign_in(reg, "198.51.100.1") == HTTPStatus.TOO_MANY_REQUESTS
+
+        reg.authenticate_password(A_REQUEST["username"], GOOD_PASSWORD, "10.0.0.1")  # spared the all-addresses limit
+
+        assert failed_sign_in(reg, "198.51.100.1") == HTTPStatus.TOO_MANY_REQUESTS
+
+
+def test_retry_after_is_when_every_limit_lets_the_attempt_through(authority: ca.CA) -> None:
+    """An address over its own limit, while the username is over the all-addresses one for longer, is told to
+    wait until both let it through: a Retry-After is never early.
+
+    Proves AUTH-5.2-THROTTLE.
+    """
+    settings, clock = FAST, FakeClock()
+    window = int(settings.auth_failure_window.total_seconds())
+    devices = [f"10.0.0.{n}" for n in range(settings.max_auth_failures_per_username // settings.max_auth_failures)]
+    with opened(authority, clock=clock) as reg:
+        store(reg, A_REQUEST, "approved")
+        for address in devices:  # each signs in: known addresses, spared the all-addresses limit
+            reg.authenticate_password(A_REQUEST["username"], GOOD_PASSWORD, address)
+        for _ in range(settings.max_auth_failures):
+            assert failed_sign_in(reg, "192.0.2.1") == HTTPStatus.UNAUTHORIZED  # the stranger's own limit, now
+        clock.advance(seconds=30)
+        for address in devices:  # the username's limit, 30 s later: it holds 30 s longer
+            for _ in range(settings.max_auth_failures):
+                assert failed_sign_in(reg, address) == HTTPStatus.UNAUTHORIZED
+        clock.advance(seconds=1)
+
+        with pytest.raises(registry.TooManyRequests) as refusal:
+            reg.authenticate_password(A_REQUEST["username"], OTHER_PASSWORD, "192.0.2.1")
+        assert refusal.value.headers["Retry-After"] == str(window - 1)
+
+        clock.advance(seconds=window - 2)
+        assert failed_sign_in(reg, "192.0.2.1") == HTTPStatus.TOO_MANY_REQUESTS
+        clock.advance(seconds=1)
+        assert failed_sign_in(reg, "192.0.2.1") == HTTPStatus.UNAUTHORIZED
