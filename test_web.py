@@ -2,11 +2,11 @@
 
 Each test starts the server on a free port over plain HTTP, opens the page
 as an administrator would, and plays the clients with plain HTTP requests
-from the test. ``screenshots.py`` uses the same harness for the README.
+from the test. ``tools/screenshots.py`` uses the same harness for the README.
 
 The accessibility test runs axe-core 4.14.1 (Deque Systems, MPL-2.0), the
 minified script of the npm package ``axe-core@4.14.1`` vendored as
-``axe.min.js`` beside this file with its licence header intact. It is put
+``test-assets/axe.min.js`` with its licence header intact. It is put
 into the page through the DevTools protocol, which the page's
 Content-Security-Policy does not govern, so the policy stays as it is served.
 """
@@ -62,7 +62,7 @@ document.addEventListener("securitypolicyviolation", (event) => {
 });
 """
 
-AXE = Path(__file__).with_name("axe.min.js")
+AXE = Path(__file__).with_name("test-assets") / "axe.min.js"
 # The three screens of issue 18: a laptop, a small laptop or tablet, a phone.
 VIEWPORTS = {"1440x900": (1440, 900), "1024x768": (1024, 768), "390x844": (390, 844)}
 # Every element of the page whose box leaves the viewport sideways, and the page's own width.
@@ -98,7 +98,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# --- The harness (shared with screenshots.py) --------------------------------
+# --- The harness (shared with tools/screenshots.py) --------------------------------
 
 
 @contextlib.contextmanager

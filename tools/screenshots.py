@@ -1,6 +1,6 @@
 """Take the screenshots of docs/admin-page.md with the browser tests' harness.
 
-    python3 screenshots.py   # writes docs/registry-view.png, grant-access.png, users-view.png, audit-view.png,
+    python3 tools/screenshots.py   # writes docs/registry-view.png, grant-access.png, users-view.png, audit-view.png,
                              # registry-phone.png
 
 It starts a registry in a temporary folder, lets a few clients ask to be
@@ -11,13 +11,17 @@ Registry view on a phone (390x844), in Debian's headless Chromium.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
-from conftest import call, make_csr
-from test_web import TOKEN, chromium, register, request_row, running_server, sign_in
+HERE = Path(__file__).resolve().parent.parent  # the repository: tools/ holds what maintainers run
+sys.path.insert(0, str(HERE))
 
-DOCS = Path(__file__).with_name("docs")
+from conftest import call, make_csr  # noqa: E402 (after the repository is on the path)
+from test_web import TOKEN, chromium, register, request_row, running_server, sign_in  # noqa: E402
+
+DOCS = HERE / "docs"
 VIEWPORT = {"width": 1440, "height": 860}
 PHONE = {"width": 390, "height": 844}
 ADMIN = {"token": TOKEN}
