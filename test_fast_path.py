@@ -25,10 +25,12 @@ appeared.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -439,3 +441,24 @@ def test_the_machine_catches_a_fast_path_that_rejects_a_wrong_password_from_memo
 
     with pytest.raises(AssertionError):
         run_state_machine_as_test(FastPathMachine, settings=CATCHING)
+
+
+def test_poll_counts_wait_in_memory_a_second_at_most(tmp_path) -> None:
+    """Proves ADMIN-4.7-POLL-STATS: a poll writes nothing to disk; its count goes with a write within a second."""
+    clock, database = FakeClock(), tmp_path / "registry.db"
+    fast = fastpath.FastRegistry(str(database), clock=clock, roles=CATALOG, settings=FAST)
+    fast.unlock()
+    body = json.dumps({"username": "sensor-0003", "password": "correct horse"}).encode()
+
+    def on_disk() -> int:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return db.execute("SELECT poll_count FROM requests").fetchone()[0]
+
+    assert fast.register_body(body).status == 202  # stored
+    assert fast.register_body(body).status == 202  # a poll, counted in memory
+    assert on_disk() == 0
+    clock.advance(seconds=1)
+    assert fast.register_body(body).status == 202  # a second on: both counts are written with this poll
+    assert on_disk() == 2
+    assert fast.requests()[0]["pollCount"] == 2
+    fast.close()

@@ -379,6 +379,16 @@ def test_a_new_request_while_locked_is_423_with_retry_after_30_and_nothing_is_st
     assert snapshot(client) == before
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_is_read_as_json_whatever_its_content_type_says(client: Client, content_type: str | None) -> None:
+    """Proves REQ-1-CONTENT-TYPE: the same JSON under another Content-Type, or none, is the same request."""
+    client.admin("POST", UNLOCK)
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    first = client.call("POST", REGISTER, SENSOR, headers)
+    again = client.call("POST", REGISTER, SENSOR, {"Content-Type": "application/json"})
+    assert (first.status, again.status, again.body) == (202, 202, first.body)
+
+
 def test_after_unlock_a_request_is_pending_and_each_repetition_is_a_poll(live: Running, client: Client) -> None:
     """Proves REG-2.4-STORE, REG-2.4-PENDING, REG-2.4-MATCH, REG-2.5-PENDING-BODY."""
     unlocked(client)
