@@ -100,6 +100,16 @@ def assert_issued_from(csr_pem: str, certificate_pem: str, authority: ca.CA) -> 
     return certificate
 
 
+POLL_STATISTICS = ("lastPollAt", "pollCount", "clientAddress")
+
+
+def without_poll_statistics(state: tuple) -> tuple:
+    """A snapshot (status, requests, users, audit) without the requests' poll statistics, which record a poll
+    (ADMIN-4.7-POLL-STATS) and change no request."""
+    status, requests, *rest = state
+    return (status, [{k: v for k, v in r.items() if k not in POLL_STATISTICS} for r in requests], *rest)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

@@ -1250,11 +1250,14 @@ class Store:
             self._db.execute(f"DELETE FROM requests WHERE state = ? AND {start} <= ?", (state.value, cutoff))
 
     def count_polls(self, polls: Mapping[str, tuple[int, int, str]]) -> None:
-        """Add polls to pending requests: by username, (last time, how many, from which address)."""
+        """Add polls to pending and denied requests: by username, (last time, how many, from which address)."""
         self._db.executemany(
             "UPDATE requests SET last_poll_at = ?, poll_count = poll_count + ?, client_address = ?"
-            " WHERE username = ? AND state = ?",
-            [(at, count, address, name, State.PENDING.value) for name, (at, count, address) in polls.items()],
+            " WHERE username = ? AND state IN (?, ?)",
+            [
+                (at, count, address, name, State.PENDING.value, State.DENIED.value)
+                for name, (at, count, address) in polls.items()
+            ],
         )
 
     # --- Users ---
@@ -1886,9 +1889,12 @@ class Registry:
         if decision is Decision.REDELIVER:
             self._throttle.signed_in(name, address, now)
             return self._approved_outcome(name)
+        if decision in (Decision.POLL, Decision.DENIED):
+            # ADMIN-4.7-POLL-STATS: a denied request's poll counts too, so that
+            # the administrator sees its client was told (the 403 below).
+            self._count_poll(name, address, now)
         if decision is Decision.POLL:
             assert row is not None
-            self._count_poll(name, address, now)
             return pending_outcome(name, row["pairing_id"], self.settings.retry_after_pending)
         if decision is Decision.STORE:
             if self.settings.rate_limit:

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 import ca
 import fastpath
 import registry
-from conftest import FAST, START, FakeClock, assert_issued_from, make_key
+from conftest import FAST, START, FakeClock, assert_issued_from, make_key, without_poll_statistics
 
 # The tests send CSRs whose Common Name is empty or longer than the 64
 # characters of RFC 5280's ub-common-name on purpose; cryptography warns
@@ -1023,7 +1023,8 @@ def refused_requests(locked: bool) -> st.SearchStrategy[object]:
 
 @given(data=st.data(), locked=st.booleans())
 def test_a_rejected_command_changes_nothing(authority: ca.CA, data: st.DataObject, locked: bool) -> None:
-    """STYLE and SPEC 4: whatever is refused, and whoever asked, leaves the registry as it was."""
+    """STYLE and SPEC 4: whatever is refused, and whoever asked, leaves the registry as it was, but for the poll
+    a denied request's 403 counts. Proves ADMIN-4.3-DECIDE, ADMIN-4.7-POLL-STATS."""
     choice = data.draw(st.sampled_from([*REFUSED_COMMANDS, "a refused request"]), label="command")
     if choice == "a refused request":
         payload = data.draw(refused_requests(locked), label="payload")
@@ -1043,7 +1044,12 @@ def test_a_rejected_command_changes_nothing(authority: ca.CA, data: st.DataObjec
         with pytest.raises(registry.RegistryError) as refusal:
             command(reg)
         note(f"refused with {refusal.value.status}: {refusal.value.body()}")
-        assert snapshot(reg) == before
+        after = snapshot(reg)
+        assert without_poll_statistics(after) == without_poll_statistics(before)
+        # Only the denied request's 403 is a poll (ADMIN-4.7-POLL-STATS): its client was told.
+        told = refusal.value.status == HTTPStatus.FORBIDDEN
+        counts = [(r["username"], r["pollCount"]) for r in after[1]]
+        assert counts == [(r["username"], r["pollCount"] + (told and r["state"] == "denied")) for r in before[1]]
 
 
 # --- Trust: only the current certificate renews (issue 22) --------------------

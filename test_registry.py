@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 import ca
 import registry
-from conftest import FAST, START, assert_issued_from, issue, make_csr, make_key
+from conftest import FAST, START, assert_issued_from, issue, make_csr, make_key, without_poll_statistics
 
 PASSWORD = "correct horse battery staple"
 READ_TELEMETRY = {"resource": "plant/+/telemetry/#", "operation": "read", "context": "mqtt"}
@@ -926,18 +926,26 @@ REJECTED_COMMANDS = [
 
 
 @pytest.mark.parametrize(("command", "status"), REJECTED_COMMANDS)
-def test_a_rejected_command_changes_nothing(open_reg, command, status):
-    """Proves ADMIN-4.3-DECIDE."""
+def test_a_rejected_command_changes_nothing(open_reg, clock, command, status):
+    """Proves ADMIN-4.3-DECIDE, REG-2.4-DENIED, ADMIN-4.7-POLL-STATS: nothing changes; a denied request's poll is
+    counted, so that the administrator sees its client was told."""
     open_reg.register(password_request("pending-1"))
     approved(open_reg, csr_request("approved-1"))
     open_reg.register(password_request("denied-1"))
     open_reg.deny("denied-1", {"reason": "unknown"})
     open_reg.lock()
+    clock.advance(seconds=7)
     before = snapshot(open_reg)
     with pytest.raises(registry.RegistryError) as refused:
         command(open_reg)
     assert refused.value.status == status
-    assert snapshot(open_reg) == before
+    after = snapshot(open_reg)
+    assert without_poll_statistics(after) == without_poll_statistics(before)
+    told = {"denied-1": 1} if status == 403 else {}
+    for was, now in zip(before[1], after[1], strict=True):
+        polls = told.get(was["username"], 0)
+        assert now["pollCount"] == was["pollCount"] + polls
+        assert (now["lastPollAt"] == was["lastPollAt"]) == (polls == 0)
 
 
 # --- SPEC section 6: storage -------------------------------------------------

@@ -298,6 +298,7 @@ class RegistryMachine(RuleBasedStateMachine):
             assert status == HTTPStatus.FORBIDDEN
             assert_error_body(body, "denied")
             assert body["reason"] == stored["reason"]
+            stored.update(polls=stored["polls"] + 1, lastPoll=self.clock.now)  # ADMIN-4.7-POLL-STATS: it was told
         else:
             assert status == HTTPStatus.CONFLICT
             assert_error_body(body)

@@ -635,6 +635,23 @@ def test_approved_rows_show_what_was_granted_and_whether_it_was_collected(page: 
     expect(row).not_to_contain_text("Not collected yet")
 
 
+def test_a_denied_row_says_whether_its_client_was_told(page: sync_api.Page, base: str) -> None:
+    """Proves ADMIN-4.7-POLL-STATS on the page (issue 27 item 7): a denied request's 403 poll shows as told."""
+    sign_in(page, base)
+    unlock(page)
+    assert register(base, "told-0001")[0] == 202
+    deny = "/api/client-registry/requests/told-0001/deny"
+    assert call(base, "POST", deny, {"reason": "not ours"}, token=TOKEN)[0] == 200
+    page.reload()  # a first listing brings the poll statistics at once
+    row = request_row(page, "told-0001")
+    expect(row.locator(".collected")).to_have_text("Not told yet")
+    assert register(base, "told-0001")[0] == 403  # the client polls and is told
+    page.reload()
+    expect(row.locator(".collected")).to_contain_text("Told")
+    expect(row.locator(".collected")).not_to_contain_text("Not told")
+    assert axe_violations(page) == []
+
+
 def shown_usernames(page: sync_api.Page) -> list[str]:
     return page.locator("#requests-body tr").evaluate_all("rows => rows.map((row) => row.dataset.username)")
 

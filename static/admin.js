@@ -977,6 +977,17 @@ function fillRequestRow(row, request) {
       : "The client has not polled since the approval: it does not have its credentials yet.";
     state.append(collected);
   }
+  if (request.state === "denied" && request.pollCount !== undefined) {
+    // ADMIN-4.7-POLL-STATS: a denied request's poll is answered 403 with the reason, and counted.
+    const told = Boolean(request.lastPollAt && request.decidedAt && request.lastPollAt > request.decidedAt);
+    const line = told
+      ? timeLine("Told", request.lastPollAt, "collected yes")
+      : element("span", "collected no", "Not told yet");
+    line.title = told
+      ? `The client polled after the denial and was answered 403 with the reason, at ${exactUtc(request.lastPollAt)}.`
+      : "The client has not polled since the denial: it has not been told yet.";
+    state.append(line);
+  }
   if (request.decidedAt) {
     const decided = timeLine("Decided", request.decidedAt, "sub");
     // Named administrators (the operations issue): who decided, when the server says it.
