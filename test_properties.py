@@ -1,6 +1,6 @@
 """The status rules of SPEC section 2 as properties; the stateful model of the whole contract is test_stateful.py.
 
-The first half states one rule of ``../shared/SPEC.md`` per test, over
+The first half states one rule of ``SPEC.md`` per test, over
 requests that hypothesis generates: exactly one of ``password`` and ``csr``;
 the CSR's Common Name equal to the username; the order of the checks (400,
 then 422, then the stored request, then 423), each check alone and all of
