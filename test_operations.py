@@ -290,21 +290,32 @@ def test_the_start_says_which_token_is_in_use(tmp_path: Path, monkeypatch: pytes
     assert server.parse_args(["--data-dir", str(tmp_path)]).token_source == ""
 
 
-def test_an_environment_token_is_announced_with_the_kept_one_it_overrides(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+KEPT_TOKEN = "the-kept-token-0123456789abcdef-0123"
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ("from-the-environment-0123456789abcdef", "; the one kept in {kept} is not used"),
+        # Issue 26 item 8: after `export REGISTRY_ADMIN_TOKEN=$(cat registry-data/admin-token)`, the two agree.
+        (KEPT_TOKEN, ", the same as the one kept in {kept}"),
+    ],
+    ids=["another token", "the kept token"],
+)
+def test_an_environment_token_is_announced_with_the_kept_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, given: str, said: str
 ) -> None:
-    tmp_path.joinpath("admin-token").write_text("the-kept-token-0123456789abcdef-0123\n")
+    """The start says which token is in use, and how it stands to the one kept in the data folder."""
+    tmp_path.joinpath("admin-token").write_text(KEPT_TOKEN + "\n")
     os.chmod(tmp_path / "admin-token", 0o600)
-    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", "from-the-environment-0123456789abcdef")
+    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", given)
     monkeypatch.setattr(server.RegistryServer, "serve_forever", lambda self, *args: None)
 
     server.main(["--data-dir", str(tmp_path), "--port", "0", "--http", "--log-level", "WARNING"])
 
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1] == (
-        f"The administrator token is the one given in $REGISTRY_ADMIN_TOKEN; the one kept in {tmp_path / 'admin-token'}"
-        " is not used"
-    )
+    kept = tmp_path / "admin-token"
+    assert printed[1] == "The administrator token is the one given in $REGISTRY_ADMIN_TOKEN" + said.format(kept=kept)
 
 
 @pytest.mark.parametrize("where", ["--admin-token", "$REGISTRY_ADMIN_TOKEN", "admin-token"])

@@ -1935,24 +1935,6 @@ def test_a_body_of_white_space_alone_is_not_json_on_any_route(client: Client, bo
 # --- What a newcomer reads at start, and in --help (issue 26) ---------------------
 
 
-def test_a_given_token_equal_to_the_kept_one_is_said_to_be_the_same(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    """Issue 26 item 8: after `export REGISTRY_ADMIN_TOKEN=$(cat registry-data/admin-token)`, the two agree."""
-    tmp_path.joinpath("admin-token").write_text("the-kept-token-of-thirty-two-characters-at-least\n")
-    os.chmod(tmp_path / "admin-token", 0o600)
-    monkeypatch.setenv("REGISTRY_ADMIN_TOKEN", "the-kept-token-of-thirty-two-characters-at-least")
-    monkeypatch.setattr(server.RegistryServer, "serve_forever", lambda self, *args: None)
-
-    server.main(["--data-dir", str(tmp_path), "--port", "0", "--http", "--log-level", "WARNING"])
-
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[1] == (
-        "The administrator token is the one given in $REGISTRY_ADMIN_TOKEN,"
-        f" the same as the one kept in {tmp_path / 'admin-token'}"
-    )
-
-
 def test_the_help_shows_only_defaults_that_read_right() -> None:
     """Issue 26 item 6: no "(default: None)", "(default: [])", nor a "(default: True)" on a --no- flag."""
     printed = subprocess.run(
